@@ -1,0 +1,10 @@
+"""Prefect flows of cropflow and its command line.
+
+Importing this package sets privacy defaults for Prefect (no telemetry) before Prefect is imported.
+"""
+
+import os
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", os.path.abspath(os.path.join(os.environ.get("CROPFLOW_HOME", ".cropflow"), "prefect")))

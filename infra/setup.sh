@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install what cropflow needs on a Debian machine, only what is missing, so a second run takes a second.
+#   1. Debian packages: PostgreSQL 15 + PostGIS 3 (the local STAC API), python3-venv.
+#   2. .venv with torch==2.13.0 installed first and alone (CPU wheel), then every pin in requirements.lock.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+APT_PACKAGES=(postgresql-15 postgresql-15-postgis-3 postgresql-client-15)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+$PY -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "cropflow setup: missing Debian packages: ${missing[*]}; run 'sudo apt-get install ${missing[*]}' and retry." >&2
+    exit 1
+  fi
+  echo "cropflow setup: installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+stamp=.venv/.cropflow-installed
+want=$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || $PY -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -c requirements.lock -e ".[dev]"
+echo "$want" > "$stamp"
+echo "cropflow setup: environment ready in .venv"
