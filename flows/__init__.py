@@ -7,4 +7,6 @@ import os
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_HOME", os.path.abspath(os.path.join(os.environ.get("CROPFLOW_HOME", ".cropflow"), "prefect")))
+os.environ.setdefault(
+    "PREFECT_HOME", os.path.abspath(os.path.join(os.environ.get("CROPFLOW_HOME", ".cropflow"), "prefect"))
+)

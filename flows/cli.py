@@ -104,8 +104,16 @@ def crop_map_cmd(
     check_request(region, start_d, end_d, sensor_list)
     t0 = time.perf_counter()
     outputs = crop_map(
-        region=region, start=start_d, end=end_d, sensors=sensor_list, stac_url=stac_url,
-        max_cloud_cover=max_cloud_cover, model=model, epochs=epochs, time_budget_s=time_budget, out_dir=out_dir,
+        region=region,
+        start=start_d,
+        end=end_d,
+        sensors=sensor_list,
+        stac_url=stac_url,
+        max_cloud_cover=max_cloud_cover,
+        model=model,
+        epochs=epochs,
+        time_budget_s=time_budget,
+        out_dir=out_dir,
     )
     _print_outputs(outputs, time.perf_counter() - t0)
 

@@ -10,18 +10,18 @@ from datetime import date
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from tasks.evaluate import evaluate_map_task
+from tasks.export import export_map_task
+from tasks.labels import read_classes, read_labels
+from tasks.predict import predict_region_task
+from tasks.train import train_model_task
 
 from flows.regions import Region, resolve_region
 from infra.errors import CropflowError
 from infra.settings import get_settings
 from tasks.catalog import search_items_task
 from tasks.cube import build_cube_task
-from tasks.evaluate import evaluate_map_task
-from tasks.export import export_map_task
-from tasks.labels import read_classes, read_labels
-from tasks.predict import predict_region_task
 from tasks.sensors import get_sensor
-from tasks.train import train_model_task
 
 DEFAULT_SENSORS = ("s2", "s1", "landsat")
 
@@ -81,12 +81,17 @@ def crop_map(
     items = {s: found for s, found in items.items() if found}
     logger.info("items per sensor: %s", {s: len(v) for s, v in items.items()})
 
-    cube = build_cube_task(
-        items, reg.epsg, reg.bounds, start, end, out / "cube.zarr", attrs={"region": reg.name}
-    )
+    cube = build_cube_task(items, reg.epsg, reg.bounds, start, end, out / "cube.zarr", attrs={"region": reg.name})
     trained = train_model_task(
-        cube, reg.labels, reg.classes, out, model_name=model, model_config=model_config, epochs=epochs,
-        seed=seed, time_budget_s=time_budget_s,
+        cube,
+        reg.labels,
+        reg.classes,
+        out,
+        model_name=model,
+        model_config=model_config,
+        epochs=epochs,
+        seed=seed,
+        time_budget_s=time_budget_s,
     )
     probabilities = predict_region_task(cube, trained.checkpoint, out / "probabilities.zarr")
     exported = export_map_task(probabilities, reg.classes, reg.name, (start, end), out)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import date
 from pathlib import Path
+
+from tasks.sample_region import generate_region
 
 from flows.regions import load_catalog
 from infra import stac_api
 from infra.errors import CropflowError
 from infra.settings import get_settings
-from tasks.sample_region import generate_region
 
 
 def ensure_sample(name: str = "sample", size: int | None = None, force: bool = False) -> Path:
@@ -22,7 +22,7 @@ def ensure_sample(name: str = "sample", size: int | None = None, force: bool = F
     folder = settings.regions_dir / name
     spec = entry["sample"]
     size = size or int(spec["size"])
-    season = (str(date.fromisoformat(str(entry["season"]["start"]))), str(date.fromisoformat(str(entry["season"]["end"]))))
+    season = (str(entry["season"]["start"]), str(entry["season"]["end"]))
     if force or not (folder / "region.json").exists():
         generate_region(folder, size=size, seed=int(spec.get("seed", 0)), season=season, name=name)
     stac_api.up(settings)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -13,6 +15,12 @@ from infra.errors import CropflowError
 from infra.settings import Settings
 
 CATALOG = Path(__file__).with_name("regions.yaml")
+
+
+def catalog_path() -> Path:
+    """The region catalog in use: `CROPFLOW_REGIONS` if set, else the one shipped in `flows/regions.yaml`."""
+    env = os.environ.get("CROPFLOW_REGIONS")
+    return Path(env) if env else CATALOG
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,11 @@ class Region:
     sample: dict | None = None
 
 
-def load_catalog(path: Path = CATALOG) -> dict[str, dict]:
+def load_catalog(path: Path | None = None) -> dict[str, dict]:
+    """Region entries by name."""
+    path = path or catalog_path()
+    if not path.is_file():
+        raise CropflowError(f"region catalog {path} does not exist; set CROPFLOW_REGIONS to a YAML region catalog.")
     with open(path) as f:
         doc = yaml.safe_load(f) or {}
     regions = doc.get("regions")
@@ -46,8 +58,9 @@ def _date(value: object, field: str, name: str) -> date:
         raise CropflowError(f"region {name!r}: {field}={value!r} is not a date; use YYYY-MM-DD.") from None
 
 
-def resolve_region(name: str, settings: Settings, catalog: Path = CATALOG) -> Region:
+def resolve_region(name: str, settings: Settings, catalog: Path | None = None) -> Region:
     """The region called `name`; a sample region must have been generated (see `flows.demo.ensure_sample`)."""
+    catalog = catalog or catalog_path()
     regions = load_catalog(catalog)
     if name not in regions:
         raise CropflowError(f"unknown region {name!r}; regions in {catalog.name}: {', '.join(sorted(regions))}.")
@@ -73,16 +86,54 @@ def resolve_region(name: str, settings: Settings, catalog: Path = CATALOG) -> Re
             source_dir=folder,
             sample=entry["sample"],
         )
-    missing = [k for k in ("epsg", "bounds", "bbox", "labels", "classes") if k not in entry]
+    missing = [k for k in ("bbox", "labels", "classes") if k not in entry]
     if missing:
         raise CropflowError(f"region {name!r} in {catalog.name} is missing field(s): {', '.join(missing)}.")
+    bbox = check_bbox(entry["bbox"], f"region {name!r}: bbox")
+    epsg = int(entry.get("epsg") or utm_epsg(bbox))
     base = catalog.parent
     return Region(
         name=name,
-        epsg=int(entry["epsg"]),
-        bounds=tuple(float(v) for v in entry["bounds"]),
-        bbox=tuple(float(v) for v in entry["bbox"]),
+        epsg=epsg,
+        bounds=projected_bounds(bbox, epsg, float(entry.get("resolution", 10.0))),
+        bbox=bbox,
         season=(start, end),
         labels=(base / entry["labels"]).resolve(),
         classes=(base / entry["classes"]).resolve(),
+    )
+
+
+def check_bbox(value: object, what: str) -> tuple[float, float, float, float]:
+    """A lon/lat bbox `[west, south, east, north]`, or a message saying what is wrong with it."""
+    try:
+        west, south, east, north = (float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise CropflowError(f"{what} must be four numbers [west, south, east, north] in degrees.") from None
+    if not (-180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= 90 and -90 <= north <= 90):
+        raise CropflowError(f"{what} {[west, south, east, north]} is outside longitude -180..180 / latitude -90..90.")
+    if west >= east or south >= north:
+        raise CropflowError(
+            f"{what} {[west, south, east, north]} is inverted or empty; need west < east, south < north."
+        )
+    return west, south, east, north
+
+
+def utm_epsg(bbox: tuple[float, float, float, float]) -> int:
+    """EPSG code of the UTM zone of the bbox centroid (even when the region straddles zones)."""
+    lon, lat = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
+    zone = min(int((lon + 180) // 6) + 1, 60)
+    return (32600 if lat >= 0 else 32700) + zone
+
+
+def projected_bounds(bbox: tuple[float, float, float, float], epsg: int, resolution: float) -> tuple[float, ...]:
+    """The bbox in `epsg`, grown outward to a multiple of `resolution`."""
+    from pyproj import Transformer
+
+    transformer = Transformer.from_crs(4326, epsg, always_xy=True)
+    xmin, ymin, xmax, ymax = transformer.transform_bounds(*bbox, densify_pts=21)
+    return (
+        math.floor(xmin / resolution) * resolution,
+        math.floor(ymin / resolution) * resolution,
+        math.ceil(xmax / resolution) * resolution,
+        math.ceil(ymax / resolution) * resolution,
     )

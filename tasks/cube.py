@@ -80,9 +80,10 @@ def load_sensor(
     values = values.assign_coords(band=sensor.bands)
     if sensor.name == "s2":
         scale, offset = s2_offset_correction(items, list(sensor.assets))
-        values = values * xr.DataArray(scale, dims="time")[:, None, None, None] + xr.DataArray(
-            offset, dims="time"
-        )[:, None, None, None]
+        values = (
+            values * xr.DataArray(scale, dims="time")[:, None, None, None]
+            + xr.DataArray(offset, dims="time")[:, None, None, None]
+        )
     if sensor.mask_asset:
         mask_raw = stackstac.stack(
             items,
