@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from datetime import date, timedelta
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -22,7 +23,7 @@ from rasterio.enums import Resampling
 
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
-from tasks.sensors import Sensor, get_sensor, s2_offset_correction
+from tasks.sensors import Sensor, get_sensor, scale_offset
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def load_sensor(
 ) -> tuple[xr.DataArray, xr.DataArray]:
     """Masked, scaled `(time, band, y, x)` float32 stack (NaN = invalid) and its `(time, y, x)` validity.
 
-    Reflectance is read with bilinear resampling; mask assets (SCL, QA_PIXEL) with nearest.
+    Reflectance is read with bilinear resampling; mask assets (SCL, QA_PIXEL) with nearest. Source no-data
+    pixels become NaN, then `raster:bands` scale/offset are applied per item and band.
     """
     common = {
         "epsg": epsg,
@@ -74,16 +76,14 @@ def load_sensor(
         resampling=Resampling.bilinear,
         dtype=np.dtype("float32"),
         fill_value=np.float32(np.nan),
-        rescale=True,
+        rescale=False,  # stackstac refuses float32 with scales like 0.0001; applied below per item and band
         **common,
     )
+    scale, offset = scale_offset(items, list(sensor.assets), sensor.name)
     values = values.assign_coords(band=sensor.bands)
-    if sensor.name == "s2":
-        scale, offset = s2_offset_correction(items, list(sensor.assets))
-        values = (
-            values * xr.DataArray(scale, dims="time")[:, None, None, None]
-            + xr.DataArray(offset, dims="time")[:, None, None, None]
-        )
+    values = values * xr.DataArray(scale.astype("float32"), dims=("time", "band")) + xr.DataArray(
+        offset.astype("float32"), dims=("time", "band")
+    )
     if sensor.mask_asset:
         mask_raw = stackstac.stack(
             items,
@@ -159,8 +159,10 @@ def build_cube(
             binned = (10 * np.log10(binned)).astype("float32")
         data_vars[name] = binned.rename(band=f"{name}_band") if name != "s2" else binned
         data_vars[f"{name}_valid"] = fraction
-    ds = xr.Dataset(data_vars)
+    ds = xr.Dataset(data_vars).drop_vars(["epsg"], errors="ignore")
     ds = ds.assign_coords(
+        {dim: ds[dim].values.astype(object) for dim in ds.dims if dim.endswith("band")}  # vlen strings in Zarr
+    ).assign_coords(
         doy=("time", np.array([b.timetuple().tm_yday + bin_days // 2 for b in bins], dtype="int16")),
         x=ds["x"].values.astype("float64"),
         y=ds["y"].values.astype("float64"),
@@ -178,10 +180,12 @@ def build_cube(
     }
     chunks = {d: -1 for d in ds.dims} | {"y": chunk, "x": chunk}
     ds = ds.chunk(chunks)
-    for var in ds.variables.values():
-        var.encoding = {}
-    with atomic_path(out_path) as tmp, dask.config.set(scheduler="threads"):
-        ds.to_zarr(tmp, zarr_format=3, mode="w", consolidated=False)
+    for var in ds.variables.values():  # stackstac attrs (RasterSpec, ...) are not JSON: keep only ours
+        var.encoding, var.attrs = {}, {}
+    with atomic_path(out_path) as tmp, dask.config.set(scheduler="threads"), warnings.catch_warnings():
+        # consolidated metadata is a zarr-python convention for v3 stores; it spares readers one request per array
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        ds.to_zarr(tmp, zarr_format=3, mode="w", consolidated=True)
     log.info("cube written to %s", out_path)
     return out_path
 

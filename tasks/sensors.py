@@ -101,21 +101,23 @@ def get_sensor(name: str) -> Sensor:
         raise ValueError(f"unknown sensor {name!r}; valid sensors: {', '.join(SENSORS)}") from None
 
 
-def s2_offset_correction(items: list[dict], bands: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-item `(scale, offset)` still to apply after stackstac's own `raster:bands` rescaling.
+def scale_offset(items: list[dict], assets: list[str], sensor: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-item, per-asset `(scale, offset)` turning stored values into physical ones, shape `(T, C)`.
 
-    Items that carry `raster:bands` scale/offset were rescaled by stackstac already (scale 1, offset 0).
-    Items without them hold raw digital numbers: reflectance = DN / 10000, minus 0.1 from processing
-    baseline 04.00 on (the BOA_ADD_OFFSET of -1000 that ESA introduced in January 2022).
+    Taken from each asset's `raster:bands`. Sentinel-2 assets without it hold raw digital numbers:
+    reflectance = DN / 10000, minus 0.1 from processing baseline 04.00 on (the BOA_ADD_OFFSET of -1000
+    that ESA introduced in January 2022) unless the catalog already removed it.
     """
-    scale = np.ones(len(items), dtype="float32")
-    offset = np.zeros(len(items), dtype="float32")
+    scale = np.ones((len(items), len(assets)), dtype="float64")
+    offset = np.zeros((len(items), len(assets)), dtype="float64")
     for i, item in enumerate(items):
-        asset = item["assets"].get(bands[0], {})
-        if asset.get("raster:bands"):
-            continue
-        scale[i] = 1e-4
-        baseline = str(item["properties"].get("s2:processing_baseline", "00.00"))
-        if float(baseline) >= 4.0:
-            offset[i] = -0.1
+        for j, key in enumerate(assets):
+            bands = item["assets"].get(key, {}).get("raster:bands") or [{}]
+            if "scale" in bands[0] or "offset" in bands[0]:
+                scale[i, j] = bands[0].get("scale", 1.0)
+                offset[i, j] = bands[0].get("offset", 0.0)
+            elif sensor == "s2":
+                scale[i, j] = 1e-4
+                baseline = str(item["properties"].get("s2:processing_baseline", "00.00"))
+                offset[i, j] = -0.1 if float(baseline) >= 4.0 else 0.0
     return scale, offset

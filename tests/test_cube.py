@@ -12,7 +12,7 @@ import xarray as xr
 
 from infra.errors import CropflowError
 from tasks.cube import build_cube, composite_bins, time_bins
-from tasks.sensors import qa_pixel_valid, s2_offset_correction, scl_valid
+from tasks.sensors import qa_pixel_valid, scale_offset, scl_valid
 
 
 def test_scl_mask_keeps_only_clear_classes():
@@ -41,16 +41,19 @@ def test_qa_pixel_mask_bits():
     assert qa_pixel_valid(qa).values.tolist() == [True, False, False, False, False, False, False, True]
 
 
-def test_s2_offset_only_without_raster_bands():
+def test_scale_offset_from_raster_bands_or_s2_baseline():
     with_rb = {
         "assets": {"B02": {"raster:bands": [{"scale": 1e-4, "offset": -0.1}]}},
         "properties": {"s2:processing_baseline": "05.10"},
     }
     new = {"assets": {"B02": {}}, "properties": {"s2:processing_baseline": "04.00"}}
     old = {"assets": {"B02": {}}, "properties": {"s2:processing_baseline": "02.14"}}
-    scale, offset = s2_offset_correction([with_rb, new, old], ["B02"])
-    assert scale.tolist() == pytest.approx([1.0, 1e-4, 1e-4])
-    assert offset.tolist() == pytest.approx([0.0, -0.1, 0.0])
+    scale, offset = scale_offset([with_rb, new, old], ["B02"], "s2")
+    assert scale[:, 0].tolist() == pytest.approx([1e-4, 1e-4, 1e-4])
+    assert offset[:, 0].tolist() == pytest.approx([-0.1, -0.1, 0.0])
+    landsat = {"assets": {"red": {"raster:bands": [{"scale": 2.75e-05, "offset": -0.2}]}}, "properties": {}}
+    scale, offset = scale_offset([landsat], ["red"], "landsat")
+    assert (scale[0, 0], offset[0, 0]) == pytest.approx((2.75e-05, -0.2))
 
 
 def test_time_bins_cover_season_and_refuse_inverted():
