@@ -1,0 +1,74 @@
+"""Shared pytest fixtures. Each block below belongs to one part of cropflow; add new fixtures in their own block."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from infra.settings import Settings, get_settings
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Local STAC API (infra/stac_api.py): a real PostgreSQL + pgstac + stac-fastapi in a temporary CROPFLOW_HOME.
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _traversable_for_postgres(path: Path, up_to: Path) -> None:
+    """As root, PostgreSQL runs as `postgres`, which must traverse pytest's private (0700) temp folders."""
+    if os.geteuid() != 0:
+        return
+    for folder in [path, *path.parents]:
+        folder.chmod(folder.stat().st_mode | 0o711)
+        if folder == up_to:
+            break
+
+
+@pytest.fixture(scope="session")
+def stac_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """The local STAC API started once per session on free non-default ports; yields its `Settings`, then stops it.
+
+    While it is active, `CROPFLOW_HOME`, `CROPFLOW_PG_PORT` and `CROPFLOW_STAC_PORT` point at it, so code calling
+    `get_settings()` uses it too.
+    """
+    from infra import stac_api as stac_api_module
+
+    home = tmp_path_factory.mktemp("cropflow-home")
+    _traversable_for_postgres(home, tmp_path_factory.getbasetemp().parent)
+    pg_port = free_port()
+    stac_port = free_port()
+    while stac_port == pg_port:
+        stac_port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CROPFLOW_HOME", str(home))
+        mp.setenv("CROPFLOW_PG_PORT", str(pg_port))
+        mp.setenv("CROPFLOW_STAC_PORT", str(stac_port))
+        mp.delenv("CROPFLOW_PG_PASSWORD", raising=False)  # the test cluster gets its own generated password
+        settings = get_settings()
+        try:
+            stac_api_module.up(settings)
+            yield settings
+        finally:
+            stac_api_module.down(settings)
+
+
+@pytest.fixture
+def load_region(stac_api: Settings) -> Callable[[Path], dict[str, int]]:
+    """`load_region(region_dir)` loads a region folder (collections/*.json, items/*.ndjson) into the test STAC API."""
+    from infra import stac_api as stac_api_module
+
+    def _load(region_dir: Path) -> dict[str, int]:
+        return stac_api_module.load(stac_api, region_dir)
+
+    return _load
+
+
+# ---------------------------------------------------------------------------------------------------------------------
