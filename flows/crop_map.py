@@ -10,18 +10,18 @@ from datetime import date
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from tasks.evaluate import evaluate_map_task
-from tasks.export import export_map_task
-from tasks.labels import read_classes, read_labels
-from tasks.predict import predict_region_task
-from tasks.train import train_model_task
 
 from flows.regions import Region, resolve_region
 from infra.errors import CropflowError
 from infra.settings import get_settings
 from tasks.catalog import search_items_task
 from tasks.cube import build_cube_task
+from tasks.evaluate import evaluate_map_task
+from tasks.export import export_map_task
+from tasks.labels import read_classes, read_labels
+from tasks.predict import predict_region_task
 from tasks.sensors import get_sensor
+from tasks.train import train_model_task
 
 DEFAULT_SENSORS = ("s2", "s1", "landsat")
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.sample_region import generate_region
-
 from flows.regions import load_catalog
 from infra import stac_api
 from infra.errors import CropflowError
 from infra.settings import get_settings
+from tasks.sample_region import ORIGIN, generate_region
 
 
 def ensure_sample(name: str = "sample", size: int | None = None, force: bool = False) -> Path:
@@ -24,7 +23,10 @@ def ensure_sample(name: str = "sample", size: int | None = None, force: bool = F
     size = size or int(spec["size"])
     season = (str(entry["season"]["start"]), str(entry["season"]["end"]))
     if force or not (folder / "region.json").exists():
-        generate_region(folder, size=size, seed=int(spec.get("seed", 0)), season=season, name=name)
+        origin = tuple(float(v) for v in spec.get("origin", ORIGIN))
+        generate_region(
+            folder, size=size, seed=int(spec.get("seed", 0)), season=season, name=name, origin=origin, overwrite=force
+        )
     stac_api.up(settings)
     stac_api.load(settings, folder)
     return folder

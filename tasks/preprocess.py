@@ -40,7 +40,7 @@ def band_statistics(values: np.ndarray, sample: int = 200_000, seed: int = 0) ->
 
     At most `sample` pixels are drawn (deterministically) so statistics stay cheap on large regions.
     """
-    t, c, h, w = values.shape
+    c = values.shape[1]
     flat = np.moveaxis(values, 1, -1).reshape(-1, c)
     if flat.shape[0] > sample:
         rows = np.random.default_rng(seed).choice(flat.shape[0], size=sample, replace=False)

@@ -35,7 +35,12 @@ log = logging.getLogger(__name__)
 
 EPSG = 32631
 RESOLUTION = 10
-ORIGIN = (600000.0, 5650000.0)  # upper-left corner (UTM 31N), east of Brussels
+ORIGIN = (600000.0, 5650000.0)  # default upper-left corner (UTM 31N), east of Brussels
+# origins differ from ORIGIN by multiples of 60 m, so the 10/20/30/60 m grids of all regions align (ORIGIN
+# itself is not a multiple of 60 m: 5650000 = 40 mod 60, so the lattice is anchored on it, not on 0)
+ORIGIN_STEP = 60
+UTM_EASTING = (166000.0, 834000.0)  # valid UTM 31N eastings (m)
+UTM_NORTHING = (0.0, 9330000.0)  # valid UTM 31N northings, northern hemisphere (m)
 MIN_SIZE = 32
 PIXELS_PER_PARCEL = 2000
 MIN_PARCELS_PER_CLASS = 4
@@ -64,6 +69,7 @@ class Scene:
     n_pad: int
     seed: int
     tag: int
+    origin: tuple[float, float]  # upper-left corner (UTM 31N, m)
     start: date
     end: date
     parcels: np.ndarray  # (n_pad, n_pad) parcel index
@@ -78,7 +84,8 @@ class Scene:
     def grid(self, resolution: int) -> st.Grid:
         """The region's grid at `resolution` m (ceil(size x 10 / resolution) pixels a side)."""
         n = math.ceil(self.size * RESOLUTION / resolution)
-        return st.Grid((n, n), Affine(resolution, 0.0, ORIGIN[0], 0.0, -resolution, ORIGIN[1]))
+        x0, y1 = self.origin
+        return st.Grid((n, n), Affine(resolution, 0.0, x0, 0.0, -resolution, y1))
 
     def day(self, when: datetime) -> float:
         """Day of the harvest year (the year the season ends; 1 = 1 January)."""
@@ -144,26 +151,30 @@ def solar_position(when: datetime, lon: float, lat: float) -> tuple[float, float
 # ---------------------------------------------------------------------------------------------- parcels, labels
 
 
-def _parcel_polygons(n_pad: int, rng: np.random.Generator) -> list[shapely.Polygon]:
+def _parcel_polygons(
+    n_pad: int, rng: np.random.Generator, origin: tuple[float, float] = ORIGIN
+) -> list[shapely.Polygon]:
     """Voronoi cells of random seeds, clipped to the padded square (~PIXELS_PER_PARCEL pixels each)."""
     extent = n_pad * RESOLUTION
     n = max(round(n_pad * n_pad / PIXELS_PER_PARCEL), MIN_PARCELS_PER_CLASS * len(ph.CLASSES))
-    x0, y1 = ORIGIN
+    x0, y1 = origin
     points = rng.uniform(0.0, extent, (n, 2)) + np.array([x0, y1 - extent])
     box = shapely.box(x0, y1 - extent, x0 + extent, y1)
     cells = shapely.voronoi_polygons(shapely.MultiPoint(points), extend_to=box, ordered=True)
     return [cell.intersection(box) for cell in cells.geoms]
 
 
-def _block_splits(size: int, centroids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _block_splits(
+    size: int, centroids: np.ndarray, rng: np.random.Generator, origin: tuple[float, float] = ORIGIN
+) -> np.ndarray:
     """Split name of each parcel from the square block (128 px, fewer for small regions) holding its centroid.
 
     Blocks are shuffled and dealt 60/20/20 to train/val/test; the deal is redrawn until every split has a parcel.
     """
     block = min(128, max(16, size // 4))
     n_side = math.ceil(size / block)
-    col = ((centroids[:, 0] - ORIGIN[0]) // (block * RESOLUTION)).astype(int)
-    row = ((ORIGIN[1] - centroids[:, 1]) // (block * RESOLUTION)).astype(int)
+    col = ((centroids[:, 0] - origin[0]) // (block * RESOLUTION)).astype(int)
+    row = ((origin[1] - centroids[:, 1]) // (block * RESOLUTION)).astype(int)
     block_of = np.clip(row, 0, n_side - 1) * n_side + np.clip(col, 0, n_side - 1)
     n_blocks = n_side * n_side
     n_train = round(SPLIT_SHARES[0][1] * n_blocks)
@@ -199,16 +210,16 @@ def _assign_classes(splits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _build_labels(
-    polygons: list[shapely.Polygon], size: int, rng: np.random.Generator
+    polygons: list[shapely.Polygon], size: int, rng: np.random.Generator, origin: tuple[float, float] = ORIGIN
 ) -> tuple[gpd.GeoDataFrame, np.ndarray]:
     """Labelled parcels (clipped to the region, with split and class) and the class of every polygon."""
-    x0, y1 = ORIGIN
+    x0, y1 = origin
     extent = size * RESOLUTION
     region = shapely.box(x0, y1 - extent, x0 + extent, y1)
     clipped = shapely.intersection(np.array(polygons, dtype=object), region)
     inside = np.flatnonzero(shapely.area(clipped) >= RESOLUTION * RESOLUTION)
     centroids = shapely.get_coordinates(shapely.centroid(clipped[inside]))
-    splits = _block_splits(size, centroids, rng)
+    splits = _block_splits(size, centroids, rng, origin)
     class_ids = rng.choice(len(ph.CLASSES), size=len(polygons), p=_weights())
     class_ids[inside] = _assign_classes(splits, rng)
     labels = gpd.GeoDataFrame(
@@ -224,12 +235,16 @@ def _build_labels(
     return labels, class_ids
 
 
-def build_scene(size: int, seed: int, start: date, end: date, tag: int) -> Scene:
-    """Parcels, classes, phenology and static surface fields of the region (deterministic in `seed`)."""
+def build_scene(size: int, seed: int, start: date, end: date, tag: int, origin: tuple[float, float] = ORIGIN) -> Scene:
+    """Parcels, classes, phenology and static surface fields of the region (deterministic in `seed`).
+
+    `origin` only moves the region: the same seed gives the same parcels and pixels at any origin.
+    """
     n_pad = 6 * math.ceil(size / 6)
-    polygons = _parcel_polygons(n_pad, rng_for(seed, 1))
-    labels, class_ids = _build_labels(polygons, size, rng_for(seed, 2))
-    transform = Affine(RESOLUTION, 0.0, ORIGIN[0], 0.0, -RESOLUTION, ORIGIN[1])
+    x0, y1 = origin
+    polygons = _parcel_polygons(n_pad, rng_for(seed, 1), origin)
+    labels, class_ids = _build_labels(polygons, size, rng_for(seed, 2), origin)
+    transform = Affine(RESOLUTION, 0.0, x0, 0.0, -RESOLUTION, y1)
     # the Voronoi cells tile the square, so every pixel centre falls in exactly one of them
     parcels = rasterize(
         ((poly, i) for i, poly in enumerate(polygons)), out_shape=(n_pad, n_pad), transform=transform, dtype="int32"
@@ -242,14 +257,13 @@ def build_scene(size: int, seed: int, start: date, end: date, tag: int) -> Scene
     soil = brightness * (1.0 + 0.04 * smooth_field(shape, 3.0, rng))
     urban = rng.uniform(0.6, 1.4, shape).astype(np.float32)
     moisture = ph.soil_moisture((end - start).days + 1, rng_for(seed, 5))
-    center = st.lonlat_footprint(
-        (ORIGIN[0], ORIGIN[1] - size * RESOLUTION, ORIGIN[0] + size * RESOLUTION, ORIGIN[1]), EPSG
-    )[0]
+    center = st.lonlat_footprint(_bounds(origin, size), EPSG)[0]
     return Scene(
         size=size,
         n_pad=n_pad,
         seed=seed,
         tag=tag,
+        origin=(float(x0), float(y1)),
         start=start,
         end=end,
         parcels=parcels,
@@ -522,7 +536,7 @@ def simulate_landsat(scene: Scene, writer: _Writer) -> list[dict]:
     for i, when in dates:
         rng = rng_for(scene.seed, 21, i)
         platform = "landsat-8" if i % 2 == 0 else "landsat-9"
-        item_id = st.landsat_item_id(when, platform)
+        item_id = st.landsat_item_id(when, platform, scene.tag)
         sun = solar_position(when, *scene.center_lonlat)
         spectra = ph.spectra_for(scene.moisture[(when.date() - scene.start).days])[:, bands]
         frac30 = block_mean(pixel_fractions(scene, when, rng), 3)
@@ -539,7 +553,14 @@ def simulate_landsat(scene: Scene, writer: _Writer) -> list[dict]:
         region = clouds.cloud[:s30, :s30] | clouds.cirrus[:s30, :s30]
         items.append(
             st.landsat_item(
-                when, platform, assets, 100.0 * float(region.mean()), sun, writer.collection_href("landsat-c2-l2"), EPSG
+                when,
+                platform,
+                assets,
+                100.0 * float(region.mean()),
+                sun,
+                scene.tag,
+                writer.collection_href("landsat-c2-l2"),
+                EPSG,
             )
         )
     return items
@@ -594,21 +615,66 @@ def _parse_season(season: tuple[str, str]) -> tuple[date, date]:
     return start, end
 
 
+def _bounds(origin: tuple[float, float], size: int) -> tuple[float, float, float, float]:
+    """(xmin, ymin, xmax, ymax) in metres of a `size` px region with upper-left corner `origin`."""
+    x0, y1 = origin
+    return (x0, y1 - size * RESOLUTION, x0 + size * RESOLUTION, y1)
+
+
+def _parse_origin(origin: object, size: int) -> tuple[float, float]:
+    """Validated upper-left corner: two finite numbers on the ORIGIN_STEP m lattice through ORIGIN, with the
+    whole region inside UTM 31N."""
+    try:
+        x0, y1 = origin  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise CropflowError(f"origin must be two numbers (easting, northing) in metres, got {origin!r}") from None
+    for v in (x0, y1):
+        if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating) or not math.isfinite(v):
+            raise CropflowError(f"origin must be two finite numbers (easting, northing) in metres, got {origin!r}")
+    x0, y1 = float(x0), float(y1)
+    if (x0 - ORIGIN[0]) % ORIGIN_STEP or (y1 - ORIGIN[1]) % ORIGIN_STEP:
+        raise CropflowError(
+            f"origin {origin!r} is off the {ORIGIN_STEP} m lattice of the sample regions: easting and northing must "
+            f"differ from the default origin {ORIGIN} by multiples of {ORIGIN_STEP} m (i.e. easting "
+            f"{ORIGIN[0] % ORIGIN_STEP:.0f} mod {ORIGIN_STEP}, northing {ORIGIN[1] % ORIGIN_STEP:.0f} mod "
+            f"{ORIGIN_STEP}), so that the 10/20/30/60 m grids of all regions align"
+        )
+    xmin, ymin, xmax, ymax = _bounds((x0, y1), size)
+    if xmin < UTM_EASTING[0] or xmax > UTM_EASTING[1] or ymin < UTM_NORTHING[0] or ymax > UTM_NORTHING[1]:
+        raise CropflowError(
+            f"a {size} px region at origin {origin!r} spans eastings {xmin:.0f}..{xmax:.0f} and northings "
+            f"{ymin:.0f}..{ymax:.0f}; it must lie within UTM 31N (EPSG:{EPSG}): eastings "
+            f"{UTM_EASTING[0]:.0f}..{UTM_EASTING[1]:.0f}, northings {UTM_NORTHING[0]:.0f}..{UTM_NORTHING[1]:.0f}"
+        )
+    return x0, y1
+
+
 def _write_json(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def _write_region(tmp: Path, final: Path, size: int, seed: int, start: date, end: date, name: str) -> None:
+def _write_region(
+    tmp: Path,
+    final: Path,
+    size: int,
+    seed: int,
+    start: date,
+    end: date,
+    name: str,
+    origin: tuple[float, float] = ORIGIN,
+) -> None:
     """Write the whole region into `tmp`, with hrefs pointing into `final`."""
-    tag = st.region_tag(name, seed, size, start, end)
-    scene = build_scene(size, seed, start, end, tag)
-    bounds = [ORIGIN[0], ORIGIN[1] - size * RESOLUTION, ORIGIN[0] + size * RESOLUTION, ORIGIN[1]]
+    # the default origin is left out of the tag so that regions generated before origins existed keep their ids
+    tag = st.region_tag(name, seed, size, start, end, *(() if origin == ORIGIN else origin))
+    scene = build_scene(size, seed, start, end, tag, origin)
+    bounds = list(_bounds(origin, size))
     _write_json(
         tmp / "region.json",
         {
             "name": name,
             "epsg": EPSG,
+            "origin": list(origin),
             "bounds": bounds,
             "bbox": st.lonlat_footprint(tuple(bounds), EPSG)[0],
             "resolution": RESOLUTION,
@@ -663,30 +729,36 @@ def generate_region(
     season: tuple[str, str] = ("2024-03-01", "2024-10-31"),
     name: str = "sample",
     *,
+    origin: tuple[float, float] = ORIGIN,
     overwrite: bool = False,
 ) -> Path:
     """Generate the sample region into `out_dir` atomically (written beside it, then renamed) and return it.
 
-    Raises CropflowError for a size below 32 px, a negative seed, a bad season, or an existing non-empty `out_dir`
-    (unless `overwrite`, which replaces it only once the new region is complete).
+    `origin` is the upper-left corner (easting, northing) in UTM 31N metres; give regions that share a STAC
+    catalog origins far enough apart that their footprints do not overlap.
+
+    Raises CropflowError for a size below 32 px, a negative seed, a bad season, an origin that is not two
+    multiples of 60 m or puts the region outside UTM 31N, or an existing non-empty `out_dir` (unless
+    `overwrite`, which replaces it only once the new region is complete).
     """
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < MIN_SIZE:
         raise CropflowError(f"region size must be an integer of at least {MIN_SIZE} px, got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise CropflowError(f"seed must be a non-negative integer, got {seed!r}")
     start, end = _parse_season(season)
+    x0, y1 = _parse_origin(origin, int(size))
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise CropflowError(f"{out} already exists; remove it, pick another folder, or pass overwrite=True")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        _write_region(tmp, out, int(size), int(seed), start, end, name)
+        _write_region(tmp, out, int(size), int(seed), start, end, name, (x0, y1))
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("sample region %r (%d px, seed %d) written to %s", name, size, seed, out)
+    log.info("sample region %r (%d px, seed %d, origin %.0f, %.0f) written to %s", name, size, seed, x0, y1, out)
     return out
 
 
@@ -697,7 +769,8 @@ def generate_region_task(
     seed: int = 0,
     season: tuple[str, str] = ("2024-03-01", "2024-10-31"),
     name: str = "sample",
+    origin: tuple[float, float] = ORIGIN,
     overwrite: bool = False,
 ) -> Path:
     """Prefect task wrapper of `generate_region`."""
-    return generate_region(out_dir, size=size, seed=seed, season=season, name=name, overwrite=overwrite)
+    return generate_region(out_dir, size=size, seed=seed, season=season, name=name, origin=origin, overwrite=overwrite)

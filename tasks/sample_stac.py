@@ -35,7 +35,7 @@ S2_TILE = "31UFS"
 S2_RELATIVE_ORBIT = 51
 S2_BASELINE = "05.10"
 S2_SCALE, S2_OFFSET = 0.0001, -0.1
-LANDSAT_WRS = ("198", "025")
+WRS2_PATHS, WRS2_ROWS = 233, 248  # Landsat WRS-2 paths 001-233, rows 001-248
 LANDSAT_SCALE, LANDSAT_OFFSET = 2.75e-05, -0.2
 S1_NODATA = -32768.0
 
@@ -168,9 +168,18 @@ def s2_item_id(when: datetime, platform: str, tag: int) -> str:
     return f"S2{platform[-1]}_MSIL2A_{when:%Y%m%dT%H%M%S}_R{S2_RELATIVE_ORBIT:03d}_T{S2_TILE}_{generated:%Y%m%dT%H%M%S}"
 
 
-def landsat_item_id(when: datetime, platform: str) -> str:
-    """Planetary Computer style id, e.g. LC09_L2SP_198025_20240417_02_T1."""
-    return f"LC0{platform[-1]}_L2SP_{''.join(LANDSAT_WRS)}_{when:%Y%m%d}_02_T1"
+def landsat_wrs(tag: int) -> tuple[str, str]:
+    """WRS-2 (path, row), zero-padded, drawn from the region tag so that regions do not share Landsat item ids.
+
+    Planetary Computer Landsat ids carry no processing time, so the path/row is the only field that can tell two
+    regions' acquisitions on the same day apart (one of 233 x 248 = 57,784 scenes, like the S2/S1 tag fields).
+    """
+    return f"{1 + tag % WRS2_PATHS:03d}", f"{1 + tag // WRS2_PATHS % WRS2_ROWS:03d}"
+
+
+def landsat_item_id(when: datetime, platform: str, tag: int) -> str:
+    """Planetary Computer style id, e.g. LC09_L2SP_198025_20240417_02_T1 (WRS-2 path/row from the region tag)."""
+    return f"LC0{platform[-1]}_L2SP_{''.join(landsat_wrs(tag))}_{when:%Y%m%d}_02_T1"
 
 
 def _s1_datatake(absolute: int, tag: int) -> int:
@@ -326,12 +335,13 @@ def landsat_item(
     assets: dict[str, Asset],
     cloud_cover: float,
     sun: tuple[float, float],
+    tag: int,
     collection_href: str,
     epsg: int,
 ) -> dict:
     """Landsat 8/9 Collection 2 Level-2 item (surface reflectance assets and QA_PIXEL)."""
     number = platform[-1]
-    path, row = LANDSAT_WRS
+    path, row = landsat_wrs(tag)
     grid = assets["qa_pixel"].grid
     properties = {
         "gsd": 30,
@@ -356,7 +366,7 @@ def landsat_item(
         "landsat:collection_category": "T1",
     }
     item = _base_item(
-        landsat_item_id(when, platform),
+        landsat_item_id(when, platform, tag),
         "landsat-c2-l2",
         when,
         assets,

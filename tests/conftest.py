@@ -72,3 +72,15 @@ def load_region(stac_api: Settings) -> Callable[[Path], dict[str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sample regions (tasks/sample_region.py): generated once per test session and shared read-only.
+
+
+@pytest.fixture(scope="session")
+def tiny_region(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64 px sample region (simulated pixels, real formats); tests must not modify it."""
+    from tasks.sample_region import generate_region
+
+    return generate_region(tmp_path_factory.mktemp("regions") / "tiny", size=64, seed=3)

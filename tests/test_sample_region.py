@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from datetime import date, datetime
@@ -103,6 +104,84 @@ def test_refuses_bad_seasons(tmp_path: Path, season: tuple[str, str]) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("origin", "match"),
+    [
+        ((600010.0, 5650000.0), "60 m lattice"),
+        ((600000.0, 5649970.0), "60 m lattice"),
+        ((600000.0, 5640000.0), "60 m lattice"),  # a round number, but 10000 m is not a multiple of 60 m
+        ((100020.0, 5650000.0), "within UTM 31N"),  # west of the zone
+        ((833940.0, 5650000.0), "within UTM 31N"),  # the 320 m wide region ends east of 834000
+        ((600000.0, 9330040.0), "within UTM 31N"),  # north of the zone
+        ((600000.0, 220.0), "within UTM 31N"),  # the region reaches below the equator
+        ((600000.0, float("nan")), "finite numbers"),
+        ((True, 5650000.0), "finite numbers"),
+        (("600000", "5650000"), "finite numbers"),
+        ((600000.0,), "two numbers"),
+        (None, "two numbers"),
+    ],
+)
+def test_refuses_bad_origins(tmp_path: Path, origin: object, match: str) -> None:
+    with pytest.raises(CropflowError, match=match):
+        sr.generate_region(tmp_path / "r", size=32, season=SHORT_SEASON, origin=origin)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_regions_at_other_origins_do_not_mix(tmp_path: Path) -> None:
+    """Two regions in one STAC catalog: a search over one's bbox must not find the other's items, and no item id
+    may be shared (upserts would overwrite) -- even for the same name, seed, size and season."""
+    a = sr.generate_region(tmp_path / "a", size=32, season=SHORT_SEASON)
+    origin = (612000.0, 5640040.0)  # on the 60 m lattice through sr.ORIGIN
+    b = sr.generate_region(tmp_path / "b", size=32, season=SHORT_SEASON, origin=origin)
+    meta_a, meta_b = (json.loads((r / "region.json").read_text()) for r in (a, b))
+    assert meta_a["origin"] == list(sr.ORIGIN) and meta_b["origin"] == list(origin)
+    assert meta_b["bounds"] == [612000.0, 5639720.0, 612320.0, 5640040.0]
+
+    def overlap(p: list[float], q: list[float]) -> bool:
+        return p[0] < q[2] and q[0] < p[2] and p[1] < q[3] and q[1] < p[3]
+
+    assert not overlap(meta_a["bbox"], meta_b["bbox"])
+    for collection in COLLECTIONS:
+        items_a, items_b = items_of(a, collection), items_of(b, collection)
+        assert len(items_a) == len(items_b) > 0
+        assert {it["id"] for it in items_a}.isdisjoint(it["id"] for it in items_b), collection
+        for it in items_b:
+            assert not overlap(it["bbox"], meta_a["bbox"]) and overlap(it["bbox"], meta_b["bbox"])
+            for asset in it["assets"].values():
+                t = asset["proj:transform"]
+                assert (t[2], t[5]) == origin
+                with rasterio.open(asset["href"]) as src:
+                    assert (src.transform.c, src.transform.f) == origin
+        for it in items_a:
+            assert not overlap(it["bbox"], meta_b["bbox"])
+    wrs = {
+        (it["properties"]["landsat:wrs_path"], it["properties"]["landsat:wrs_row"])
+        for it in items_of(b, "landsat-c2-l2")
+    }
+    assert len(wrs) == 1 and items_of(b, "landsat-c2-l2")[0]["id"][10:16] == "".join(wrs.pop())
+    # the origin only moves the region: same parcels (shifted) and the same pixels
+    labels_a, labels_b = (gpd.read_parquet(r / "labels.parquet") for r in (a, b))
+    assert labels_b.total_bounds == pytest.approx(meta_b["bounds"], abs=1e-6)
+    shifted = labels_a.translate(origin[0] - sr.ORIGIN[0], origin[1] - sr.ORIGIN[1])
+    assert shifted.geom_equals_exact(labels_b.geometry, tolerance=1e-6).all()
+    assert (labels_a[["class_id", "split"]] == labels_b[["class_id", "split"]]).all().all()
+    b02_a, b02_b = (read(items_of(r, "sentinel-2-l2a")[0]["assets"]["B02"]["href"]) for r in (a, b))
+    assert np.array_equal(b02_a, b02_b)
+
+
+def test_item_ids_of_the_catalog_sample_regions_differ() -> None:
+    """`sample` and `sample-tiny` (flows/regions.yaml) share dates; their ids must differ in every collection."""
+    start, end = date(2024, 3, 1), date(2024, 10, 31)
+    tags = [st.region_tag("sample", 0, 512, start, end), st.region_tag("sample-tiny", 1, 96, start, end)]
+    when = datetime(2024, 6, 1, 10, 33, 41)
+    assert len({st.landsat_item_id(when, "landsat-8", t) for t in tags}) == 2
+    assert len({st.s2_item_id(when, "Sentinel-2A", t) for t in tags}) == 2
+    assert len({st.s1_item_id(when, 37, t) for t in tags}) == 2
+    for tag in (0, 232, 233, 2**32 - 1):
+        path, row = st.landsat_wrs(tag)
+        assert 1 <= int(path) <= 233 and 1 <= int(row) <= 248 and len(path) == len(row) == 3
+
+
 def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object) -> list[dict]:
         raise RuntimeError("disk full")
@@ -153,6 +232,7 @@ def test_prefect_task_wraps_generate_region() -> None:
 
     assert isinstance(sr.generate_region_task, Task)
     assert sr.generate_region_task.name == "generate-region"
+    assert inspect.signature(sr.generate_region_task.fn).parameters["origin"].default == sr.ORIGIN
 
 
 # ---------------------------------------------------------------------------------------------- region, classes, labels
@@ -162,7 +242,9 @@ def test_region_json(region: Path) -> None:
     meta = json.loads((region / "region.json").read_text())
     assert meta["name"] == "sample" and meta["epsg"] == 32631 and meta["resolution"] == 10
     assert meta["size"] == 64 and meta["seed"] == 0 and meta["season"] == ["2024-03-01", "2024-10-31"]
+    assert meta["origin"] == [600000.0, 5650000.0]
     xmin, ymin, xmax, ymax = meta["bounds"]
+    assert [xmin, ymax] == meta["origin"]
     assert (xmax - xmin, ymax - ymin) == (640, 640) and xmin % 10 == 0 and ymax % 10 == 0
     expected = Transformer.from_crs(32631, 4326, always_xy=True).transform_bounds(*meta["bounds"])
     assert np.allclose(meta["bbox"], expected, atol=1e-5)
