@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from infra.settings import Settings, get_settings
+
+# Prefect: no telemetry, and a private home so tests never touch a user's Prefect database.
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cropflow-test-prefect-")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Local STAC API (infra/stac_api.py): a real PostgreSQL + pgstac + stac-fastapi in a temporary CROPFLOW_HOME.
