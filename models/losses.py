@@ -1,0 +1,48 @@
+"""Soft intersection-over-union loss, optionally combined with cross-entropy.
+
+Mohammadi, S., Belgiu, M., Stein, A. (2021). "3D fully convolutional neural networks with intersection over
+union loss for crop mapping from multi-temporal satellite images". IGARSS 2021.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class IoULoss(nn.Module):
+    """Soft IoU loss `mean_k (1 - IoU_k)` over the classes present in the labelled pixels of the batch.
+
+    `IoU_k = (sum(p_k * y_k) + eps) / (sum(p_k + y_k - p_k * y_k) + eps)` with `p` the softmax probabilities and
+    `y` the one-hot target, summed over all labelled pixels of the batch. Pixels whose target is `ignore_index`
+    count in neither sum. Averaging over the present classes (the paper sums over all classes) keeps the loss in
+    [0, 1] and at 0 for a perfect prediction whatever the number of classes; `eps` only smooths the ratio.
+    With `ce_weight > 0`, `ce_weight * cross_entropy` is added. Computed in float32, also under autocast.
+    A batch without labelled pixels gives a zero loss.
+    """
+
+    def __init__(self, ce_weight: float = 0.0, ignore_index: int = -1, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.ce_weight = ce_weight
+        self.ignore_index = ignore_index
+        self.eps = eps
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss for logits (B, K, H, W) and integer target (B, H, W)."""
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            log_p = logits.float().log_softmax(dim=1)
+            labelled = (target != self.ignore_index).unsqueeze(1)  # (B, 1, H, W)
+            classes = torch.where(labelled.squeeze(1), target.long(), 0)
+            y = F.one_hot(classes, logits.shape[1]).movedim(-1, 1).float() * labelled  # (B, K, H, W), 0 where ignored
+            p = log_p.exp() * labelled
+            dims = (0, 2, 3)
+            intersection = (p * y).sum(dims)
+            union = (p + y).sum(dims) - intersection
+            iou = (intersection + self.eps) / (union + self.eps)
+            present = y.sum(dims) > 0
+            loss = ((1.0 - iou) * present).sum() / present.sum().clamp(min=1)
+            if self.ce_weight > 0:
+                ce = -(log_p * y).sum() / labelled.sum().clamp(min=1)
+                loss = loss + self.ce_weight * ce
+            return loss

@@ -1,0 +1,38 @@
+"""Model registry: build a model from its name and a config dict (as stored in checkpoints)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from infra.errors import CropflowError
+from models.fcn3d import FCN3D
+
+MODELS: dict[str, type[nn.Module]] = {"fcn3d": FCN3D}
+
+
+def build_model(name: str, **config: object) -> nn.Module:
+    """Instantiate the model registered as `name` with keyword arguments `config`."""
+    if name not in MODELS:
+        raise CropflowError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
+    return MODELS[name](**config)
+
+
+def describe(model: nn.Module, input_shape: tuple[int, int, int, int, int]) -> str:
+    """One line with the parameter count and forward FLOPs of `model` for an input of shape (B, T, C, H, W).
+
+    FLOPs are counted by `FlopCounterMode` on a copy of the model on the meta device: no real computation runs.
+    """
+    params = sum(p.numel() for p in model.parameters())
+    meta = copy.deepcopy(model).to("meta").eval()
+    b, t, _, h, w = input_shape
+    x = torch.zeros(input_shape, device="meta")
+    doy = torch.zeros((b, t), dtype=torch.long, device="meta")
+    valid = torch.ones((b, t, h, w), dtype=torch.bool, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta(x, doy, valid)
+    gflop = counter.get_total_flops() / 1e9
+    return f"{type(model).__name__}: {params:,} parameters, {gflop:.4g} GFLOP forward for input {tuple(input_shape)}"

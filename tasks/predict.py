@@ -1,0 +1,321 @@
+"""Tiled inference over a cube in Zarr, streamed block by block into a probabilities store.
+
+One global grid of `window`-sized windows (stride `window - overlap`) covers the region, reflect-padded by
+`overlap // 2` pixels at its edges. Each window's class probabilities are weighted by a cosine ramp over the
+overlap, so neighbouring windows fade into each other and the mosaic has no seams. The region is processed one
+block (a few cube chunks) at a time, read with a halo holding every window that touches the block: a pixel's
+result does not depend on the block size, and memory does not grow with the region.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import torch
+import xarray as xr
+import zarr
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import FlowRunContext, TaskRunContext
+from rich.progress import Progress
+from torch import nn
+
+from infra.atomic import atomic_path
+from infra.errors import CropflowError
+from tasks.labels import read_classes
+from tasks.preprocess import prepare_window
+from tasks.train import SENSOR, load_checkpoint, resolve_device
+
+log = logging.getLogger(__name__)
+
+NODATA = 255
+
+
+def ramp_weights(window: int, overlap: int) -> np.ndarray:
+    """`(window, window)` float32 blending weights: 1 inside, a cosine ramp over `overlap` pixels at each side.
+
+    The falling ramp of a window and the rising ramp of its neighbour (at stride `window - overlap`) sum to 1.
+    """
+    r = np.ones(window, dtype=np.float64)
+    if overlap > 0:
+        rise = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
+        r[:overlap] = rise
+        r[window - overlap :] = rise[::-1]
+    return np.outer(r, r).astype(np.float32)
+
+
+def window_starts(size: int, window: int, overlap: int) -> np.ndarray:
+    """Start offsets of the windows covering `[0, size)` along one axis; the first starts `overlap // 2` before 0."""
+    stride, pad = window - overlap, overlap // 2
+    n = max(1, math.ceil((size + 2 * pad - window) / stride) + 1)
+    return -pad + stride * np.arange(n)
+
+
+def reflect_index(idx: np.ndarray, size: int) -> np.ndarray:
+    """Map indices outside `[0, size)` into it by mirror reflection (edge not repeated, as `np.pad(mode="reflect")`)."""
+    if size == 1:
+        return np.zeros_like(idx)
+    period = 2 * (size - 1)
+    m = np.mod(idx, period)
+    return np.where(m < size, m, period - m)
+
+
+def _blocks(size: int, block: int) -> list[tuple[int, int]]:
+    return [(s, min(size, s + block)) for s in range(0, size, block)]
+
+
+def _touching(starts: np.ndarray, window: int, lo: int, hi: int) -> np.ndarray:
+    return starts[(starts < hi) & (starts + window > lo)]
+
+
+def _read_padded(var: xr.DataArray, rows: np.ndarray, cols: np.ndarray, strip: int) -> np.ndarray:
+    """`var[..., rows, cols]` for index ranges that may run past the region (mirrored back into it).
+
+    Reads `strip` source rows at a time (one row of cube chunks), so decoding buffers stay small.
+    """
+    r, c = reflect_index(rows, var.sizes["y"]), reflect_index(cols, var.sizes["x"])
+    c0, c1 = int(c.min()), int(c.max()) + 1
+    out = np.empty((*var.shape[:-2], rows.size, cols.size), dtype=var.dtype)
+    for s0 in range(int(r.min()) // strip * strip, int(r.max()) + 1, strip):
+        take = (r >= s0) & (r < s0 + strip)
+        lo, hi = int(r[take].min()), int(r[take].max()) + 1
+        block = var.isel(y=slice(lo, hi), x=slice(c0, c1)).values
+        out[..., take, :] = block[..., (r[take] - lo)[:, None], (c - c0)[None, :]]
+    return out
+
+
+class _Progress:
+    """Rich progress bar (optional) and a Prefect progress artifact when running inside a flow or task run."""
+
+    def __init__(self, total: int, show: bool, label: str) -> None:
+        self.total, self.done = max(total, 1), 0
+        self.bar = Progress(disable=not show)
+        self.job = self.bar.add_task(label, total=total)
+        in_run = FlowRunContext.get() is not None or TaskRunContext.get() is not None
+        self.artifact = create_progress_artifact(0.0, description=label) if in_run else None
+
+    def __enter__(self) -> _Progress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def step(self, n: int) -> None:
+        self.done += n
+        self.bar.advance(self.job, n)
+
+    def flush(self) -> None:
+        """Send the progress so far to Prefect (once per block, not per window)."""
+        if self.artifact is not None:
+            update_progress_artifact(self.artifact, 100.0 * self.done / self.total)
+
+
+def _prepare(values: np.ndarray, mean: np.ndarray, std: np.ndarray, rows: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """`prepare_window` of a `(T, C, H, W)` block, a strip of `rows` rows at a time to bound its temporaries."""
+    x = np.empty(values.shape, dtype=np.float32)
+    valid = np.empty((values.shape[0], *values.shape[2:]), dtype=bool)
+    for r in range(0, values.shape[2], rows):
+        x[:, :, r : r + rows], valid[:, r : r + rows] = prepare_window(values[:, :, r : r + rows], mean, std)
+    return x, valid
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _model_inputs(ds: xr.Dataset, ckpt: dict) -> tuple[xr.DataArray, np.ndarray, np.ndarray, np.ndarray]:
+    """The checkpoint's sensor and bands from the cube, `doy`, and the normalisation `mean`, `std`."""
+    sensor = ckpt.get("sensor", "s2")
+    if sensor not in ds:
+        raise CropflowError(f"the cube has no {sensor!r} variable the model was trained on; rebuild the cube with it.")
+    var = ds[sensor]
+    band_dim = var.dims[1]
+    bands = list(ckpt["bands"])
+    missing = sorted(set(bands) - {str(b) for b in var[band_dim].values})
+    if missing:
+        raise CropflowError(f"the cube lacks bands {missing} the model was trained on; rebuild the cube with them.")
+    mean = np.asarray(ckpt["norm"]["mean"], dtype=np.float32)
+    std = np.asarray(ckpt["norm"]["std"], dtype=np.float32)
+    if mean.shape != (len(bands),) or std.shape != (len(bands),):
+        raise CropflowError(f"checkpoint norm has {mean.size} means / {std.size} stds for {len(bands)} bands.")
+    return var.sel({band_dim: bands}), ds["doy"].values.astype(np.int64), mean, std
+
+
+def _create_store(path: Path, ds: xr.Dataset, classes: list[dict], chunks: tuple[int, int], model_name: str) -> None:
+    """Empty output store (arrays, coordinates, attributes); data is written block by block afterwards.
+
+    The `class` map shares its name with the class dimension, so xarray lists it among the coordinates;
+    `ds["class"]` is still the `(y, x)` map.
+    """
+    k, h, w = len(classes), ds.sizes["y"], ds.sizes["x"]
+    cy, cx = chunks
+    template = xr.Dataset(
+        {
+            "probabilities": (("class", "y", "x"), da.empty((k, h, w), chunks=(k, cy, cx), dtype=np.float32)),
+            "class": (("y", "x"), da.empty((h, w), chunks=(cy, cx), dtype=np.uint8)),
+            "confidence": (("y", "x"), da.empty((h, w), chunks=(cy, cx), dtype=np.float32)),
+        },
+        coords={
+            "class_id": ("class", np.array([c["id"] for c in classes], dtype=np.int16)),
+            "class_name": ("class", np.array([c["name"] for c in classes], dtype=object)),
+            "y": ds["y"].values,
+            "x": ds["x"].values,
+        },
+        attrs={key: ds.attrs[key] for key in ("crs", "transform", "resolution", "region", "season") if key in ds.attrs}
+        | {"classes": json.dumps(classes), "model_name": model_name},
+    )
+    template["probabilities"].attrs = {"long_name": "class probability", "nodata": "NaN"}
+    template["class"].attrs = {"long_name": "most probable class id", "nodata": NODATA}
+    template["confidence"].attrs = {"long_name": "probability of the most probable class", "nodata": "NaN"}
+    encoding = {name: {"_FillValue": None} for name in ("probabilities", "class", "confidence")}  # no masking on read
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        template.to_zarr(path, zarr_format=3, mode="w", compute=False, consolidated=True, encoding=encoding)
+
+
+def _predict_block(
+    model: nn.Module,
+    x: np.ndarray,
+    valid: np.ndarray,
+    origin: tuple[int, int],
+    starts: tuple[np.ndarray, np.ndarray],
+    core: tuple[int, int, int, int],
+    weights: np.ndarray,
+    doy: torch.Tensor,
+    batch_size: int,
+    num_classes: int,
+    prog: _Progress,
+) -> np.ndarray:
+    """Blended probabilities `(K, h, w)` of one block's core, NaN where no window saw an observation.
+
+    `x`, `valid` are the model inputs of the padded block whose first row/column is at `origin` (region pixel
+    coordinates, possibly negative); `starts` are the window starts touching the core `(y0, y1, x0, x1)`.
+    """
+    window = weights.shape[0]
+    (r0, c0), (y0, y1, x0, x1) = origin, core
+    observed = valid.any(axis=0)
+
+    def local(sy: int, sx: int) -> tuple[slice, slice]:
+        return slice(sy - r0, sy - r0 + window), slice(sx - c0, sx - c0 + window)
+
+    todo = [(sy, sx) for sy in starts[0] for sx in starts[1] if observed[local(sy, sx)].any()]
+    prog.step(len(starts[0]) * len(starts[1]) - len(todo))  # windows without any observation are skipped
+    acc = np.zeros((num_classes, y1 - y0, x1 - x0), dtype=np.float32)
+    wsum = np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
+    for batch in _batches(todo, batch_size):
+        xb = torch.from_numpy(np.stack([x[:, :, *local(sy, sx)] for sy, sx in batch])).to(doy.device)
+        vb = torch.from_numpy(np.stack([valid[:, *local(sy, sx)] for sy, sx in batch])).to(doy.device)
+        with torch.inference_mode():
+            logits = model(xb, doy.expand(len(batch), -1), vb)
+        if logits.shape[1:] != (num_classes, window, window):
+            raise ValueError(f"model returned {tuple(logits.shape)}, expected (B, {num_classes}, {window}, {window})")
+        probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        for p, (sy, sx) in zip(probs, batch, strict=True):
+            ya, yb, xa, xb_ = max(sy, y0), min(sy + window, y1), max(sx, x0), min(sx + window, x1)
+            wgt = weights[ya - sy : yb - sy, xa - sx : xb_ - sx]
+            acc[:, ya - y0 : yb - y0, xa - x0 : xb_ - x0] += p[:, ya - sy : yb - sy, xa - sx : xb_ - sx] * wgt
+            wsum[ya - y0 : yb - y0, xa - x0 : xb_ - x0] += wgt
+        prog.step(len(batch))
+    ok = observed[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] & (wsum > 0)
+    return np.where(ok, acc / np.where(ok, wsum, 1), np.nan).astype(np.float32)
+
+
+def predict_region(
+    cube_path: Path,
+    model: nn.Module,
+    ckpt: dict,
+    out_path: Path,
+    window: int = 64,
+    overlap: float = 0.25,
+    batch_size: int = 16,
+    device: str = "auto",
+    progress: bool = True,
+    block_chunks: int = 2,
+) -> Path:
+    """Class probabilities, class and confidence maps of the cube at `cube_path`, written atomically to Zarr v3.
+
+    `model` follows the cropflow model interface (it is put in eval mode on `device`); `ckpt` supplies `bands`,
+    `sensor`, `norm` and `classes`.
+    `overlap` is the fraction of `window` shared by neighbouring windows; a block is `block_chunks` cube chunks
+    per side. Pixels without a valid observation at any date get class 255 and NaN probabilities/confidence.
+    """
+    if window < 1 or not 0 <= overlap < 1 or batch_size < 1 or block_chunks < 1:
+        raise ValueError(
+            "need window >= 1, 0 <= overlap < 1, batch_size >= 1, block_chunks >= 1; "
+            f"got {window}, {overlap}, {batch_size}, {block_chunks}"
+        )
+    ov = min(round(window * overlap), window - 1)
+    classes = sorted(ckpt["classes"], key=lambda c: c["id"])
+    if not all(0 <= c["id"] < NODATA for c in classes):
+        raise CropflowError(f"class ids must lie in 0..{NODATA - 1} ({NODATA} marks no-data); renumber the classes.")
+    ids = np.array([c["id"] for c in classes], dtype=np.uint8)
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+
+    ds = xr.open_zarr(cube_path, chunks=None)
+    var, doy, mean, std = _model_inputs(ds, ckpt)
+    h, w = ds.sizes["y"], ds.sizes["x"]
+    chunks = ds[var.name].encoding.get("chunks") or (256, 256)
+    cy, cx = (min(int(c), s) for c, s in zip(chunks[-2:], (h, w), strict=True))
+    ys, xs = window_starts(h, window, ov), window_starts(w, window, ov)
+    weights = ramp_weights(window, ov)
+    blocks_y, blocks_x = _blocks(h, cy * block_chunks), _blocks(w, cx * block_chunks)
+    total = sum(len(_touching(ys, window, *b)) for b in blocks_y) * sum(
+        len(_touching(xs, window, *b)) for b in blocks_x
+    )
+    doy_t = torch.from_numpy(doy)[None].to(dev)
+
+    with atomic_path(Path(out_path)) as tmp, _Progress(total, progress, f"predict {Path(cube_path).name}") as prog:
+        _create_store(tmp, ds, classes, (cy, cx), str(ckpt.get("model_name", type(model).__name__)))
+        store = zarr.open_group(tmp, mode="r+", zarr_format=3)
+        for y0, y1 in blocks_y:
+            wy = _touching(ys, window, y0, y1)
+            for x0, x1 in blocks_x:
+                wx = _touching(xs, window, x0, x1)
+                rows, cols = np.arange(wy[0], wy[-1] + window), np.arange(wx[0], wx[-1] + window)
+                x, valid = _prepare(_read_padded(var, rows, cols, cy), mean, std)
+                probs = _predict_block(
+                    model, x, valid, (wy[0], wx[0]), (wy, wx), (y0, y1, x0, x1), weights, doy_t, batch_size,
+                    len(classes), prog,
+                )
+                mapped = ~np.isnan(probs[0])
+                store["probabilities"][:, y0:y1, x0:x1] = probs
+                store["class"][y0:y1, x0:x1] = np.where(mapped, ids[np.argmax(np.nan_to_num(probs), axis=0)], NODATA)
+                store["confidence"][y0:y1, x0:x1] = np.max(probs, axis=0)
+                prog.flush()
+    log.info("probabilities of %d x %d px written to %s", h, w, out_path)
+    return Path(out_path)
+
+
+@task(name="predict-region", tags=["gpu"])
+def predict_region_task(
+    cube_path: Path,
+    checkpoint: Path,
+    out_path: Path,
+    classes_path: Path | None = None,
+    window: int = 64,
+    overlap: float = 0.25,
+    batch_size: int = 16,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Load the checkpoint (checked against the cube's bands and, if given, the class map) and predict the cube."""
+    ds = xr.open_zarr(cube_path)
+    if SENSOR not in ds:
+        raise CropflowError(f"the cube {cube_path} has no {SENSOR!r} variable; rebuild it with that sensor.")
+    bands = [str(b) for b in ds[SENSOR][ds[SENSOR].dims[1]].values]
+    if classes_path:
+        classes = read_classes(classes_path)
+    else:  # the checkpoint's own classes: only the bands are checked
+        classes = torch.load(checkpoint, weights_only=True)["classes"] if Path(checkpoint).is_file() else []
+    model, ckpt = load_checkpoint(checkpoint, bands, classes)
+    return predict_region(cube_path, model, ckpt, out_path, window, overlap, batch_size, device, progress)

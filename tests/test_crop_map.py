@@ -1,0 +1,115 @@
+"""The crop_map flow end to end on a tiny sample region, and bad input refused by the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+import yaml
+
+from infra.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_sample(stac_api: Settings) -> Path:
+    from flows.demo import ensure_sample
+
+    return ensure_sample("sample-tiny")
+
+
+def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_harness, tmp_path):
+    """Search -> cube -> train -> tiled inference -> map: georeferenced like the cube, far better than chance."""
+    from flows.crop_map import crop_map
+
+    out = tmp_path / "out"
+    outputs = crop_map(region="sample-tiny", time_budget_s=45, epochs=30, out_dir=out)
+    for key in ("cube", "model", "probabilities", "crop_map", "confidence", "preview", "stac_item", "metrics"):
+        assert Path(outputs[key]).exists(), key
+    cube = xr.open_zarr(outputs["cube"])
+    with rasterio.open(outputs["crop_map"]) as src:
+        assert src.crs.to_string() == cube.attrs["crs"]
+        assert list(src.transform)[:6] == cube.attrs["transform"]
+        assert (src.height, src.width) == (cube.sizes["y"], cube.sizes["x"])
+        assert src.nodata == 255
+        assert src.colormap(1)
+        classes = src.read(1)
+    assert np.isin(classes, np.arange(9)).mean() > 0.99
+    metrics = json.loads(Path(outputs["metrics"]).read_text())
+    n_classes = len(json.loads((tiny_sample / "classes.json").read_text())["classes"])
+    # chance for a uniform guess is 1/K; the map must be far better on held-out parcels
+    assert metrics["overall_accuracy"] > 3 / n_classes
+    assert metrics["kappa"] > 0.3
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def custom_regions(tmp_path_factory, tiny_sample: Path) -> Path:
+    """The shipped region catalog plus broken entries, pointing at the tiny region's labels."""
+    from flows.regions import CATALOG
+
+    folder = tmp_path_factory.mktemp("catalog")
+    meta = json.loads((tiny_sample / "region.json").read_text())
+    good = {
+        "bbox": meta["bbox"],
+        "labels": str(tiny_sample / "labels.parquet"),
+        "classes": str(tiny_sample / "classes.json"),
+        "season": {"start": "2024-03-01", "end": "2024-10-31"},
+    }
+    regions = yaml.safe_load(CATALOG.read_text())["regions"] | {
+        "far-away": {**good, "bbox": [30.0, -10.0, 30.05, -9.95]},
+        "no-labels": {**good, "labels": str(folder / "missing.parquet")},
+        "inverted": {**good, "bbox": [4.5, 50.9, 4.4, 51.0]},
+        "no-season": {k: v for k, v in good.items() if k != "season"},
+    }
+    path = folder / "regions.yaml"
+    path.write_text(yaml.safe_dump({"regions": regions}))
+    return path
+
+
+BAD_INPUT = [
+    (["crop-map", "--region", "atlantis"], "unknown region 'atlantis'"),
+    (["crop-map", "--region", "sample-tiny", "--start", "2024-13-01"], "is not a date"),
+    (["crop-map", "--region", "sample-tiny", "--start", "2024-08-01", "--end", "2024-05-01"], "before it starts"),
+    (["crop-map", "--region", "sample-tiny", "--sensors", "s2,modis"], "unknown sensor 'modis'"),
+    (["crop-map", "--region", "sample-tiny", "--start", "2019-03-01", "--end", "2019-10-31"], "no Sentinel-2 items"),
+    (["crop-map", "--region", "far-away"], "no Sentinel-2 items"),
+    (["crop-map", "--region", "no-labels"], "missing.parquet"),
+    (["crop-map", "--region", "inverted"], "inverted"),
+    (["crop-map", "--region", "no-season"], "season.start and season.end"),
+    (["stac", "load", "/nonexistent/region"], "has no items/ folder"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT, ids=["-".join(a[1:]) for a, _ in BAD_INPUT])
+def test_bad_input_is_refused_cleanly(args, message, stac_api: Settings, custom_regions: Path):
+    env = {**os.environ, "CROPFLOW_REGIONS": str(custom_regions)}
+    outputs = stac_api.outputs_dir
+    before = sorted(outputs.rglob("*")) if outputs.exists() else []
+    result = _cli(args, env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in " ".join((result.stdout + result.stderr).split())
+    assert "Traceback" not in result.stdout
+    after = sorted(outputs.rglob("*")) if outputs.exists() else []
+    assert after == before, "a refused run must leave no output behind"

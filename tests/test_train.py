@@ -1,0 +1,308 @@
+"""Patch dataset, training loop, checkpoints and resume on a small synthetic cube."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+from shapely.geometry import box
+
+from infra.errors import CropflowError
+from tasks.dataset import PatchDataset, grid_starts, load_cube_arrays, split_statistics
+from tasks.labels import cube_grid, rasterize_labels, read_classes, read_labels
+from tasks.train import METRIC_COLUMNS, lr_factor, load_checkpoint, publish_metrics_artifact, train_model
+
+BANDS = ["B02", "B04", "B08", "B11"]
+CLASS_NAMES = ["wheat", "maize", "grass"]
+DATES = 10
+SIZE = 48  # pixels per side
+PARCEL = 8  # pixels per parcel side: a 6 x 6 grid of parcels
+X0, Y0 = 600_000.0, 5_650_000.0
+# a small model and short epochs keep a training run at a few seconds on 2 CPU cores
+FAST = {
+    "model_config": {"widths": [8, 16]},
+    "patches_per_epoch": 32,
+    "patch_size": 16,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "progress": False,
+    "device": "cpu",
+}
+
+
+def class_of_parcel(row: int, col: int) -> int:
+    return (row + col) % 3
+
+
+def split_of_parcel(row: int) -> str:
+    """Parcel rows 0-3 train, row 4 val, row 5 test: spatially blocked, every split holds every class."""
+    return "train" if row < 4 else ("val" if row == 4 else "test")
+
+
+def profiles() -> np.ndarray:
+    """`(K, T, C)` reflectance: each class greens up (B08 rises, B04 falls) at a different date."""
+    t = np.arange(DATES)
+    green = np.exp(-(((t[None, :] - np.array([2, 5, 8])[:, None]) / 1.5) ** 2))  # (K, T)
+    base = np.array([0.05, 0.08, 0.2, 0.2])
+    amp = np.array([-0.02, -0.05, 0.3, -0.06])
+    return (base + green[..., None] * amp).astype(np.float32)
+
+
+def write_synthetic_region(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """A `(time, band, y, x)` cube in Zarr v3 per the contract, parcels in GeoParquet and classes.json."""
+    rng = np.random.default_rng(seed)
+    n = SIZE // PARCEL
+    rows = cols = np.arange(SIZE) // PARCEL  # parcel row/column of each pixel row/column
+    class_map = np.array([[class_of_parcel(r, c) for c in cols] for r in rows])
+    values = np.moveaxis(profiles()[class_map], (0, 1), (2, 3)).copy()  # (H, W, T, C) -> (T, C, H, W)
+    offsets = rng.normal(0, 0.01, size=(n, n, len(BANDS))).astype(np.float32)  # per-parcel variation
+    values += np.moveaxis(offsets[rows][:, cols], -1, 0)[None]
+    values += rng.normal(0, 0.015, size=values.shape).astype(np.float32)
+    gaps = rng.random((DATES, SIZE, SIZE)) < 0.2  # scattered clouds
+    gaps[3, :, : SIZE // 2] = True  # one date half covered
+    values[np.broadcast_to(gaps[:, None], values.shape)] = np.nan
+    times = pd.date_range("2024-04-01", periods=DATES, freq="10D")
+    ds = xr.Dataset(
+        {
+            "s2": (("time", "band", "y", "x"), values.astype(np.float32)),
+            "s2_valid": (("time", "y", "x"), (~gaps).astype(np.float32)),
+        },
+        coords={
+            "time": times,
+            "band": np.array(BANDS, dtype=object),
+            "y": Y0 - 5 - 10 * np.arange(SIZE, dtype=np.float64),
+            "x": X0 + 5 + 10 * np.arange(SIZE, dtype=np.float64),
+            "doy": ("time", np.asarray(times.dayofyear + 5, dtype=np.int16)),
+        },
+        attrs={
+            "crs": "EPSG:32631",
+            "transform": [10.0, 0.0, X0, 0.0, -10.0, Y0],
+            "resolution": 10.0,
+            "season": ["2024-04-01", "2024-07-09"],
+        },
+    )
+    cube = folder / "cube.zarr"
+    with warnings.catch_warnings():  # consolidated metadata, as the cube builder writes it, is not in the v3 spec
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        ds.chunk({"time": -1, "band": -1, "y": 32, "x": 32}).to_zarr(cube, zarr_format=3, mode="w", consolidated=True)
+    records = [
+        {
+            "parcel_id": r * n + c + 1,
+            "class_id": class_of_parcel(r, c),
+            "class_name": CLASS_NAMES[class_of_parcel(r, c)],
+            "split": split_of_parcel(r),
+            "geometry": box(
+                X0 + 10 * PARCEL * c, Y0 - 10 * PARCEL * (r + 1), X0 + 10 * PARCEL * (c + 1), Y0 - 10 * PARCEL * r
+            ),
+        }
+        for r in range(n)
+        for c in range(n)
+    ]
+    labels = folder / "labels.parquet"
+    gpd.GeoDataFrame(records, crs="EPSG:32631").to_parquet(labels)
+    classes = folder / "classes.json"
+    colors = ["#e6c229", "#f17105", "#1a8fe3"]
+    classes.write_text(
+        json.dumps({"nodata": 255, "classes": [{"id": i, "name": m, "color": colors[i]} for i, m in enumerate(CLASS_NAMES)]})
+    )
+    return {"cube": cube, "labels": labels, "classes": classes}
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_synthetic_region(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="module")
+def cube_arrays(region):
+    ds = xr.open_zarr(region["cube"], chunks=None)
+    classes = read_classes(region["classes"])
+    target, split = rasterize_labels(read_labels(region["labels"], classes), *cube_grid(ds))
+    return load_cube_arrays(ds, target, split)
+
+
+@pytest.fixture(scope="module")
+def trained(region, tmp_path_factory):
+    """One short training run shared by the checkpoint tests: `(out_dir, result, seconds)`."""
+    out = tmp_path_factory.mktemp("train")
+    start = time.monotonic()
+    result = train_model(region["cube"], region["labels"], region["classes"], out, epochs=6, **FAST)
+    return out, result, time.monotonic() - start
+
+
+def test_random_patches_centred_on_split_and_augmented(cube_arrays):
+    mean, std = split_statistics(cube_arrays, "train")
+    ds = PatchDataset(cube_arrays, mean, std, "train", "random", patch_size=16, num_patches=20, date_dropout=0.3)
+    x, doy, valid, target = ds[0]
+    assert x.shape == (DATES, len(BANDS), 16, 16) and x.dtype == torch.float32
+    assert doy.shape == (DATES,) and valid.shape == (DATES, 16, 16) and valid.dtype == torch.bool
+    assert target.shape == (16, 16) and target.dtype == torch.int64
+    assert torch.isfinite(x).all()
+    train_rows = 4 * PARCEL  # parcel rows 0-3 are training parcels
+    for i in range(len(ds)):
+        x, _, valid, target = ds[i]
+        assert (target >= 0).any()
+        # labels of val/test parcels never appear: rows >= 32 belong to them and must be -1 after any rotation
+        assert set(target.unique().tolist()) <= {-1, 0, 1, 2}
+    assert (ds.target[train_rows:] == -1).all() and (ds.target[:train_rows] >= 0).any()
+    # the same item of the same epoch is reproducible, another epoch draws another patch
+    a, b = ds[3], ds[3]
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    ds.set_epoch(1)
+    assert not torch.equal(ds[3][0], a[0])
+
+
+def test_date_dropout_marks_dates_invalid(cube_arrays):
+    mean, std = split_statistics(cube_arrays, "train")
+    keep = PatchDataset(cube_arrays, mean, std, "train", "random", 16, 50, augment=False)
+    drop = PatchDataset(cube_arrays, mean, std, "train", "random", 16, 50, augment=True, date_dropout=0.5)
+    whole_dates_missing = [int((~v.any(dim=(1, 2))).sum()) for _, _, v, _ in (drop[i] for i in range(50))]
+    baseline = [int((~v.any(dim=(1, 2))).sum()) for _, _, v, _ in (keep[i] for i in range(50))]
+    assert np.mean(whole_dates_missing) > np.mean(baseline) + 2  # about half of 10 dates dropped
+    assert max(whole_dates_missing) < DATES  # at least one date is kept
+
+
+def test_grid_patches_score_each_val_pixel_once(cube_arrays):
+    mean, std = split_statistics(cube_arrays, "train")
+    ds = PatchDataset(cube_arrays, mean, std, "val", "grid", patch_size=20)
+    assert grid_starts(SIZE, 20) == [0, 20, 28]
+    counted = sum(int((ds[i][3] >= 0).sum()) for i in range(len(ds)))
+    val_pixels = (cube_arrays.split == 2) & (cube_arrays.target >= 0)
+    assert counted == int(val_pixels.sum()) > 0
+    assert all(set(ds[i][3].unique().tolist()) <= {-1, 0, 1, 2} for i in range(len(ds)))
+
+
+def test_split_statistics_use_training_pixels_only(cube_arrays):
+    mean, std = split_statistics(cube_arrays, "train")
+    train = cube_arrays.values[:, :, : 4 * PARCEL]
+    np.testing.assert_allclose(mean, np.nanmean(train, axis=(0, 2, 3)), rtol=1e-4)
+    val_mean, _ = split_statistics(cube_arrays, "val")
+    assert not np.allclose(mean, val_mean, rtol=1e-4)
+    assert std.shape == (len(BANDS),) and (std > 0).all()
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    factors = [lr_factor(s, 100) for s in range(100)]
+    assert factors[0] < factors[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[5:], factors[6:], strict=False))
+    assert lr_factor(100, 100) == pytest.approx(0.0)
+
+
+def test_training_learns_fast(trained):
+    out, result, seconds = trained
+    assert seconds < 30
+    history = result.history
+    assert [h["epoch"] for h in history] == list(range(1, 7))
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    # three balanced classes: chance is about 1/3
+    best = max(history, key=lambda h: h["val_miou"])
+    assert best["val_oa"] > 0.85 and best["val_miou"] > 0.7
+    assert result.best_epoch == best["epoch"] and result.best_val_miou == best["val_miou"]
+    with open(out / "train_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == METRIC_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
+    assert float(rows[2]["val_miou"]) == pytest.approx(history[2]["val_miou"])
+
+
+def test_checkpoint_contract(trained, region, cube_arrays):
+    out, result, _ = trained
+    assert result.checkpoint == out / "model.pt"
+    ckpt = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    assert {
+        "format", "model_name", "model_config", "state_dict", "bands", "sensor", "classes", "norm", "epoch",
+        "metrics", "cropflow_version", "optimizer",
+    } <= ckpt.keys()
+    assert ckpt["format"] == 1 and ckpt["model_name"] == "fcn3d" and ckpt["sensor"] == "s2"
+    assert ckpt["bands"] == BANDS
+    assert ckpt["classes"] == read_classes(region["classes"])
+    assert ckpt["model_config"] == {"widths": [8, 16], "in_channels": 4, "num_classes": 3}
+    assert len(ckpt["norm"]["mean"]) == len(ckpt["norm"]["std"]) == len(BANDS)
+    assert ckpt["epoch"] == result.best_epoch and ckpt["metrics"]["val_miou"] == result.best_val_miou
+    assert all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values())
+
+    model, loaded = load_checkpoint(result.checkpoint, BANDS, read_classes(region["classes"]))
+    assert not model.training and loaded["epoch"] == ckpt["epoch"]
+    # the restored model reproduces the validation score of its epoch
+    mean, std = (np.asarray(loaded["norm"][k], dtype=np.float32) for k in ("mean", "std"))
+    val = PatchDataset(cube_arrays, mean, std, "val", "grid", patch_size=16)
+    hits = total = 0
+    with torch.inference_mode():
+        for i in range(len(val)):
+            x, doy, valid, target = val[i]
+            pred = model(x[None], doy[None], valid[None])[0].argmax(0)
+            keep = target >= 0
+            hits, total = hits + int((pred[keep] == target[keep]).sum()), total + int(keep.sum())
+    assert hits / total == pytest.approx(ckpt["metrics"]["val_oa"], abs=1e-6)
+
+
+def test_load_checkpoint_refuses_mismatches(trained, region):
+    out, result, _ = trained
+    classes = read_classes(region["classes"])
+    with pytest.raises(CropflowError, match=r"bands .*\(missing \['B11'\]\)"):
+        load_checkpoint(result.checkpoint, BANDS[:3], classes)
+    with pytest.raises(CropflowError, match=r"\(extra \['B12'\]\)"):
+        load_checkpoint(result.checkpoint, [*BANDS, "B12"], classes)
+    renamed = [dict(c, name="rye") if c["id"] == 2 else c for c in classes]
+    with pytest.raises(CropflowError, match=r"classes .*differing: \[\(2, 'grass'\), \(2, 'rye'\)\]"):
+        load_checkpoint(result.checkpoint, BANDS, renamed)
+    with pytest.raises(CropflowError, match="differing"):
+        load_checkpoint(result.checkpoint, BANDS, classes[:2])
+    with pytest.raises(CropflowError, match="not found"):
+        load_checkpoint(out / "nothing.pt", BANDS, classes)
+
+
+def test_resume_continues_at_next_epoch(trained, region, tmp_path):
+    out, result, _ = trained
+    shutil.copytree(out, tmp_path / "run", dirs_exist_ok=True)
+    before = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    resumed = train_model(region["cube"], region["labels"], region["classes"], tmp_path / "run", epochs=8,
+                          resume=True, **FAST)
+    assert [h["epoch"] for h in resumed.history] == list(range(1, 9))
+    assert resumed.history[:6] == result.history  # earlier epochs are kept, not rerun
+    after = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert after["epoch"] == 8
+    steps_per_epoch = FAST["patches_per_epoch"] // FAST["batch_size"]
+    first_state = next(iter(after["optimizer"]["state"].values()))
+    assert int(first_state["step"]) == int(next(iter(before["optimizer"]["state"].values()))["step"]) + 2 * (
+        steps_per_epoch
+    )
+    with open(tmp_path / "run" / "train_metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, 9))
+
+
+def test_resume_refuses_other_model_settings(trained, region, tmp_path):
+    out, _, _ = trained
+    shutil.copytree(out, tmp_path / "run", dirs_exist_ok=True)
+    with pytest.raises(CropflowError, match="resume with the same model settings"):
+        train_model(region["cube"], region["labels"], region["classes"], tmp_path / "run", epochs=8, resume=True,
+                    **(FAST | {"model_config": {"widths": [8, 16, 32]}}))
+
+
+def test_time_budget_stops_after_current_epoch(region, tmp_path):
+    result = train_model(region["cube"], region["labels"], region["classes"], tmp_path, epochs=50,
+                         time_budget_s=0.5, **FAST)
+    assert result.stop_reason == "time_budget" and result.epochs_run == 1
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "train_metrics.csv").is_file()
+
+
+def test_training_refuses_labels_without_val_parcels(region, tmp_path):
+    labels = gpd.read_parquet(region["labels"])
+    labels.loc[labels["split"] == "val", "split"] = "test"
+    labels.to_parquet(tmp_path / "labels.parquet")
+    with pytest.raises(CropflowError, match="no labelled val pixel"):
+        train_model(region["cube"], tmp_path / "labels.parquet", region["classes"], tmp_path / "out", epochs=1, **FAST)
+
+
+def test_metrics_artifact_skipped_outside_a_run():
+    assert publish_metrics_artifact([{"epoch": 1, "loss": 1.0}], "test") is False
