@@ -7,6 +7,8 @@ import os
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# the ephemeral API server starts in a subprocess; on a busy 2-core machine it needs more than the default 20 s
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault(
     "PREFECT_HOME", os.path.abspath(os.path.join(os.environ.get("CROPFLOW_HOME", ".cropflow"), "prefect"))
 )

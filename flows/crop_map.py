@@ -57,7 +57,7 @@ def crop_map(
     stac_url: str | None = None,
     max_cloud_cover: float | None = None,
     model: str = "fcn3d",
-    model_config: dict | None = None,
+    model_params: dict | None = None,
     epochs: int = 40,
     time_budget_s: float | None = 480.0,
     seed: int = 0,
@@ -88,12 +88,12 @@ def crop_map(
         reg.classes,
         out,
         model_name=model,
-        model_config=model_config,
+        model_config=model_params,
         epochs=epochs,
         seed=seed,
         time_budget_s=time_budget_s,
     )
-    probabilities = predict_region_task(cube, trained.checkpoint, out / "probabilities.zarr")
+    probabilities = predict_region_task(cube, trained.checkpoint, out / "probabilities.zarr", reg.classes)
     exported = export_map_task(probabilities, reg.classes, reg.name, (start, end), out)
     metrics = evaluate_map_task(out / "crop_map.tif", cube, reg.labels, reg.classes, out)
 

@@ -12,26 +12,32 @@ def fill_time_gaps(values: np.ndarray) -> np.ndarray:
     """Linearly interpolate NaNs along axis 0 (time), per pixel and band.
 
     Leading and trailing gaps take the nearest valid value; series with no valid value stay NaN.
-    `values` has shape `(T, ...)`; the result has the same shape and dtype.
+    `values` has shape `(T, ...)`; the result has the same shape and dtype. Two sweeps over time carry the
+    previous and next valid value and date, so the cost is a few operations per value.
     """
     t = values.shape[0]
     flat = values.reshape(t, -1)
     valid = ~np.isnan(flat)
-    idx = np.arange(t)[:, None]
-    # index of the previous / next valid date for every (date, series)
-    prev = np.where(valid, idx, -1)
-    prev = np.maximum.accumulate(prev, axis=0)
-    nxt = np.where(valid, idx, t)
-    nxt = np.minimum.accumulate(nxt[::-1], axis=0)[::-1]
-    has_prev, has_next = prev >= 0, nxt < t
-    cols = np.arange(flat.shape[1])[None, :]
-    prev_val = flat[np.clip(prev, 0, t - 1), cols]
-    next_val = flat[np.clip(nxt, 0, t - 1), cols]
-    span = np.where(has_prev & has_next, nxt - prev, 1)
-    weight = np.where(has_prev & has_next, (idx - prev) / np.maximum(span, 1), 0.0)
-    interp = prev_val + (next_val - prev_val) * weight
-    filled = np.where(has_prev & has_next, interp, np.where(has_prev, prev_val, next_val))
-    filled = np.where(valid, flat, filled)
+    if valid.all():
+        return values.copy()
+    prev_val, next_val = np.empty_like(flat), np.empty_like(flat)
+    prev_idx, next_idx = np.empty(flat.shape, np.int32), np.empty(flat.shape, np.int32)
+    last_val, last_idx = np.full(flat.shape[1], np.nan, flat.dtype), np.full(flat.shape[1], -1, np.int32)
+    for i in range(t):
+        np.copyto(last_val, flat[i], where=valid[i])
+        last_idx[valid[i]] = i
+        prev_val[i], prev_idx[i] = last_val, last_idx
+    last_val.fill(np.nan)
+    last_idx.fill(-1)
+    for i in range(t - 1, -1, -1):
+        np.copyto(last_val, flat[i], where=valid[i])
+        last_idx[valid[i]] = i
+        next_val[i], next_idx[i] = last_val, last_idx
+    both = (prev_idx >= 0) & (next_idx >= 0) & ~valid
+    steps = np.arange(t, dtype=np.int32)[:, None]
+    weight = (steps - prev_idx) / np.maximum(next_idx - prev_idx, 1)
+    filled = np.where(valid, flat, np.where(prev_idx >= 0, prev_val, next_val))
+    filled = np.where(both, prev_val + (next_val - prev_val) * weight.astype(flat.dtype), filled)
     return filled.reshape(values.shape).astype(values.dtype, copy=False)
 
 
