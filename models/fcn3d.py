@@ -75,7 +75,7 @@ class FCN3D(nn.Module):
         self.multiple = 2 ** len(widths)
         encoder_in = (in_channels + int(use_valid_channel), *widths[:-1])
         self.encoder = nn.ModuleList(conv_block(c_in, c_out, 2) for c_in, c_out in zip(encoder_in, widths, strict=True))
-        # decoder level i: upsampled widths[i + 1] (or the previous decoder output) + skip widths[i] -> widths[i]
+        # decoder[i]: upsampled features (widths[i + 1] channels) + encoder skip (widths[i]) -> widths[i]
         self.decoder = nn.ModuleList(conv_block(widths[i + 1] + widths[i], widths[i]) for i in range(len(widths) - 1))
         self.full_res = conv_block(widths[0], widths[0] // 2)
         self.pool = TemporalAttentionPool(widths[0] // 2)

@@ -154,6 +154,7 @@ def write_preview_png(
     fig, ax = plt.subplots(figsize=(8, float(np.clip(8 * h / w, 3, 16))), dpi=110, facecolor="white")
     try:
         ax.imshow(np.ma.masked_equal(data, NODATA), cmap=cmap, norm=norm, interpolation="nearest", extent=extent)
+        ax.ticklabel_format(useOffset=False, style="plain")
         unit = f"km, {crs}" if crs else "km"
         ax.set_xlabel(f"easting ({unit})" if extent else "column (pixels)")
         ax.set_ylabel(f"northing ({unit})" if extent else "row (pixels)")

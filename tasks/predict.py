@@ -31,7 +31,7 @@ from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from tasks.labels import read_classes
 from tasks.preprocess import prepare_window
-from tasks.train import SENSOR, load_checkpoint, resolve_device
+from tasks.train import SENSOR, autocast, load_checkpoint, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def _predict_block(
     for batch in _batches(todo, batch_size):
         xb = torch.from_numpy(np.stack([x[:, :, *local(sy, sx)] for sy, sx in batch])).to(doy.device)
         vb = torch.from_numpy(np.stack([valid[:, *local(sy, sx)] for sy, sx in batch])).to(doy.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(doy.device):
             logits = model(xb, doy.expand(len(batch), -1), vb)
         if logits.shape[1:] != (num_classes, window, window):
             raise ValueError(f"model returned {tuple(logits.shape)}, expected (B, {num_classes}, {window}, {window})")
@@ -284,8 +284,17 @@ def predict_region(
                 rows, cols = np.arange(wy[0], wy[-1] + window), np.arange(wx[0], wx[-1] + window)
                 x, valid = _prepare(_read_padded(var, rows, cols, cy), mean, std)
                 probs = _predict_block(
-                    model, x, valid, (wy[0], wx[0]), (wy, wx), (y0, y1, x0, x1), weights, doy_t, batch_size,
-                    len(classes), prog,
+                    model,
+                    x,
+                    valid,
+                    (wy[0], wx[0]),
+                    (wy, wx),
+                    (y0, y1, x0, x1),
+                    weights,
+                    doy_t,
+                    batch_size,
+                    len(classes),
+                    prog,
                 )
                 mapped = ~np.isnan(probs[0])
                 store["probabilities"][:, y0:y1, x0:x1] = probs

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.context import get_run_context
+from prefect.exceptions import MissingContextError
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -37,8 +41,13 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 SENSOR = "s2"
-# Small widths by default: on 2 CPU cores the paper's (32, 64, 128, 256) costs ~4x the time per patch.
-DEFAULT_MODEL_CONFIG: dict[str, dict] = {"fcn3d": {"widths": [16, 32, 64, 128]}}
+# Default model settings per device type: the paper's widths on a GPU; on CPU half of them (about 3x cheaper per
+# patch), so that a 512 x 512 px region trains in a few minutes. Narrower (8, ...) learns the dates far slower.
+DEFAULT_MODEL_CONFIG: dict[str, dict[str, dict]] = {
+    "cuda": {"fcn3d": {"widths": [32, 64, 128, 256]}},
+    "cpu": {"fcn3d": {"widths": [16, 32, 64, 128]}},
+}
+EVAL_PATCH_FACTOR = 2  # validation tiles are this many times the training patch size: more context, fewer edges
 WEIGHT_DECAY = 1e-4
 GRAD_CLIP_NORM = 1.0
 WARMUP_FRACTION = 0.05  # of the scheduled steps, linear from 0 to `lr`
@@ -94,7 +103,7 @@ def evaluate_patches(
     """Overall accuracy and mIoU (`tasks.evaluate.accuracy_metrics`) of `model` over the labelled pixels of `loader`."""
     model.eval()
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device):
         for x, doy, valid, target in loader:
             logits = model(x.to(device), doy.to(device), valid.to(device))
             pred = logits.argmax(dim=1).cpu().numpy()
@@ -102,8 +111,14 @@ def evaluate_patches(
     return accuracy_metrics(cm, class_names)
 
 
-def _autocast(device: torch.device) -> AbstractContextManager:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast(device: torch.device) -> AbstractContextManager:
+    """bfloat16 autocast where the hardware runs it natively (CUDA; CPUs with AVX512-BF16 or AMX), else nothing.
+
+    On such a CPU it trains and predicts about 1.6x faster than float32 at the same accuracy.
+    """
+    if device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def _to_cpu(obj: object) -> object:
@@ -196,9 +211,6 @@ def load_checkpoint(path: Path, bands: list[str], classes: list[dict]) -> tuple[
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger inside a flow or task run (shown in the UI), else this module's logger."""
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
     try:
         return get_run_logger()
     except MissingContextError:
@@ -207,16 +219,64 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 def publish_metrics_artifact(history: list[dict], description: str) -> bool:
     """Per-epoch metrics as a Prefect table artifact when inside a flow or task run; False (nothing) outside."""
-    from prefect.artifacts import create_table_artifact
-    from prefect.context import get_run_context
-    from prefect.exceptions import MissingContextError
-
     try:
         get_run_context()
     except MissingContextError:
         return False
     create_table_artifact(table=history, key="train-metrics", description=description)
     return True
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    lr_at: Callable[[int], float],
+    on_step: Callable[[float], None],
+) -> tuple[float, float]:
+    """One pass over `loader` (learning rate `lr_at(batch index)`, clipped gradients); mean loss and last rate."""
+    model.train()
+    losses, lr = [], 0.0
+    for i, (x, doy, valid, target) in enumerate(loader):
+        lr = lr_at(i)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device):
+            logits = model(x.to(device), doy.to(device), valid.to(device))
+        loss = loss_fn(logits, target.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        on_step(losses[-1])
+    return float(np.mean(losses)), lr
+
+
+class _Bar:
+    """Rich progress bar over training steps, or nothing."""
+
+    def __init__(self, show: bool, total: int) -> None:
+        self.bar: AbstractContextManager = nullcontext()
+        self.job = None
+        if show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            self.bar, self.job = bar, bar.add_task("training", total=total)
+
+    def __enter__(self) -> _Bar:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, **kwargs: object) -> None:
+        if self.job is not None:
+            self.bar.update(self.job, **kwargs)
 
 
 def train_model(
@@ -227,25 +287,25 @@ def train_model(
     model_name: str = "fcn3d",
     model_config: dict | None = None,
     epochs: int = 30,
-    patches_per_epoch: int = 256,
-    patch_size: int = 64,
+    patches_per_epoch: int = 128,
+    patch_size: int = 32,
     batch_size: int = 8,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     seed: int = 0,
     device: str = "auto",
     time_budget_s: float | None = None,
     resume: bool = False,
     progress: bool = True,
-    patience: int = 8,
+    patience: int = 12,
     ce_weight: float = 0.5,
 ) -> TrainResult:
     """Train `model_name` on the cube at `cube_path` with the parcels of `labels_path`; see the module docstring.
 
-    `model_config` defaults to `DEFAULT_MODEL_CONFIG[model_name]`; `in_channels` and `num_classes` come from the
-    cube and the class map. Training stops after `epochs`, after `patience` epochs without a better validation
-    mIoU, or once the next epoch would overrun `time_budget_s` (the learning-rate schedule is shortened after the
-    first epoch to what the budget fits). `resume=True` continues from `out_dir/last.pt` (epoch, weights, optimizer,
-    early-stopping state, metrics) when it exists and matches. Loss: soft IoU + `ce_weight` x cross-entropy.
+    `model_config` defaults to `DEFAULT_MODEL_CONFIG[device type][model_name]`; `in_channels` and `num_classes`
+    come from the cube and the class map. Training stops after `epochs`, after `patience` epochs without a better
+    validation mIoU, or once the next epoch would overrun `time_budget_s` (counted from the call; the schedule is
+    shortened after the first epoch to the epochs the budget fits). `resume=True` continues from `out_dir/last.pt`
+    (weights, optimizer, early-stopping state, metrics) when it exists. Loss: soft IoU + `ce_weight` x CE.
     """
     started = time.monotonic()
     out_dir = Path(out_dir)
@@ -257,15 +317,14 @@ def train_model(
     torch.set_num_threads(_cpu_cores())
     dev = resolve_device(device)
     cube, classes = _load_training_data(cube_path, labels_path, classes_path)
-    names = [c["name"] for c in classes]
     mean, std = split_statistics(cube, "train", seed=seed)
-    config = dict(DEFAULT_MODEL_CONFIG.get(model_name, {}) if model_config is None else model_config)
+    defaults = DEFAULT_MODEL_CONFIG.get(dev.type, DEFAULT_MODEL_CONFIG["cpu"]).get(model_name, {})
+    config = dict(defaults if model_config is None else model_config)
     config |= {"in_channels": len(cube.bands), "num_classes": len(classes)}
     model = build_model(model_name, **config).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     state = {"best_val_miou": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
-    start_epoch = 0
-
+    epoch = 0
     if not resume:
         for stale in (last_path, csv_path):
             stale.unlink(missing_ok=True)
@@ -280,15 +339,15 @@ def train_model(
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         mean, std = np.asarray(ckpt["norm"]["mean"], np.float32), np.asarray(ckpt["norm"]["std"], np.float32)
-        state, start_epoch = ckpt["train_state"], int(ckpt["epoch"])
-        logger.info("resuming from %s after epoch %d", last_path, start_epoch)
+        state, epoch = ckpt["train_state"], int(ckpt["epoch"])
+        logger.info("resuming from %s after epoch %d", last_path, epoch)
 
     train_ds = PatchDataset(cube, mean, std, "train", "random", patch_size, patches_per_epoch, seed=seed)
-    val_ds = PatchDataset(cube, mean, std, "val", "grid", patch_size)
+    val_ds = PatchDataset(cube, mean, std, "val", "grid", EVAL_PATCH_FACTOR * patch_size)
     train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=False)
     val_loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False)
     loss_fn = IoULoss(ce_weight=ce_weight)
-    steps_per_epoch = len(train_loader)
+    steps = len(train_loader)
     horizon = epochs  # epochs the learning-rate schedule spans; shortened to fit a time budget
     history: list[dict] = state["history"]
     logger.info(
@@ -297,48 +356,29 @@ def train_model(
         len(cube.bands), len(cube.doy), len(classes),
     )
 
-    bar, job = _progress_bar(progress, (epochs - start_epoch) * steps_per_epoch)
-    epoch, call_seconds = start_epoch, []
-    stop_reason = "epochs" if start_epoch >= epochs else None
-    with bar:
+    first_epoch, call_seconds = epoch, []
+    stop_reason = "epochs" if epoch >= epochs else None
+    with _Bar(progress, (epochs - epoch) * steps) as bar:
         while stop_reason is None:
             t0 = time.monotonic()
             train_ds.set_epoch(epoch)
-            model.train()
-            losses = []
-            for i, (x, doy, valid, target) in enumerate(train_loader):
-                step_lr = lr * lr_factor(epoch * steps_per_epoch + i, horizon * steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = step_lr
-                with _autocast(dev):
-                    logits = model(x.to(dev), doy.to(dev), valid.to(dev))
-                loss = loss_fn(logits, target.to(dev))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                if job is not None:
-                    bar.update(job, advance=1, description=f"epoch {epoch + 1} loss {losses[-1]:.3f}")
-            val = evaluate_patches(model, val_loader, dev, len(classes), names)
+            loss, last_lr = train_epoch(
+                model, train_loader, optimizer, loss_fn, dev,
+                lambda i, e=epoch, h=horizon: lr * lr_factor(e * steps + i, h * steps),
+                lambda value, e=epoch: bar.update(advance=1, description=f"epoch {e + 1} loss {value:.3f}"),
+            )
+            val = evaluate_patches(model, val_loader, dev, len(classes), [c["name"] for c in classes])
             epoch += 1
             call_seconds.append(time.monotonic() - t0)
-            row = {
-                "epoch": epoch,
-                "loss": float(np.mean(losses)),
-                "val_oa": val["overall_accuracy"],
-                "val_miou": val["miou"],
-                "lr": step_lr,
-                "seconds": call_seconds[-1],
-            }
+            row = {"epoch": epoch, "loss": loss, "val_oa": val["overall_accuracy"], "val_miou": val["miou"],
+                   "lr": last_lr, "seconds": call_seconds[-1]}
             history.append(row)
             improved = row["val_miou"] > state["best_val_miou"]
-            state |= {
-                "best_val_miou": max(row["val_miou"], state["best_val_miou"]),
-                "best_epoch": epoch if improved else state["best_epoch"],
-                "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
-                "history": history,
-            }
+            if improved:
+                state |= {"best_val_miou": row["val_miou"], "best_epoch": epoch, "bad_epochs": 0}
+            else:
+                state["bad_epochs"] += 1
+            state["history"] = history
             ckpt = _checkpoint(model, optimizer, model_name, config, cube, classes, (mean, std), epoch, row, state)
             if improved:
                 save_checkpoint(ckpt, best_path)
@@ -346,7 +386,7 @@ def train_model(
             _write_metrics_csv(history, csv_path)
             logger.info(
                 "epoch %d: loss %.4f, val OA %.4f, val mIoU %.4f%s (%.1f s)",
-                epoch, row["loss"], row["val_oa"], row["val_miou"], " *" if improved else "", row["seconds"],
+                epoch, loss, row["val_oa"], row["val_miou"], " (best)" if improved else "", row["seconds"],
             )
             if state["bad_epochs"] >= patience:
                 stop_reason = "early_stopping"
@@ -354,10 +394,9 @@ def train_model(
                 stop_reason = "epochs"
             elif time_budget_s is not None:
                 elapsed, per_epoch = time.monotonic() - started, float(np.mean(call_seconds))
-                if len(call_seconds) == 1:  # fit the learning-rate schedule to the epochs the budget leaves room for
+                if epoch == first_epoch + 1:  # fit the learning-rate schedule to the epochs the budget has room for
                     horizon = min(epochs, epoch + int((time_budget_s - elapsed) / per_epoch))
-                    if job is not None:
-                        bar.update(job, total=(max(horizon, epoch) - start_epoch) * steps_per_epoch)
+                    bar.update(total=(max(horizon, epoch) - first_epoch) * steps)
                 if epoch >= horizon or elapsed + per_epoch > time_budget_s:
                     stop_reason = "time_budget"
 
@@ -377,15 +416,6 @@ def train_model(
     )
 
 
-def _progress_bar(show: bool, total: int) -> tuple[AbstractContextManager, object]:
-    if not show:
-        return nullcontext(), None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return bar, bar.add_task("training", total=total)
-
-
 @task(name="train-model", tags=["gpu"])
 def train_model_task(
     cube_path: Path,
@@ -395,10 +425,10 @@ def train_model_task(
     model_name: str = "fcn3d",
     model_config: dict | None = None,
     epochs: int = 30,
-    patches_per_epoch: int = 256,
-    patch_size: int = 64,
+    patches_per_epoch: int = 128,
+    patch_size: int = 32,
     batch_size: int = 8,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     seed: int = 0,
     device: str = "auto",
     time_budget_s: float | None = None,

@@ -120,8 +120,16 @@ def test_evaluate_map_task_burns_labels_on_the_cube_grid(tmp_path):
     ).to_parquet(tmp_path / "labels.parquet")
     class_map = np.full((n, n), 1, dtype=np.uint8)
     class_map[:10, :10] = 0  # the class-0 parcel is right, the class-2 parcel is mapped as 1
-    profile = {"driver": "GTiff", "width": n, "height": n, "count": 1, "dtype": "uint8", "crs": "EPSG:32631",
-               "transform": Affine(10, 0, x0, 0, -10, y0), "nodata": 255}
+    profile = {
+        "driver": "GTiff",
+        "width": n,
+        "height": n,
+        "count": 1,
+        "dtype": "uint8",
+        "crs": "EPSG:32631",
+        "transform": Affine(10, 0, x0, 0, -10, y0),
+        "nodata": 255,
+    }
     with rasterio.open(tmp_path / "map.tif", "w", **profile) as dst:
         dst.write(class_map, 1)
     out = tmp_path / "out"

@@ -16,6 +16,15 @@ from models.registry import MODELS, build_model, describe
 SMALL = (8, 16, 32, 64)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tensors here are tiny: one thread avoids synchronisation costs, which explode on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def inputs(b: int, t: int, c: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, t, c, h, w, generator=g)
@@ -52,7 +61,7 @@ def test_gradients_reach_every_parameter() -> None:
     IoULoss(ce_weight=1.0)(model(x, doy, valid), target).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
-        assert p.grad.abs().sum() > 0, name
+        assert p.grad.abs().max() > 1e-6, name  # not just rounding noise
 
 
 def test_parameter_count_near_paper() -> None:

@@ -150,8 +150,7 @@ def trained(cube: Path) -> tuple[nn.Module, dict]:
 def tiled(cube: Path, trained: tuple[nn.Module, dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
     model, ckpt = trained
     out = tmp_path_factory.mktemp("pred") / "probabilities.zarr"
-    return predict_region(cube, model, ckpt, out, window=48, overlap=0.25, batch_size=8, progress=False,
-                          block_chunks=1)
+    return predict_region(cube, model, ckpt, out, window=48, overlap=0.25, batch_size=8, progress=False, block_chunks=1)
 
 
 def test_ramp_weights_partition_unity_and_window_grid():
@@ -182,8 +181,9 @@ def test_tiled_prediction_matches_one_piece(cube, trained, tiled, tmp_path):
 
 def test_block_size_does_not_change_the_result(cube, trained, tiled, tmp_path):
     model, ckpt = trained
-    other = predict_region(cube, model, ckpt, tmp_path / "b3.zarr", window=48, overlap=0.25, batch_size=5,
-                           progress=False, block_chunks=3)
+    other = predict_region(
+        cube, model, ckpt, tmp_path / "b3.zarr", window=48, overlap=0.25, batch_size=5, progress=False, block_chunks=3
+    )
     a, b = xr.open_zarr(tiled), xr.open_zarr(other)
     np.testing.assert_allclose(a["probabilities"].values, b["probabilities"].values, atol=1e-5)
     np.testing.assert_array_equal(a["class"].values, b["class"].values)
@@ -272,8 +272,15 @@ def test_stac_item_of_the_map(tiled, tmp_path):
     tif = write_class_cog(tiled, CLASSES, tmp_path / "crop_map.tif")
     conf = write_confidence_cog(tiled, tmp_path / "confidence.tif")
     out = tmp_path / "crop_map.stac.json"
-    write_map_item(tif, CLASSES, "synthetic", (date(2024, 3, 1), date(2024, 10, 31)), out,
-                   assets={"confidence": conf}, derived_from=["https://stac.example/items/s2-1"])
+    write_map_item(
+        tif,
+        CLASSES,
+        "synthetic",
+        (date(2024, 3, 1), date(2024, 10, 31)),
+        out,
+        assets={"confidence": conf},
+        derived_from=["https://stac.example/items/s2-1"],
+    )
     item = pystac.Item.from_file(str(out))
     JsonSchemaSTACValidator().validate_core(item.to_dict(transform_hrefs=False), pystac.STACObjectType.ITEM, "1.1.0")
     assert item.datetime is None
@@ -306,8 +313,9 @@ def test_predict_task_from_a_checkpoint(cube, trained, tmp_path):
     model = build_model("fcn3d", **config)
     ckpt = {**trained[1], "model_config": config, "model_name": "fcn3d", "state_dict": model.state_dict()}
     torch.save(ckpt, tmp_path / "model.pt")
-    out = predict_region_task.fn(cube, tmp_path / "model.pt", tmp_path / "probabilities.zarr", window=64,
-                                 progress=False)
+    out = predict_region_task.fn(
+        cube, tmp_path / "model.pt", tmp_path / "probabilities.zarr", window=64, progress=False
+    )
     ds = xr.open_zarr(out)
     assert ds["class"].shape == (H, W) and ds.attrs["model_name"] == "fcn3d"
     assert np.isin(ds["class"].values, [0, 1, 2, 3, 255]).all()
