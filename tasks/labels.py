@@ -59,9 +59,7 @@ def read_classes(path: Path) -> list[dict]:
     classes.sort(key=lambda c: c["id"])
     ids = [c["id"] for c in classes]
     if ids != list(range(len(ids))):
-        raise CropflowError(
-            f"class map {path}: ids {ids} must be 0..{len(ids) - 1}, each once; renumber the classes."
-        )
+        raise CropflowError(f"class map {path}: ids {ids} must be 0..{len(ids) - 1}, each once; renumber the classes.")
     names = [c["name"] for c in classes]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:

@@ -352,8 +352,14 @@ def train_model(
     history: list[dict] = state["history"]
     logger.info(
         "training %s %s on %s: %d train / %d val pixels, %d bands x %d dates, %d classes",
-        model_name, config, dev, int((train_ds.target >= 0).sum()), int((val_ds.target >= 0).sum()),
-        len(cube.bands), len(cube.doy), len(classes),
+        model_name,
+        config,
+        dev,
+        int((train_ds.target >= 0).sum()),
+        int((val_ds.target >= 0).sum()),
+        len(cube.bands),
+        len(cube.doy),
+        len(classes),
     )
 
     first_epoch, call_seconds = epoch, []
@@ -363,15 +369,25 @@ def train_model(
             t0 = time.monotonic()
             train_ds.set_epoch(epoch)
             loss, last_lr = train_epoch(
-                model, train_loader, optimizer, loss_fn, dev,
+                model,
+                train_loader,
+                optimizer,
+                loss_fn,
+                dev,
                 lambda i, e=epoch, h=horizon: lr * lr_factor(e * steps + i, h * steps),
                 lambda value, e=epoch: bar.update(advance=1, description=f"epoch {e + 1} loss {value:.3f}"),
             )
             val = evaluate_patches(model, val_loader, dev, len(classes), [c["name"] for c in classes])
             epoch += 1
             call_seconds.append(time.monotonic() - t0)
-            row = {"epoch": epoch, "loss": loss, "val_oa": val["overall_accuracy"], "val_miou": val["miou"],
-                   "lr": last_lr, "seconds": call_seconds[-1]}
+            row = {
+                "epoch": epoch,
+                "loss": loss,
+                "val_oa": val["overall_accuracy"],
+                "val_miou": val["miou"],
+                "lr": last_lr,
+                "seconds": call_seconds[-1],
+            }
             history.append(row)
             improved = row["val_miou"] > state["best_val_miou"]
             if improved:
@@ -386,7 +402,12 @@ def train_model(
             _write_metrics_csv(history, csv_path)
             logger.info(
                 "epoch %d: loss %.4f, val OA %.4f, val mIoU %.4f%s (%.1f s)",
-                epoch, loss, row["val_oa"], row["val_miou"], " (best)" if improved else "", row["seconds"],
+                epoch,
+                loss,
+                row["val_oa"],
+                row["val_miou"],
+                " (best)" if improved else "",
+                row["seconds"],
             )
             if state["bad_epochs"] >= patience:
                 stop_reason = "early_stopping"
@@ -403,7 +424,11 @@ def train_model(
     publish_metrics_artifact(history, f"{model_name} training on {Path(cube_path).name}: per-epoch metrics")
     logger.info(
         "training stopped (%s) after epoch %d; best val mIoU %.4f at epoch %d -> %s",
-        stop_reason, epoch, state["best_val_miou"], state["best_epoch"], best_path,
+        stop_reason,
+        epoch,
+        state["best_val_miou"],
+        state["best_epoch"],
+        best_path,
     )
     return TrainResult(
         checkpoint=best_path,
@@ -436,6 +461,20 @@ def train_model_task(
     progress: bool = True,
 ) -> TrainResult:
     return train_model(
-        cube_path, labels_path, classes_path, out_dir, model_name, model_config, epochs, patches_per_epoch,
-        patch_size, batch_size, lr, seed, device, time_budget_s, resume, progress,
+        cube_path,
+        labels_path,
+        classes_path,
+        out_dir,
+        model_name,
+        model_config,
+        epochs,
+        patches_per_epoch,
+        patch_size,
+        batch_size,
+        lr,
+        seed,
+        device,
+        time_budget_s,
+        resume,
+        progress,
     )

@@ -60,7 +60,7 @@ def test_read_classes_sorted_and_checked(tmp_path):
         ([{"id": 0, "name": "a", "color": "red"}], "#rrggbb"),
         ([{"id": "0", "name": "a", "color": "#000000"}], "must be integers"),
         ([{"id": 0, "name": "a"}], "needs"),
-        ([], "no \"classes\" list"),
+        ([], 'no "classes" list'),
     ],
 )
 def test_read_classes_errors(tmp_path, classes, message):

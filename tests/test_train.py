@@ -21,7 +21,15 @@ from shapely.geometry import box
 from infra.errors import CropflowError
 from tasks.dataset import PatchDataset, grid_starts, load_cube_arrays, split_statistics
 from tasks.labels import cube_grid, rasterize_labels, read_classes, read_labels
-from tasks.train import EVAL_PATCH_FACTOR, METRIC_COLUMNS, autocast, load_checkpoint, lr_factor, publish_metrics_artifact, train_model
+from tasks.train import (
+    EVAL_PATCH_FACTOR,
+    METRIC_COLUMNS,
+    autocast,
+    load_checkpoint,
+    lr_factor,
+    publish_metrics_artifact,
+    train_model,
+)
 
 BANDS = ["B02", "B04", "B08", "B11"]
 CLASS_NAMES = ["wheat", "maize", "grass"]
@@ -220,8 +228,18 @@ def test_checkpoint_contract(trained, region, cube_arrays):
     assert result.checkpoint == out / "model.pt"
     ckpt = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
     assert {
-        "format", "model_name", "model_config", "state_dict", "bands", "sensor", "classes", "norm", "epoch",
-        "metrics", "cropflow_version", "optimizer",
+        "format",
+        "model_name",
+        "model_config",
+        "state_dict",
+        "bands",
+        "sensor",
+        "classes",
+        "norm",
+        "epoch",
+        "metrics",
+        "cropflow_version",
+        "optimizer",
     } <= ckpt.keys()
     assert ckpt["format"] == 1 and ckpt["model_name"] == "fcn3d" and ckpt["sensor"] == "s2"
     assert ckpt["bands"] == BANDS
@@ -267,8 +285,9 @@ def test_resume_continues_at_next_epoch(trained, region, tmp_path):
     out, result, _ = trained
     shutil.copytree(out, tmp_path / "run", dirs_exist_ok=True)
     before = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    resumed = train_model(region["cube"], region["labels"], region["classes"], tmp_path / "run", epochs=8,
-                          resume=True, **FAST)
+    resumed = train_model(
+        region["cube"], region["labels"], region["classes"], tmp_path / "run", epochs=8, resume=True, **FAST
+    )
     assert [h["epoch"] for h in resumed.history] == list(range(1, 9))
     assert resumed.history[:6] == result.history  # earlier epochs are kept, not rerun
     after = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
@@ -286,14 +305,22 @@ def test_resume_refuses_other_model_settings(trained, region, tmp_path):
     out, _, _ = trained
     shutil.copytree(out, tmp_path / "run", dirs_exist_ok=True)
     with pytest.raises(CropflowError, match="resume with the same model settings"):
-        train_model(region["cube"], region["labels"], region["classes"], tmp_path / "run", epochs=8, resume=True,
-                    **(FAST | {"model_config": {"widths": [8, 16, 32]}}))
+        train_model(
+            region["cube"],
+            region["labels"],
+            region["classes"],
+            tmp_path / "run",
+            epochs=8,
+            resume=True,
+            **(FAST | {"model_config": {"widths": [8, 16, 32]}}),
+        )
 
 
 def test_time_budget_stops_after_current_epoch(region, tmp_path):
     budget = 0.5
-    result = train_model(region["cube"], region["labels"], region["classes"], tmp_path, epochs=50,
-                         time_budget_s=budget, **FAST)
+    result = train_model(
+        region["cube"], region["labels"], region["classes"], tmp_path, epochs=50, time_budget_s=budget, **FAST
+    )
     seconds = [row["seconds"] for row in result.history]
     assert result.stop_reason == "time_budget" and 1 <= result.epochs_run < 50
     # it never starts an epoch it expects to overrun the budget with: at most one epoch's worth beyond it
