@@ -1,7 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both install what is missing first.
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_HOME ?= $(CURDIR)/.cropflow/prefect
 
 PY := .venv/bin/python
 

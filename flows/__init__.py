@@ -12,3 +12,5 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault(
     "PREFECT_HOME", os.path.abspath(os.path.join(os.environ.get("CROPFLOW_HOME", ".cropflow"), "prefect"))
 )
+# Prefect creates only the last folder of its home: make the whole path, or its database cannot be opened
+os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)

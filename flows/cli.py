@@ -140,7 +140,7 @@ def _print_outputs(outputs: dict[str, str], seconds: float) -> None:
 
     table = Table(title=f"crop_map outputs ({seconds / 60:.1f} min)")
     table.add_column("output")
-    table.add_column("path")
+    table.add_column("path", overflow="fold")
     for key, path in outputs.items():
         table.add_row(key, path)
     console.print(table)

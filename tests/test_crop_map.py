@@ -39,7 +39,7 @@ def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_harn
     from flows.crop_map import crop_map
 
     out = tmp_path / "out"
-    outputs = crop_map(region="sample-tiny", time_budget_s=45, epochs=30, out_dir=out)
+    outputs = crop_map(region="sample-tiny", time_budget_s=90, epochs=40, out_dir=out)
     for key in ("cube", "model", "probabilities", "crop_map", "confidence", "preview", "stac_item", "metrics"):
         assert Path(outputs[key]).exists(), key
     cube = xr.open_zarr(outputs["cube"])
