@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from datetime import date
@@ -13,6 +12,7 @@ import yaml
 
 from infra.errors import CropflowError
 from infra.settings import Settings
+from tasks.grid import check_bbox, projected_bounds, utm_epsg
 
 CATALOG = Path(__file__).with_name("regions.yaml")
 
@@ -100,40 +100,4 @@ def resolve_region(name: str, settings: Settings, catalog: Path | None = None) -
         season=(start, end),
         labels=(base / entry["labels"]).resolve(),
         classes=(base / entry["classes"]).resolve(),
-    )
-
-
-def check_bbox(value: object, what: str) -> tuple[float, float, float, float]:
-    """A lon/lat bbox `[west, south, east, north]`, or a message saying what is wrong with it."""
-    try:
-        west, south, east, north = (float(v) for v in value)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise CropflowError(f"{what} must be four numbers [west, south, east, north] in degrees.") from None
-    if not (-180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= 90 and -90 <= north <= 90):
-        raise CropflowError(f"{what} {[west, south, east, north]} is outside longitude -180..180 / latitude -90..90.")
-    if west >= east or south >= north:
-        raise CropflowError(
-            f"{what} {[west, south, east, north]} is inverted or empty; need west < east, south < north."
-        )
-    return west, south, east, north
-
-
-def utm_epsg(bbox: tuple[float, float, float, float]) -> int:
-    """EPSG code of the UTM zone of the bbox centroid (even when the region straddles zones)."""
-    lon, lat = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
-    zone = min(int((lon + 180) // 6) + 1, 60)
-    return (32600 if lat >= 0 else 32700) + zone
-
-
-def projected_bounds(bbox: tuple[float, float, float, float], epsg: int, resolution: float) -> tuple[float, ...]:
-    """The bbox in `epsg`, grown outward to a multiple of `resolution`."""
-    from pyproj import Transformer
-
-    transformer = Transformer.from_crs(4326, epsg, always_xy=True)
-    xmin, ymin, xmax, ymax = transformer.transform_bounds(*bbox, densify_pts=21)
-    return (
-        math.floor(xmin / resolution) * resolution,
-        math.floor(ymin / resolution) * resolution,
-        math.ceil(xmax / resolution) * resolution,
-        math.ceil(ymax / resolution) * resolution,
     )
