@@ -46,3 +46,18 @@ class IoULoss(nn.Module):
                 ce = -(log_p * y).sum() / labelled.sum().clamp(min=1)
                 loss = loss + self.ce_weight * ce
             return loss
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the entries where `mask` is True (masked pre-training's reconstruction loss).
+
+    Qin et al. (JAG 2025), "Spatiotemporal masked pre-training for advancing crop mapping on satellite image time
+    series with limited labels": only the hidden pixel-dates count. `mask` is bool and broadcasts to `prediction`
+    (e.g. (B, T, 1, H, W) for (B, T, C, H, W)); the mean runs over the selected elements, every channel counted.
+    Unselected entries do not count at all (NaN targets there are fine). Computed in float32, also under autocast;
+    an empty mask gives 0 (with a graph, so `backward` still works).
+    """
+    with torch.autocast(device_type=prediction.device.type, enabled=False):
+        selected = mask.expand_as(prediction)
+        error = torch.where(selected, prediction.float() - target.float(), 0.0)  # no NaN gradient from unselected
+        return error.square().sum() / selected.sum().clamp(min=1)
