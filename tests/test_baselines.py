@@ -1,0 +1,192 @@
+"""Baselines of issue 4: pixel-wise L-TAE (fast, CPU only)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from models.base import TemporalEncoderModel
+from models.losses import IoULoss
+from models.ltae import PixelLTAE, doy_encoding
+
+C, K = 3, 4
+
+SMALL: dict[str, Callable[[int, int], nn.Module]] = {
+    "ltae": lambda c, k: PixelLTAE(
+        c, k, embed_dims=(16, 32), d_model=32, n_head=4, d_k=4, mlp_dims=(32,), dropout=0.0, decoder_dims=(16,)
+    ),
+}
+NEURAL = sorted(SMALL)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tensors here are tiny: one thread avoids synchronisation costs, which explode on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def inputs(b: int, t: int, c: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, c, h, w, generator=g)
+    doy = torch.sort(torch.randint(1, 366, (b, t), generator=g), dim=1).values
+    valid = torch.rand(b, t, h, w, generator=g) > 0.3
+    return x, doy, valid
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return SMALL[name](C, K)
+
+
+def phase_dataset(b: int, t: int, c: int, size: int, k: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Blocks of 4x4 pixels whose classes differ only by the phase of their temporal profile (plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, k, (b, size // 4, size // 4), generator=g)
+    target = blocks.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    phase = 2 * math.pi * target / k
+    doy = torch.linspace(60, 300, t).round().long().repeat(b, 1)
+    season = 2 * math.pi * (doy.float() - 60) / 240
+    profile = torch.sin(season.reshape(b, t, 1, 1) + phase.unsqueeze(1))  # (B, T, H, W)
+    x = profile.unsqueeze(2).repeat(1, 1, c, 1, 1) + 0.3 * torch.randn(b, t, c, size, size, generator=g)
+    valid = torch.rand(b, t, size, size, generator=g) > 0.2
+    return x, doy, valid, target
+
+
+@pytest.mark.parametrize("name", NEURAL)
+@pytest.mark.parametrize(("t", "h", "w"), [(1, 37, 45), (7, 13, 9), (25, 16, 16), (4, 5, 70)])
+def test_output_shape_any_size_and_date_count(name: str, t: int, h: int, w: int) -> None:
+    logits = build(name)(*inputs(2, t, C, h, w))
+    assert logits.shape == (2, K, h, w)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_invalid_dates_do_not_change_the_output(name: str) -> None:
+    x, doy, valid = inputs(2, 6, C, 19, 21)
+    valid[:, 2] = False  # a padded date
+    valid[0, :, 3, 4] = False  # a pixel never observed
+    model = build(name).eval()
+    with torch.no_grad():
+        reference = model(x, doy, valid)
+        changed = torch.where(valid.unsqueeze(2), x, 100 * torch.randn_like(x))
+        assert torch.equal(model(changed, doy, valid), reference)
+        assert torch.isfinite(reference).all()
+        assert not torch.allclose(model(changed, doy, torch.ones_like(valid)), reference)  # the mask does matter
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_gradients_reach_every_parameter(name: str) -> None:
+    model = build(name)
+    x, doy, valid = inputs(2, 6, C, 20, 18)
+    target = torch.randint(0, K, (2, 20, 18))
+    IoULoss(ce_weight=1.0)(model(x, doy, valid), target).backward()
+    for param_name, p in model.named_parameters():
+        assert p.grad is not None, param_name
+        assert p.grad.abs().max() > 1e-7, param_name
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_tiny_batch_is_overfit(name: str) -> None:
+    """Classes differ only by the phase of their temporal profile, so the time axis must be used."""
+    x, doy, valid, target = phase_dataset(2, 12, C, 16, K)
+    model = build(name)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = IoULoss(ce_weight=1.0)
+
+    def accuracy() -> float:
+        with torch.no_grad():
+            pred = model.eval()(x, doy, valid).argmax(1)
+        model.train()
+        return (pred == target).float().mean().item()
+
+    assert accuracy() < 0.8
+    for step in range(150):
+        opt.zero_grad()
+        loss_fn(model(x, doy, valid), target).backward()
+        opt.step()
+        if step % 5 == 4 and accuracy() > 0.98:
+            break
+    assert accuracy() > 0.98
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_same_seed_same_output_different_seed_different_output(name: str) -> None:
+    x, doy, valid = inputs(2, 5, C, 16, 16)
+
+    def run(seed: int) -> torch.Tensor:
+        with torch.no_grad():
+            return build(name, seed).eval()(x, doy, valid)
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_state_dict_round_trip(name: str, tmp_path) -> None:
+    model = build(name)
+    x, doy, valid = inputs(2, 5, C, 16, 16)
+    model(x, doy, valid)  # one training-mode pass moves the BatchNorm running statistics
+    model.eval()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "model.pt")
+    restored = build(name, seed=1)
+    restored.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"])
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(x, doy, valid), model(x, doy, valid))
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_bfloat16_autocast(name: str) -> None:
+    model = build(name).eval()
+    x, doy, valid = inputs(2, 5, C, 12, 12)
+    with torch.no_grad():
+        reference = model(x, doy, valid)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(x, doy, valid)
+    assert torch.isfinite(half).all()
+    assert torch.allclose(half.float(), reference, atol=0.1 * reference.abs().max().item())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NEURAL)
+def test_torch_compile(name: str) -> None:
+    model = build(name).eval()
+    x, doy, valid = inputs(2, 5, C, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(model)(x, doy, valid), model(x, doy, valid), atol=1e-4)
+
+
+def test_ltae_follows_the_temporal_encoder_protocol() -> None:
+    model = build("ltae").eval()
+    assert isinstance(model, TemporalEncoderModel)
+    x, doy, valid = inputs(2, 5, C, 7, 9)
+    with torch.no_grad():
+        features = model.encode(x, doy, valid)
+        assert features.shape == (2, 5, model.feature_dim, 7, 9)
+        assert torch.equal(model.classify(features, doy, valid), model(x, doy, valid))
+        # per-date features depend on their own date only
+        x2 = x.clone()
+        x2[:, 3] += 1.0
+        assert torch.equal(model.encode(x2, doy, valid)[:, :3], features[:, :3])
+
+
+def test_ltae_uses_the_day_of_year() -> None:
+    model = build("ltae").eval()
+    x, doy, valid = inputs(1, 5, C, 4, 4)
+    with torch.no_grad():
+        assert not torch.allclose(model(x, doy, valid), model(x, doy + 30, valid))
+    pe = doy_encoding(torch.tensor([0, 100]), 8)
+    assert pe.shape == (2, 8)
+    assert torch.equal(pe[0], torch.tensor([0.0, 1.0] * 4))
+
+
+def test_ltae_parameter_count() -> None:
+    """Not given by the paper for this pixel-wise variant: the figure pins the default configuration."""
+    n = sum(p.numel() for p in PixelLTAE(10, 10).parameters())
+    assert n == 70_218
