@@ -89,7 +89,10 @@ def crop_map_cmd(
     start: Annotated[str | None, typer.Option(help="season start YYYY-MM-DD (default: region's)")] = None,
     end: Annotated[str | None, typer.Option(help="season end YYYY-MM-DD (default: region's)")] = None,
     sensors: Annotated[str, typer.Option(help="comma-separated: s2,s1,landsat")] = "s2,s1,landsat",
-    stac_url: Annotated[str | None, typer.Option(help="STAC API URL (default: the local one)")] = None,
+    catalog: Annotated[
+        str, typer.Option(help="STAC catalog: local, planetary-computer, earth-search, one from CROPFLOW_CATALOGS")
+    ] = "local",
+    stac_url: Annotated[str | None, typer.Option(help="STAC API URL of the catalog (default: the catalog's)")] = None,
     max_cloud_cover: Annotated[float | None, typer.Option(help="keep items with eo:cloud_cover <= this")] = None,
     model: Annotated[str, typer.Option(help="model name")] = "fcn3d",
     epochs: Annotated[int, typer.Option(help="maximum training epochs")] = 40,
@@ -101,13 +104,14 @@ def crop_map_cmd(
 
     sensor_list = [s.strip() for s in sensors.split(",") if s.strip()]
     start_d, end_d = _parse_date(start, "--start"), _parse_date(end, "--end")
-    check_request(region, start_d, end_d, sensor_list)
+    check_request(region, start_d, end_d, sensor_list, catalog)
     t0 = time.perf_counter()
     outputs = crop_map(
         region=region,
         start=start_d,
         end=end_d,
         sensors=sensor_list,
+        catalog=catalog,
         stac_url=stac_url,
         max_cloud_cover=max_cloud_cover,
         model=model,

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from flows.regions import Region, resolve_region
 from infra.errors import CropflowError
 from infra.settings import get_settings
-from tasks.catalog import search_items_task
+from tasks.catalog import get_catalog, search_items_task
 from tasks.cube import build_cube_task
 from tasks.evaluate import evaluate_map_task
 from tasks.export import export_map_task
@@ -27,9 +27,13 @@ DEFAULT_SENSORS = ("s2", "s1", "landsat")
 
 
 def check_request(
-    region: str, start: date | None, end: date | None, sensors: tuple[str, ...] | list[str]
+    region: str,
+    start: date | None,
+    end: date | None,
+    sensors: tuple[str, ...] | list[str],
+    catalog: str = "local",
 ) -> tuple[Region, date, date]:
-    """Validate a request before any long work: region, season and sensors, labels and class map."""
+    """Validate a request before any long work: region, season, catalog and sensors, labels and class map."""
     settings = get_settings()
     reg = resolve_region(region, settings)
     start = start or reg.season[0]
@@ -43,6 +47,9 @@ def check_request(
             get_sensor(s)
         except ValueError as exc:
             raise CropflowError(str(exc)) from None
+    stac = get_catalog(catalog)
+    for s in sensors:
+        stac.sensor(s)
     classes = read_classes(reg.classes)
     read_labels(reg.labels, classes)
     return reg, start, end
@@ -54,6 +61,7 @@ def crop_map(
     start: date | None = None,
     end: date | None = None,
     sensors: list[str] = list(DEFAULT_SENSORS),  # noqa: B006 (Prefect parameters are copied per run)
+    catalog: str = "local",
     stac_url: str | None = None,
     max_cloud_cover: float | None = None,
     model: str = "fcn3d",
@@ -63,19 +71,22 @@ def crop_map(
     seed: int = 0,
     out_dir: Path | None = None,
 ) -> dict[str, str]:
-    """Make the crop map of `region` for one season and return the paths of every output."""
+    """Make the crop map of `region` for one season and return the paths of every output.
+
+    `catalog` names a STAC catalog (tasks/catalogs.yaml, CROPFLOW_CATALOGS) or is a STAC API URL; `stac_url`
+    points the catalog at another address.
+    """
     logger = get_run_logger()
-    reg, start, end = check_request(region, start, end, sensors)
+    reg, start, end = check_request(region, start, end, sensors, catalog)
     settings = get_settings()
-    url = stac_url or settings.stac_url
+    stac = get_catalog(catalog, url=stac_url)
     out = Path(out_dir) if out_dir else settings.outputs_dir / reg.name / f"{start}_{end}"
 
-    items = {
-        s: search_items_task(url, get_sensor(s).collection, reg.bbox, start, end, max_cloud_cover) for s in sensors
-    }
+    items = {s: search_items_task(stac, s, reg.bbox, start, end, max_cloud_cover) for s in sensors}
     if not items["s2"]:
         raise CropflowError(
-            f"no Sentinel-2 items for region {reg.name!r} between {start} and {end} at {url}; "
+            f"no Sentinel-2 items for region {reg.name!r} between {start} and {end} in catalog {stac.name!r} "
+            f"({stac.url}); "
             "check the season, the region, or load the region into the catalog (cropflow stac load)."
         )
     items = {s: found for s, found in items.items() if found}

@@ -1,8 +1,11 @@
-"""Retry policy for Prefect tasks: retry what can succeed on retry, never a user's mistake."""
+"""Retry policies for Prefect tasks and HTTP requests: retry what can succeed on retry, never a user's mistake."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+from urllib3 import Retry
 
 from infra.errors import CropflowError
 
@@ -16,3 +19,35 @@ def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:
         return True
     return False
+
+
+# HTTP statuses worth another try: too many requests, and server-side errors.
+RETRY_STATUSES = frozenset({429, *range(500, 600)})
+
+
+@dataclass(frozen=True)
+class HttpRetry:
+    """Retries of HTTP requests on 429, 5xx, timeouts and dropped connections, with exponential backoff and jitter.
+
+    The first retry goes at once, the n-th after `backoff * 2**(n-1)` seconds plus up to `jitter` random seconds
+    (at most `backoff_max`), or after what a `Retry-After` header asks. `timeout` bounds connecting and each wait
+    for response bytes.
+    """
+
+    retries: int = 5
+    backoff: float = 1.0
+    backoff_max: float = 60.0
+    jitter: float = 1.0
+    timeout: float = 60.0
+
+    def urllib3(self) -> Retry:
+        """The policy as a urllib3 `Retry` (for `requests` adapters, e.g. pystac-client's `StacApiIO`)."""
+        return Retry(
+            total=self.retries,
+            status_forcelist=RETRY_STATUSES,
+            allowed_methods=None,  # STAC searches are POSTs that only read
+            backoff_factor=self.backoff,
+            backoff_max=self.backoff_max,
+            backoff_jitter=self.jitter,
+            raise_on_status=False,  # the last response comes back, so its status and body reach the error message
+        )
