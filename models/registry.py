@@ -10,8 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from infra.errors import CropflowError
 from models.fcn3d import FCN3D
+from models.stcln import STCLN
 
-MODELS: dict[str, type[nn.Module]] = {"fcn3d": FCN3D}
+MODELS: dict[str, type[nn.Module]] = {"fcn3d": FCN3D, "stcln": STCLN}
 
 
 def build_model(name: str, **config: object) -> nn.Module:

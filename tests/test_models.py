@@ -180,7 +180,7 @@ def test_tiny_batch_is_overfit() -> None:
 
 
 def test_registry() -> None:
-    assert MODELS == {"fcn3d": FCN3D}
+    assert MODELS["fcn3d"] is FCN3D
     assert isinstance(build_model("fcn3d", in_channels=4, num_classes=3, widths=SMALL), FCN3D)
     with pytest.raises(CropflowError, match=r"'unet'.*valid names: fcn3d"):
         build_model("unet", in_channels=4, num_classes=3)
