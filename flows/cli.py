@@ -83,6 +83,19 @@ def sample(
     console.print(f"sample region {name!r} in {folder}")
 
 
+@app.command("import-worldcereal")
+def import_worldcereal(
+    src: Annotated[Path, typer.Argument(help="folder of WorldCereal patch folders (netCDF files)")],
+    out: Annotated[Path, typer.Argument(help="output folder: one region-like folder per patch")],
+) -> None:
+    """Convert real WorldCereal patches into COGs and STAC items; load each with 'cropflow stac load OUT/<patch>'."""
+    from tasks.worldcereal import import_patches
+
+    for patch in import_patches(src, out):
+        counts = ", ".join(f"{n} {c}" for c, n in patch.counts.items())
+        console.print(f"{patch.location_id}: {counts} in {patch.folder}")
+
+
 @app.command("crop-map")
 def crop_map_cmd(
     region: Annotated[str, typer.Option(help="region name from flows/regions.yaml")] = "sample",

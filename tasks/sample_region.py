@@ -390,7 +390,9 @@ def _blocksize(shape: tuple[int, int]) -> int:
     return int(np.clip(2 ** math.floor(math.log2(max(min(shape) / 4, 1))), 128, 512))
 
 
-def write_cog(path: Path, data: np.ndarray, grid: st.Grid, nodata: float, resampling: str = "average") -> None:
+def write_cog(
+    path: Path, data: np.ndarray, grid: st.Grid, nodata: float, resampling: str = "average", epsg: int = EPSG
+) -> None:
     """Write one band as a Cloud-Optimized GeoTIFF (DEFLATE with predictor, tiled, internal overviews)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     profile = {
@@ -399,7 +401,7 @@ def write_cog(path: Path, data: np.ndarray, grid: st.Grid, nodata: float, resamp
         "height": grid.shape[0],
         "count": 1,
         "dtype": data.dtype.name,
-        "crs": f"EPSG:{EPSG}",
+        "crs": f"EPSG:{epsg}",
         "transform": grid.transform,
         "nodata": nodata,
         "compress": "DEFLATE",
@@ -412,11 +414,11 @@ def write_cog(path: Path, data: np.ndarray, grid: st.Grid, nodata: float, resamp
         dst.write(data, 1)
 
 
-class _Writer:
-    """Writes assets under `tmp/cogs/` while giving them hrefs into the final folder."""
+class AssetWriter:
+    """Writes assets under `tmp/cogs/` (in CRS `epsg`) while giving them hrefs into the final folder."""
 
-    def __init__(self, tmp: Path, final: Path) -> None:
-        self.tmp, self.final = tmp, final
+    def __init__(self, tmp: Path, final: Path, epsg: int = EPSG) -> None:
+        self.tmp, self.final, self.epsg = tmp, final, epsg
 
     def asset(
         self,
@@ -429,7 +431,7 @@ class _Writer:
         resampling: str = "average",
     ) -> st.Asset:
         rel = Path("cogs") / collection / item_id / f"{key}.tif"
-        write_cog(self.tmp / rel, data, grid, nodata, resampling)
+        write_cog(self.tmp / rel, data, grid, nodata, resampling, self.epsg)
         return st.Asset((self.final / rel).as_uri(), grid)
 
     def collection_href(self, collection: str) -> str:
@@ -455,7 +457,7 @@ def _landsat_dn(refl: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((refl - st.LANDSAT_OFFSET) / st.LANDSAT_SCALE), 1, 65535).astype(np.uint16)
 
 
-def simulate_s2(scene: Scene, writer: _Writer) -> list[dict]:
+def simulate_s2(scene: Scene, writer: AssetWriter) -> list[dict]:
     """Sentinel-2 L2A acquisitions every 5 days: 10/20/60 m bands and SCL as COGs, and their items."""
     dates = list(_dates(scene, S2_EVERY, 0, S2_TIME))
     covers = cloud_fractions(len(dates), rng_for(scene.seed, 10))
@@ -525,7 +527,7 @@ def landsat_qa(clouds: Clouds, water: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return qa, dilated
 
 
-def simulate_landsat(scene: Scene, writer: _Writer) -> list[dict]:
+def simulate_landsat(scene: Scene, writer: AssetWriter) -> list[dict]:
     """Landsat 8/9 (alternating) C2 L2 surface reflectance and QA_PIXEL every 8 days at 30 m."""
     dates = list(_dates(scene, LANDSAT_EVERY, 2, LANDSAT_TIME))
     covers = cloud_fractions(len(dates), rng_for(scene.seed, 20))
@@ -566,7 +568,7 @@ def simulate_landsat(scene: Scene, writer: _Writer) -> list[dict]:
     return items
 
 
-def simulate_s1(scene: Scene, writer: _Writer) -> list[dict]:
+def simulate_s1(scene: Scene, writer: AssetWriter) -> list[dict]:
     """Sentinel-1A RTC gamma0 (VV, VH, linear) every 6 days, alternating descending/ascending passes."""
     g10 = scene.grid(10)
     n = g10.shape[0]
@@ -654,6 +656,14 @@ def _write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def write_collection(folder: Path, collection: dict, items: list[dict]) -> None:
+    """Write `collections/<id>.json` and `items/<id>.ndjson` (one item per line) of `collection` into `folder`."""
+    (folder / "items").mkdir(parents=True, exist_ok=True)
+    with open(folder / "items" / f"{collection['id']}.ndjson", "w") as f:
+        f.writelines(json.dumps(item, separators=(",", ":")) + "\n" for item in items)
+    _write_json(folder / "collections" / f"{collection['id']}.json", collection)
+
+
 def _write_region(
     tmp: Path,
     final: Path,
@@ -691,17 +701,14 @@ def _write_region(
         },
     )
     scene.labels.to_parquet(tmp / "labels.parquet", index=False)
-    writer = _Writer(tmp, final)
+    writer = AssetWriter(tmp, final)
     for collection_id, simulate in (
         ("sentinel-2-l2a", simulate_s2),
         ("landsat-c2-l2", simulate_landsat),
         ("sentinel-1-rtc", simulate_s1),
     ):
         items = simulate(scene, writer)
-        (tmp / "items").mkdir(exist_ok=True)
-        with open(tmp / "items" / f"{collection_id}.ndjson", "w") as f:
-            f.writelines(json.dumps(item, separators=(",", ":")) + "\n" for item in items)
-        _write_json(tmp / "collections" / f"{collection_id}.json", st.collection(collection_id, items))
+        write_collection(tmp, st.collection(collection_id, items), items)
         log.info("%s: %d items", collection_id, len(items))
 
 

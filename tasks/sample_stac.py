@@ -196,7 +196,7 @@ def s1_item_id(when: datetime, relative_orbit: int, tag: int) -> str:
     )
 
 
-def _base_item(
+def base_item(
     item_id: str,
     collection: str,
     when: datetime,
@@ -286,7 +286,7 @@ def s2_item(
         "s2:degraded_msi_data_percentage": 0.0,
         "s2:nodata_pixel_percentage": round(100.0 * float(scl_counts[0]) / max(total, 1), 6),
     }
-    item = _base_item(
+    item = base_item(
         s2_item_id(when, platform, tag),
         "sentinel-2-l2a",
         when,
@@ -297,36 +297,41 @@ def s2_item(
         epsg,
     )
     for key, asset in assets.items():
-        gsd = asset.grid.resolution
-        entry = {"href": asset.href, "type": COG, "roles": ["data"], "gsd": gsd, **asset.grid.proj()}
-        if key == "SCL":
-            entry["title"] = "Scene classfication map (SCL)"
-            entry["raster:bands"] = [{"nodata": 0, "data_type": "uint8", "spatial_resolution": gsd}]
-            entry["classification:classes"] = [{"value": v, "name": n} for v, n in SCL_CLASSES]
-        else:
-            common, description, center, fwhm = S2_EO_BANDS[key]
-            band = {
-                "name": key,
-                "description": f"Band {key[1:].lstrip('0')} - {description}",
-                "center_wavelength": center,
-                "full_width_half_max": fwhm,
-            }
-            if common:
-                band["common_name"] = common
-            entry["title"] = f"Band {key[1:].lstrip('0')} - {description} - {gsd:.0f}m"
-            entry["eo:bands"] = [band]
-            entry["raster:bands"] = [
-                {
-                    "nodata": 0,
-                    "data_type": "uint16",
-                    "bits_per_sample": 15,
-                    "spatial_resolution": gsd,
-                    "scale": S2_SCALE,
-                    "offset": S2_OFFSET,
-                }
-            ]
-        item["assets"][key] = entry
+        item["assets"][key] = s2_asset(key, asset)
     return item
+
+
+def s2_asset(key: str, asset: Asset, offset: float = S2_OFFSET) -> dict:
+    """Sentinel-2 L2A asset entry: `SCL`, or a band with `eo:bands` and `raster:bands` (scale 0.0001, `offset`)."""
+    gsd = asset.grid.resolution
+    entry = {"href": asset.href, "type": COG, "roles": ["data"], "gsd": gsd, **asset.grid.proj()}
+    if key == "SCL":
+        entry["title"] = "Scene classfication map (SCL)"
+        entry["raster:bands"] = [{"nodata": 0, "data_type": "uint8", "spatial_resolution": gsd}]
+        entry["classification:classes"] = [{"value": v, "name": n} for v, n in SCL_CLASSES]
+        return entry
+    common, description, center, fwhm = S2_EO_BANDS[key]
+    band = {
+        "name": key,
+        "description": f"Band {key[1:].lstrip('0')} - {description}",
+        "center_wavelength": center,
+        "full_width_half_max": fwhm,
+    }
+    if common:
+        band["common_name"] = common
+    entry["title"] = f"Band {key[1:].lstrip('0')} - {description} - {gsd:.0f}m"
+    entry["eo:bands"] = [band]
+    entry["raster:bands"] = [
+        {
+            "nodata": 0,
+            "data_type": "uint16",
+            "bits_per_sample": 15,
+            "spatial_resolution": gsd,
+            "scale": S2_SCALE,
+            "offset": offset,
+        }
+    ]
+    return entry
 
 
 def landsat_item(
@@ -365,7 +370,7 @@ def landsat_item(
         "landsat:collection_number": "02",
         "landsat:collection_category": "T1",
     }
-    item = _base_item(
+    item = base_item(
         landsat_item_id(when, platform, tag),
         "landsat-c2-l2",
         when,
@@ -376,57 +381,64 @@ def landsat_item(
         epsg,
     )
     for key, asset in assets.items():
-        entry: dict = {"href": asset.href, "type": COG, **asset.grid.proj()}
-        if key == "qa_pixel":
-            entry.update(
-                {
-                    "roles": ["cloud", "cloud-shadow", "snow-ice", "water-mask"],
-                    "title": "Pixel Quality Assessment Band",
-                    "description": "Collection 2 Level-1 Pixel Quality Assessment Band (QA_PIXEL)",
-                    "classification:bitfields": [
-                        {
-                            "name": name,
-                            "offset": offset,
-                            "length": length,
-                            "description": description,
-                            "classes": [{"name": n, "value": v, "description": d} for n, v, d in classes],
-                        }
-                        for name, offset, length, description, classes in QA_PIXEL_BITFIELDS
-                    ],
-                    "raster:bands": [
-                        {"unit": "bit index", "nodata": 1, "data_type": "uint16", "spatial_resolution": 30}
-                    ],
-                }
-            )
-        else:
-            oli, sr, title, description, center, fwhm = LANDSAT_EO_BANDS[key]
-            entry.update(
-                {
-                    "roles": ["data", "reflectance"],
-                    "title": title,
-                    "description": f"Collection 2 Level-2 {title.replace(' Band', '')} Band ({sr}) Surface Reflectance",
-                    "eo:bands": [
-                        {
-                            "name": oli,
-                            "common_name": key,
-                            "description": description,
-                            "center_wavelength": center,
-                            "full_width_half_max": fwhm,
-                        }
-                    ],
-                    "raster:bands": [
-                        {
-                            "scale": LANDSAT_SCALE,
-                            "nodata": 0,
-                            "offset": LANDSAT_OFFSET,
-                            "data_type": "uint16",
-                            "spatial_resolution": 30,
-                        }
-                    ],
-                }
-            )
-        item["assets"][key] = entry
+        item["assets"][key] = landsat_asset(key, asset)
     return item
+
+
+def landsat_asset(
+    key: str,
+    asset: Asset,
+    scale: float = LANDSAT_SCALE,
+    offset: float = LANDSAT_OFFSET,
+    data_type: str = "uint16",
+    qa_nodata: int = 1,
+) -> dict:
+    """Landsat Collection 2 Level-2 asset entry: `qa_pixel` (bit fields) or a reflectance band (`raster:bands`)."""
+    entry: dict = {"href": asset.href, "type": COG, **asset.grid.proj()}
+    gsd = round(asset.grid.resolution)
+    if key == "qa_pixel":
+        entry.update(
+            {
+                "roles": ["cloud", "cloud-shadow", "snow-ice", "water-mask"],
+                "title": "Pixel Quality Assessment Band",
+                "description": "Collection 2 Level-1 Pixel Quality Assessment Band (QA_PIXEL)",
+                "classification:bitfields": [
+                    {
+                        "name": name,
+                        "offset": bit,
+                        "length": length,
+                        "description": description,
+                        "classes": [{"name": n, "value": v, "description": d} for n, v, d in classes],
+                    }
+                    for name, bit, length, description, classes in QA_PIXEL_BITFIELDS
+                ],
+                "raster:bands": [
+                    {"unit": "bit index", "nodata": qa_nodata, "data_type": "uint16", "spatial_resolution": gsd}
+                ],
+            }
+        )
+        return entry
+    oli, sr, title, description, center, fwhm = LANDSAT_EO_BANDS[key]
+    entry.update(
+        {
+            "roles": ["data", "reflectance"],
+            "title": title,
+            "description": f"Collection 2 Level-2 {title.replace(' Band', '')} Band ({sr}) Surface Reflectance",
+            "eo:bands": [
+                {
+                    "name": oli,
+                    "common_name": key,
+                    "description": description,
+                    "center_wavelength": center,
+                    "full_width_half_max": fwhm,
+                }
+            ],
+            "raster:bands": [
+                {"scale": scale, "nodata": 0, "offset": offset, "data_type": data_type, "spatial_resolution": gsd}
+            ],
+        }
+    )
+    return entry
 
 
 def s1_absolute_orbit(when: datetime, relative_orbit: int) -> int:
@@ -485,7 +497,7 @@ def s1_item(
         "s1:instrument_configuration_ID": "7",
         "sat:platform_international_designator": "2014-016A",
     }
-    item = _base_item(
+    item = base_item(
         s1_item_id(when, relative_orbit, tag),
         "sentinel-1-rtc",
         when,
@@ -495,20 +507,24 @@ def s1_item(
         collection_href,
         epsg,
     )
-    polarisation = {"vv": ("vertical", "vertical"), "vh": ("vertical", "horizontal")}
     for key, asset in assets.items():
-        tx, rx = polarisation[key]
-        item["assets"][key] = {
-            "href": asset.href,
-            "type": COG,
-            "roles": ["data"],
-            "title": f"{key.upper()}: {tx} transmit, {rx} receive",
-            "description": f"Terrain-corrected gamma naught values of signal transmitted with {tx} polarization "
-            f"and received with {rx} polarization with radiometric terrain correction applied.",
-            "raster:bands": [{"nodata": S1_NODATA, "data_type": "float32", "spatial_resolution": 10.0}],
-            **asset.grid.proj(),
-        }
+        item["assets"][key] = s1_asset(key, asset)
     return item
+
+
+def s1_asset(key: str, asset: Asset) -> dict:
+    """Sentinel-1 RTC asset entry (`vv` or `vh`): float32 linear gamma naught, no-data -32768."""
+    tx, rx = {"vv": ("vertical", "vertical"), "vh": ("vertical", "horizontal")}[key]
+    return {
+        "href": asset.href,
+        "type": COG,
+        "roles": ["data"],
+        "title": f"{key.upper()}: {tx} transmit, {rx} receive",
+        "description": f"Terrain-corrected gamma naught values of signal transmitted with {tx} polarization "
+        f"and received with {rx} polarization with radiometric terrain correction applied.",
+        "raster:bands": [{"nodata": S1_NODATA, "data_type": "float32", "spatial_resolution": asset.grid.resolution}],
+        **asset.grid.proj(),
+    }
 
 
 _COLLECTIONS = {
@@ -579,9 +595,13 @@ _COLLECTIONS = {
 }
 
 
-def collection(collection_id: str, items: list[dict]) -> dict:
-    """Collection document for `items`: spatial/temporal extent from the items, `item_assets` from the first."""
-    meta = _COLLECTIONS[collection_id]
+def collection(collection_id: str, items: list[dict], meta: dict | None = None) -> dict:
+    """Collection document for `items`: spatial/temporal extent from the items, `item_assets` from the first.
+
+    `meta` (title, description, license, keywords, providers, extensions, summaries) defaults to that of the
+    simulated sample collections.
+    """
+    meta = meta or _COLLECTIONS[collection_id]
     bboxes = np.array([it["bbox"] for it in items])
     times = sorted(it["properties"]["datetime"] for it in items)
     item_assets = {
