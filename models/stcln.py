@@ -38,16 +38,21 @@ Improvements over the public code, and the choices the paper leaves open:
 - The public code's unused modules (L-TAE projections, MLP, extra Transformer, out norm, dropout) are gone.
 - STA memory: the paper attends over all pixels of the image, an `(H W) x (H W)` matrix per image. Here attention
   runs inside non-overlapping `window x window` tiles (the input is zero-padded to a multiple of the tile, padded
-  pixels are never keys); `window=None` is the paper's global attention. Per sample, STA holds
+  pixels are never keys); `window=None` is the paper's global attention. The default, 64, is the inference
+  window of `tasks/predict.py`: at that size the STA is the paper's global attention. Per sample, STA holds
   `ceil(H / w) * ceil(W / w) * w^4` attention scores (w = min(window, H) by min(window, W) for non-square
   inputs), about 2 such matrices under autograd (scores and softmax), besides queries and keys of
   `T * d * H * W` values each. At 64 x 64 pixels: w = 64 gives 16.8 M scores (67 MB in float32) per sample,
-  w = 32 gives 4.2 M, w = 16 gives 1.0 M.
+  w = 32 gives 4.2 M, w = 16 gives 1.0 M. Each score costs 2 T d FLOPs (and each output 2 d), so the STA costs
+  about `2 * ceil(H / w) * ceil(W / w) * w^4 * T * d` FLOPs: at T=24, d=256, 64 x 64 pixels, w = 64 gives 206 GFLOP of
+  the model's 845 GFLOP forward (w = 32: 52 GFLOP), the Transformer about 460 and the CNN about 120.
 
 `encode` / `classify` split (`models.base.TemporalEncoderModel`): STA needs both the temporal-encoder output and
 the CNN features, so the per-date features returned by `encode` are their concatenation along channels,
 `[temporal (d) | cnn (d)]`, and `feature_dim = 2 * d_model`; `classify` splits them again. `forward` is exactly
-`classify(encode(...))`, and the architecture is the paper's.
+`classify(encode(...))`, and the architecture is the paper's. `encode` also gives features at invalid dates: the
+temporal part is then inferred from the pixel's valid dates (the mask token stands in for the input), which
+`classify` ignores unless it is told the date is valid.
 
 Parameters at the paper's size (d_model=256, hidden=32, 3 layers, 8 heads): 3,240,321 + 289 C + 257 K for C bands
 and K classes, 3,248,351 (3.25 M) for C=10, K=20 (the issue gives no figure for STCLN); the pre-training head adds
