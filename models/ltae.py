@@ -49,7 +49,7 @@ class LTAE(nn.Module):
         d_model: channels after the input projection; a multiple of `n_head` (one value group per head).
         n_head: attention heads, each with its own learned master query.
         d_k: dimension of keys and queries.
-        mlp_dims: widths of the MLP after the attention (its input is `d_model`).
+        mlp_dims: widths of the MLP (Linear, BatchNorm, ReLU) after the attention (its input is `d_model`).
         dropout: dropout after that MLP.
         period: period of the day-of-year positional encoding (paper: 1000).
     """
@@ -68,9 +68,12 @@ class LTAE(nn.Module):
         if d_model % n_head:
             raise ValueError(f"d_model={d_model} is not a multiple of n_head={n_head}")
         self.n_head, self.d_k, self.d_model, self.period = n_head, d_k, d_model, period
-        self.out_dim = mlp_dims[-1] if mlp_dims else d_model
-        self.in_norm = nn.LayerNorm(in_dim)
-        self.in_proj = nn.Linear(in_dim, d_model)
+        if not mlp_dims:
+            raise ValueError("mlp_dims needs at least one width")
+        self.out_dim = mlp_dims[-1]
+        # no biases before the attention: a shift of the values passes it (weights sum to 1), then BatchNorm cancels it
+        self.in_norm = nn.LayerNorm(in_dim, bias=False)
+        self.in_proj = nn.Linear(in_dim, d_model, bias=False)
         self.key = nn.Linear(d_model, n_head * d_k, bias=False)  # a key bias adds a per-head constant: no effect
         self.query = nn.Parameter(torch.randn(n_head, d_k) * math.sqrt(2.0 / d_k))
         self.mlp = mlp((d_model, *mlp_dims))
@@ -131,7 +134,7 @@ class PixelLTAE(nn.Module):
         d_model, n_head, d_k, mlp_dims, dropout: the L-TAE's, see `LTAE`.
         decoder_dims: hidden widths of the classifier MLP.
 
-    About 70 k parameters at the defaults with 10 bands and 10 classes.
+    69,962 parameters at the defaults with 10 bands and 10 classes.
     """
 
     def __init__(

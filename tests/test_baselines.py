@@ -1,4 +1,4 @@
-"""Baselines of issue 4: pixel-wise L-TAE (fast, CPU only)."""
+"""Baselines of issue 4: U-TAE, pixel-wise L-TAE, TempCNN (fast, CPU only)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,18 @@ from torch import nn
 from models.base import TemporalEncoderModel
 from models.losses import IoULoss
 from models.ltae import PixelLTAE, doy_encoding
+from models.tempcnn import TempCNN
+from models.utae import UTAE
 
 C, K = 3, 4
 
 SMALL: dict[str, Callable[[int, int], nn.Module]] = {
     "ltae": lambda c, k: PixelLTAE(
         c, k, embed_dims=(16, 32), d_model=32, n_head=4, d_k=4, mlp_dims=(32,), dropout=0.0, decoder_dims=(16,)
+    ),
+    "tempcnn": lambda c, k: TempCNN(c, k, widths=(16, 16, 16), hidden=32, dropout=0.0),
+    "utae": lambda c, k: UTAE(
+        c, k, encoder_widths=(8, 8, 16), decoder_widths=(8, 8, 16), out_widths=(8,), n_head=4, d_model=16, dropout=0.0
     ),
 }
 NEURAL = sorted(SMALL)
@@ -189,4 +195,15 @@ def test_ltae_uses_the_day_of_year() -> None:
 def test_ltae_parameter_count() -> None:
     """Not given by the paper for this pixel-wise variant: the figure pins the default configuration."""
     n = sum(p.numel() for p in PixelLTAE(10, 10).parameters())
-    assert n == 70_218
+    assert n == 69_962
+
+
+def test_utae_parameter_count_near_paper() -> None:
+    """Garnot & Landrieu (2021) give about 1.1 M parameters (PASTIS: 10 bands, 20 classes)."""
+    n = sum(p.numel() for p in UTAE(10, 20).parameters())
+    assert abs(n - 1.1e6) / 1.1e6 < 0.10, n
+
+
+def test_tempcnn_parameter_count() -> None:
+    """The paper's layers, with pooling instead of flattening: the dense layer no longer grows with T."""
+    assert sum(p.numel() for p in TempCNN(10, 10).parameters()) == 64_970
