@@ -3,6 +3,7 @@ STAC items, served by the local STAC API, built into cubes and checked against t
 
 from __future__ import annotations
 
+import os
 import warnings
 from datetime import date
 from pathlib import Path
@@ -24,7 +25,8 @@ REAL = real_data_dir()
 SRC = REAL / "worldcereal-patches" if REAL else None
 if SRC is None or not SRC.is_dir():
     pytest.skip(
-        f"real data not found at {SRC or '../shared/data'}/worldcereal-patches; set CROPFLOW_REAL_DATA",
+        f"real data not found at {os.environ.get('CROPFLOW_REAL_DATA', '../shared/data')}/worldcereal-patches; "
+        "set CROPFLOW_REAL_DATA",
         allow_module_level=True,
     )
 PATCH_IDS = sorted(p.parent.name for p in SRC.glob("*/S2_L2A_20m_*.nc"))
