@@ -10,9 +10,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from infra.errors import CropflowError
 from models.fcn3d import FCN3D
+from models.ltae import PixelLTAE
+from models.random_forest import RandomForest
 from models.stcln import STCLN
+from models.tempcnn import TempCNN
+from models.utae import UTAE
 
-MODELS: dict[str, type[nn.Module]] = {"fcn3d": FCN3D, "stcln": STCLN}
+MODELS: dict[str, type[nn.Module]] = {
+    "fcn3d": FCN3D,
+    "ltae": PixelLTAE,
+    "random_forest": RandomForest,
+    "stcln": STCLN,
+    "tempcnn": TempCNN,
+    "utae": UTAE,
+}
 
 
 def build_model(name: str, **config: object) -> nn.Module:
@@ -26,8 +37,12 @@ def describe(model: nn.Module, input_shape: tuple[int, int, int, int, int]) -> s
     """One line with the parameter count and forward FLOPs of `model` for an input of shape (B, T, C, H, W).
 
     FLOPs are counted by `FlopCounterMode` on a copy of the model on the meta device: no real computation runs.
+    A random forest has no parameters and no FLOPs (it compares, it does not multiply): its nodes are given instead.
     """
     params = sum(p.numel() for p in model.parameters())
+    if isinstance(model, RandomForest):
+        trees = model.left.shape[0]
+        return f"RandomForest: {params} parameters, {trees} trees with {model.num_nodes:,} nodes; no FLOP count"
     meta = copy.deepcopy(model).to("meta").eval()
     b, t, _, h, w = input_shape
     x = torch.zeros(input_shape, device="meta")

@@ -1,4 +1,4 @@
-"""Baselines of issue 4: U-TAE, pixel-wise L-TAE, TempCNN (fast, CPU only)."""
+"""Baselines of issue 4: U-TAE, pixel-wise L-TAE, TempCNN, Random Forest; registry and describe (fast, CPU)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
 from models.base import TemporalEncoderModel
 from models.losses import IoULoss
 from models.ltae import PixelLTAE, doy_encoding
+from models.random_forest import RandomForest, temporal_features
+from models.registry import MODELS, build_model, describe
 from models.tempcnn import TempCNN
 from models.utae import UTAE
 
@@ -207,3 +210,87 @@ def test_utae_parameter_count_near_paper() -> None:
 def test_tempcnn_parameter_count() -> None:
     """The paper's layers, with pooling instead of flattening: the dense layer no longer grows with T."""
     assert sum(p.numel() for p in TempCNN(10, 10).parameters()) == 64_970
+
+
+def test_registered_and_described() -> None:
+    for name, cls in [("ltae", PixelLTAE), ("tempcnn", TempCNN), ("utae", UTAE), ("random_forest", RandomForest)]:
+        assert MODELS[name] is cls
+    for name in ("ltae", "tempcnn", "utae"):
+        model = build_model(name, in_channels=C, num_classes=K)
+        text = describe(model, (1, 6, C, 19, 17))
+        n = sum(p.numel() for p in model.parameters())
+        assert f"{n:,} parameters" in text
+        assert float(text.split(" GFLOP")[0].split()[-1]) > 0, text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Random Forest
+
+
+def rf_config() -> dict[str, int]:
+    return {"in_channels": C, "num_classes": K, "n_estimators": 20, "n_grid": 8}
+
+
+@pytest.fixture(scope="module")
+def fitted_forest() -> RandomForest:
+    x, doy, valid, target = phase_dataset(2, 12, C, 16, K, seed=1)
+    target[:, :2] = -1  # unlabelled rows are left out of the fit
+    return RandomForest(**rf_config()).fit(x, doy, valid, target)
+
+
+def test_forest_classifies_temporal_profiles(fitted_forest: RandomForest) -> None:
+    x, doy, valid, target = phase_dataset(2, 12, C, 32, K, seed=2)  # new pixels, new noise, new gaps
+    logits = fitted_forest(x, doy, valid)
+    assert logits.shape == (2, K, 32, 32)
+    assert torch.allclose(logits.exp().sum(1), torch.ones(2, 32, 32), atol=1e-4)
+    assert (logits.argmax(1) == target).float().mean() > 0.95
+
+
+def test_forest_predicts_as_scikit_learn(fitted_forest: RandomForest) -> None:
+    """The exported trees give scikit-learn's probabilities (same data, same seed, same forest)."""
+    x, doy, valid, target = phase_dataset(2, 12, C, 16, K, seed=1)
+    target[:, :2] = -1
+    labelled = target.flatten() >= 0
+    features = temporal_features(x, doy, valid, fitted_forest.grid)
+    forest = RandomForestClassifier(n_estimators=20, random_state=0, n_jobs=1)
+    forest.fit(features[labelled].numpy(), target.flatten()[labelled].numpy())
+    x2, doy2, valid2, _ = phase_dataset(1, 9, C, 8, K, seed=3)
+    expected = forest.predict_proba(temporal_features(x2, doy2, valid2, fitted_forest.grid).numpy())
+    proba = fitted_forest(x2, doy2, valid2).exp().permute(0, 2, 3, 1).reshape(-1, K)
+    assert torch.allclose(proba, torch.from_numpy(expected).float(), atol=2e-6)
+
+
+def test_forest_checkpoint_round_trip(fitted_forest: RandomForest, tmp_path) -> None:
+    torch.save({"model_config": rf_config(), "state_dict": fitted_forest.state_dict()}, tmp_path / "rf.pt")
+    ckpt = torch.load(tmp_path / "rf.pt", weights_only=True)
+    restored = build_model("random_forest", **ckpt["model_config"])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        restored(*inputs(1, 4, C, 5, 5))
+    restored.load_state_dict(ckpt["state_dict"])
+    x, doy, valid = inputs(2, 7, C, 9, 11)
+    assert torch.equal(restored(x, doy, valid), fitted_forest(x, doy, valid))
+    assert list(restored.parameters()) == []
+    assert "20 trees with" in describe(restored, (1, 7, C, 9, 11))
+
+
+def test_forest_ignores_invalid_dates_and_takes_any_size(fitted_forest: RandomForest) -> None:
+    x, doy, valid = inputs(2, 5, C, 7, 13)
+    valid[:, 1] = False
+    valid[0, :, 2, 3] = False  # never observed: zero features, still a prediction
+    reference = fitted_forest(x, doy, valid)
+    assert reference.shape == (2, K, 7, 13)
+    assert torch.isfinite(reference).all()
+    changed = torch.where(valid.unsqueeze(2), x, 100 * torch.randn_like(x))
+    assert torch.equal(fitted_forest(changed, doy, valid), reference)
+
+
+def test_temporal_features_hand_computed() -> None:
+    """One pixel, one band, observed on days 10, 30 and (invalid) 40: grid days before, between and after."""
+    x = torch.tensor([0.0, 2.0, 50.0]).reshape(1, 3, 1, 1, 1)
+    doy = torch.tensor([[10, 30, 40]])
+    valid = torch.tensor([True, True, False]).reshape(1, 3, 1, 1)
+    features = temporal_features(x, doy, valid, torch.tensor([5.0, 15.0, 30.0, 45.0]))
+    interp, (mean, std, p10, p50, p90, fraction) = features[0, :4], features[0, 4:]
+    assert torch.allclose(interp, torch.tensor([0.0, 0.5, 2.0, 2.0]))
+    assert torch.allclose(torch.stack([mean, std, p10, p50, p90]), torch.tensor([1.0, 1.0, 0.2, 1.0, 1.8]))
+    assert fraction.item() == pytest.approx(2 / 3)
