@@ -330,9 +330,13 @@ def search_items(
         raise _request_error(catalog, what, exc, retry) from exc
     keys = catalog.asset_keys[sensor]
     items = [normalise_proj(harmonise_assets(item, sensor_def, keys)) for item in found]
-    wanted = [*sensor_def.assets, *([sensor_def.mask_asset] if sensor_def.mask_asset else [])]
-    absent = [k for k in wanted if items and not any(k in item["assets"] for item in items)]
-    if absent:
+    absent = [k for k in sensor_def.assets if items and not any(k in item["assets"] for item in items)]
+    if sensor_def.mask_asset and items and not any(sensor_def.mask_asset in item["assets"] for item in items):
+        absent.append(sensor_def.mask_asset)
+    if absent and set(absent) != set(sensor_def.assets) and sensor_def.mask_asset not in absent:
+        # some bands exist nowhere (e.g. a product with the 20 m bands only): the cube uses the bands there are
+        log.warning("%s at %s: no item has band(s) %s", collection, catalog.name, ", ".join(absent))
+    elif absent:
         raise CropflowError(
             f"no {collection!r} item of catalog {catalog.name!r} has the asset(s) {', '.join(absent)} after renaming "
             f"({', '.join(f'{k}->{v}' for k, v in keys.bands.items())}); their assets are "
