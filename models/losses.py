@@ -48,6 +48,39 @@ class IoULoss(nn.Module):
             return loss
 
 
+def pixel_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-pixel `KL(softmax(teacher / T) || softmax(student / T))` over the class axis: (B, K, H, W) -> (B, H, W).
+
+    Computed in float32 (also under autocast); gradients flow into both arguments.
+    """
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        log_q = (student_logits.float() / temperature).log_softmax(dim=1)
+        log_p = (teacher_logits.float() / temperature).log_softmax(dim=1)
+        return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def distillation_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Knowledge-distillation loss `T^2 * mean over pixels of weight * KL(p_teacher^T || p_student^T)`.
+
+    Hinton, Vinyals & Dean (2015), "Distilling the knowledge in a neural network": soft targets at temperature T,
+    scaled by T^2 so that the gradient magnitude does not depend on T. Logits are (B, K, H, W); `weight` (B, H, W)
+    scales each pixel (e.g. modality weights); `mask` (B, H, W) bool keeps only some pixels (the mean runs over the
+    kept pixels; none kept gives 0). The teacher is a fixed target: no gradient flows into `teacher_logits`.
+    """
+    kl = pixel_kl(teacher_logits.detach(), student_logits, temperature) * temperature**2
+    if weight is not None:
+        kl = kl * weight.float()
+    if mask is None:
+        return kl.mean()
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the entries where `mask` is True (masked pre-training's reconstruction loss).
 

@@ -10,7 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from infra.errors import CropflowError
 from models.fcn3d import FCN3D
+from models.joint_reconstruction import JointReconstruction
 from models.ltae import PixelLTAE
+from models.modality_distillation import ModalityDistillation
 from models.random_forest import RandomForest
 from models.stcln import STCLN
 from models.tempcnn import TempCNN
@@ -18,7 +20,9 @@ from models.utae import UTAE
 
 MODELS: dict[str, type[nn.Module]] = {
     "fcn3d": FCN3D,
+    "joint_reconstruction": JointReconstruction,
     "ltae": PixelLTAE,
+    "modality_distillation": ModalityDistillation,
     "random_forest": RandomForest,
     "stcln": STCLN,
     "tempcnn": TempCNN,
