@@ -235,3 +235,37 @@ def test_torch_compile() -> None:
     x, doy, valid = inputs(2, 6, 3, 7, 7)
     with torch.no_grad():
         assert torch.allclose(torch.compile(m)(x, doy, valid), m(x, doy, valid), atol=1e-4)
+
+
+REAL_BACKBONES = {
+    "ltae": {"embed_dims": (8, 16), "d_model": 16, "n_head": 4, "d_k": 4, "mlp_dims": (16,), "decoder_dims": (8,)},
+    "stcln": {"hidden": 8, "d_model": 16, "num_layers": 1, "num_heads": 2, "window": 4},
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(REAL_BACKBONES))
+def test_real_backbones(backbone: str) -> None:
+    """Shapes, masking and gradients with the project's temporal encoders (the teacher: the same backbone)."""
+    config = CONFIG | {"backbone": backbone, "backbone_config": REAL_BACKBONES[backbone] | {"dropout": 0.0}}
+    torch.manual_seed(0)
+    m = build_model("joint_reconstruction", **config)
+    teacher = build_model(backbone, in_channels=3, num_classes=4, **config["backbone_config"])
+    if backbone == "stcln":  # its STA starts switched off (gamma = 0): its query and key would get no gradient
+        with torch.no_grad():
+            m.student.gamma.fill_(0.5)
+    x, doy, valid = inputs(2, 5, 3, 9, 7)
+    m.eval()
+    with torch.no_grad():
+        out = m(x, doy, valid)
+        assert out.shape == (2, 4, 9, 7)
+        assert m(x[:, :1], doy[:, :1], valid[:, :1]).shape == (2, 4, 9, 7)
+        changed = torch.where(valid.unsqueeze(2), x, 100 * torch.randn_like(x))
+        assert torch.allclose(m(changed, doy, valid), out, atol=1e-5)
+    m.train()
+    target = torch.randint(-1, 4, (2, 9, 7))
+    losses = m.training_losses(x, doy, valid, target, teacher, gaps(2, 5, 0.5, 0))
+    assert all(torch.isfinite(loss) for loss in losses.values())
+    losses["total"].backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().max() > 1e-7, name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -154,13 +155,10 @@ def test_unobserved_dates_do_not_change_the_output() -> None:
     m = model().eval()
     data = batch(2, 6, 5, 9, 7)
     data.valid[0, 2] = False
-    changed = MultiModalBatch(
-        torch.where(data.valid.unsqueeze(2), data.x, 100 * torch.randn_like(data.x)),
-        data.doy,
-        data.valid,
-        torch.where(data.valid_sar.unsqueeze(2), data.x_sar, 100 * torch.randn_like(data.x_sar)),
-        data.doy_sar,
-        data.valid_sar,
+    changed = dataclasses.replace(
+        data,
+        x=torch.where(data.valid.unsqueeze(2), data.x, 100 * torch.randn_like(data.x)),
+        x_sar=torch.where(data.valid_sar.unsqueeze(2), data.x_sar, 100 * torch.randn_like(data.x_sar)),
     )
     with torch.no_grad():
         out = m(**data.inputs())
@@ -313,3 +311,30 @@ def test_torch_compile() -> None:
     data = batch(2, 6, 4, 7, 7)
     with torch.no_grad():
         assert torch.allclose(torch.compile(m)(**data.inputs()), m(**data.inputs()), atol=1e-4)
+
+
+def test_real_backbones(stages) -> None:
+    """L-TAE on the optical series and STCLN on the SAR series: shapes, masking and gradients."""
+    data, target, teacher, optical, sar = stages
+    ltae = {"embed_dims": (8, 16), "d_model": 16, "n_head": 4, "d_k": 4, "mlp_dims": (16,), "decoder_dims": (8,)}
+    stcln = {"hidden": 8, "d_model": 16, "num_layers": 1, "num_heads": 2, "window": 4, "dropout": 0.0}
+    torch.manual_seed(0)
+    m = model(optical_backbone="ltae", optical_config=ltae | {"dropout": 0.0}, sar_backbone="stcln", sar_config=stcln)
+    with torch.no_grad():
+        m.sar.gamma.fill_(0.5)  # STCLN's STA starts switched off (gamma = 0): its query and key would get no gradient
+        small = batch(2, 5, 3, 9, 7)
+        out = m.eval()(**small.inputs())
+        assert out.shape == (2, K, 9, 7)
+        changed = dataclasses.replace(
+            small,
+            x=torch.where(small.valid.unsqueeze(2), small.x, 100 * torch.randn_like(small.x)),
+            x_sar=torch.where(small.valid_sar.unsqueeze(2), small.x_sar, 100 * torch.randn_like(small.x_sar)),
+        )
+        assert torch.allclose(m(**changed.inputs()), out, atol=1e-5)
+    # STCLN's mask token stands in for unobserved pixel-dates: it learns only where some SAR dates are missing
+    patchy_sar = dataclasses.replace(data, valid_sar=torch.rand(data.valid_sar.shape) > 0.2)
+    losses = m.train().training_losses(patchy_sar, target, teacher, optical, sar, gaps(2, 10, 0.5, 0))
+    losses["total"].backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().max() > 1e-7, name
