@@ -12,12 +12,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.bench import app as bench_app
 from infra.errors import CropflowError
 from infra.settings import get_settings
 
 app = typer.Typer(help="Regional crop maps from satellite image time series.", no_args_is_help=True)
 stac_app = typer.Typer(help="The local STAC API (PostgreSQL + pgstac + stac-fastapi) on 127.0.0.1.")
 app.add_typer(stac_app, name="stac")
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 

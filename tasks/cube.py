@@ -1,33 +1,58 @@
-"""Build cloud-masked, temporally regular datacubes from STAC items with stackstac, and store them in Zarr v3.
+"""Build cloud-masked, temporally regular datacubes from STAC items into Zarr v3, one spatial block at a time.
 
-Steps (each a plain function): `load_sensor` (stackstac -> masked, scaled stack) -> `composite_bins`
-(fixed bins of `bin_days`, median or mean of valid observations, plus a per-bin validity fraction) ->
-`build_cube` (all sensors on one grid, written atomically to Zarr).
+For each block, every item's assets are decoded with rasterio in threads (GDAL releases the GIL) straight onto the
+cube grid (bilinear for reflectance, nearest for SCL/QA; `WarpedVRT` when an item is in another CRS), masked,
+scaled and composited per time bin in numpy, and written into the block's region of the store. Completed blocks
+are recorded beside the store (`<out>.partial/`), so an interrupted build resumes with the blocks still missing;
+the finished store is published atomically. Memory depends on the block size, not on the region's size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
+import os
+import shutil
+import threading
+import time
 import warnings
-from datetime import date, timedelta
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import dask
+import dask.array as da
 import numpy as np
-import stackstac
+import rasterio
 import xarray as xr
+import zarr
+from affine import Affine
 from prefect import task
 from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+from scipy import ndimage
 
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
-from tasks.sensors import Sensor, get_sensor, scale_offset
+from tasks.grid import Bounds, Grid, check_bounds, snap_bounds
+from tasks.preprocess import fill_time_gaps
+from tasks.sensors import SENSORS, Sensor, scale_offset
 
 log = logging.getLogger(__name__)
 
-Bounds = tuple[float, float, float, float]
+# Sentinel-2 SCL codes grown by `scl_dilation`: cloud shadow, cloud medium/high probability, thin cirrus.
+SCL_CLOUDS = (3, 8, 9, 10)
+S1_FLOOR = 1e-4  # linear backscatter below this (-40 dB) is border noise or no-data, never a real return
+S1_ENL = 4.4  # equivalent number of looks of Sentinel-1 IW GRD, when the item does not say
+READ_RETRIES = 2  # retries of a failed asset read before the scene is recorded as no-data
+ORBITS = ("both", "ascending", "descending")
+GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 
 
 def cropflow_version() -> str:
@@ -47,88 +72,399 @@ def time_bins(start: date, end: date, bin_days: int = 10) -> list[date]:
     return [start + timedelta(days=i * bin_days) for i in range(n)]
 
 
-def load_sensor(
+def item_date(item: dict) -> date:
+    """Acquisition date of an item (`datetime`, else `start_datetime`)."""
+    props = item["properties"]
+    when = props.get("datetime") or props.get("start_datetime")
+    return datetime.fromisoformat(str(when).replace("Z", "+00:00")).date()
+
+
+# ------------------------------------------------------------------------------------------------ pixel operations
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """`mask` grown by `pixels` in every direction (a square of side 2 x pixels + 1)."""
+    if pixels <= 0:
+        return mask
+    return ndimage.maximum_filter(mask, size=2 * pixels + 1, mode="constant", cval=False)
+
+
+def lee_filter(image: np.ndarray, window: int, enl: float = S1_ENL) -> np.ndarray:
+    """Lee speckle filter of a linear-power SAR image (`window` x `window`), NaN-aware; NaN stays NaN.
+
+    Each pixel moves from its local mean towards its own value by `k = var_x / var_z`, where the signal variance
+    `var_x` is the local variance less the speckle's (`mean^2 / enl`): flat areas take the local mean, edges and
+    point targets keep their value. Local statistics use only valid neighbours.
+    """
+    if window <= 1:
+        return image
+    valid = np.isfinite(image)
+    z = np.where(valid, image, 0).astype(np.float32)
+    weight = ndimage.uniform_filter(valid.astype(np.float32), window, mode="constant")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = ndimage.uniform_filter(z, window, mode="constant") / weight
+        square = ndimage.uniform_filter(z * z, window, mode="constant") / weight
+        var_z = np.maximum(square - mean * mean, 0)
+        cu2 = np.float32(1.0 / enl)
+        var_x = np.maximum((var_z - mean * mean * cu2) / (1 + cu2), 0)
+        k = np.where(var_z > 0, var_x / var_z, 0).astype(np.float32)
+    return np.where(valid, mean + k * (z - mean), np.nan).astype(np.float32)
+
+
+def nan_median(stack: np.ndarray) -> np.ndarray:
+    """Median over axis 0 ignoring NaN (NaN where all are NaN).
+
+    Acquisitions per bin are few, so an odd-even transposition sort across the stack (NaN as +inf), elementwise
+    in float32, beats `np.nanmedian` and `np.sort` along the first axis by an order of magnitude.
+    """
+    n = stack.shape[0]
+    if n == 1:
+        return stack[0].copy()
+    if n == 2:
+        return nan_mean(stack)
+    missing = np.isnan(stack)
+    ordered = list(np.where(missing, np.float32(np.inf), stack))
+    for r in range(n):
+        for i in range(r % 2, n - 1, 2):
+            lo, hi = np.minimum(ordered[i], ordered[i + 1]), np.maximum(ordered[i], ordered[i + 1])
+            ordered[i], ordered[i + 1] = lo, hi
+    count = n - np.count_nonzero(missing, axis=0)
+    out = np.full(stack.shape[1:], np.nan, dtype=np.float32)
+    for k in range(1, n + 1):
+        np.copyto(out, (ordered[(k - 1) // 2] + ordered[k // 2]) * np.float32(0.5), where=count == k)
+    return out
+
+
+def nan_mean(stack: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 ignoring NaN (NaN where all are NaN)."""
+    valid = ~np.isnan(stack)
+    total = np.where(valid, stack, np.float32(0)).sum(axis=0, dtype=np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / valid.sum(axis=0, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class Block:
+    """A window of the cube grid: rows `r0:r1`, columns `c0:c1`."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+    def grown(self, px: int) -> Block:
+        return Block(self.r0 - px, self.r1 + px, self.c0 - px, self.c1 + px)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.r1 - self.r0, self.c1 - self.c0
+
+
+def read_window(href: str, grid: Grid, block: Block, resampling: Resampling, nodata: float) -> tuple[np.ndarray, float]:
+    """One band of `href` on `block` of the cube grid (which may reach outside the grid), in the source's dtype.
+
+    Returns the pixels and the no-data value marking where the source has none (its own, else `nodata`). Sources in
+    the grid's CRS are read with a (fractional) window and GDAL's resampling on decode, which gives the same values
+    as warping; sources in another CRS go through a `WarpedVRT` of the block. When resampling, a margin around the
+    block keeps the kernel the same whatever the block.
+    """
+    h, w = block.shape
+    res = grid.resolution
+    with rasterio.Env(**GDAL_ENV), rasterio.open(href) as src:
+        nodata = src.nodata if src.nodata is not None else nodata
+        a, b, c, d, e, f = src.transform[:6]
+        same_crs = src.crs is not None and src.crs.to_epsg() == grid.epsg
+        if not same_crs or b != 0 or d != 0:
+            x0, y1 = grid.bounds[0] + block.c0 * res, grid.bounds[3] - block.r0 * res
+            transform = Affine(res, 0.0, x0, 0.0, -res, y1)
+            with WarpedVRT(
+                src, crs=grid.crs, transform=transform, width=w, height=h, resampling=resampling, nodata=nodata
+            ) as vrt:
+                return vrt.read(1), nodata
+        col0, row0 = (grid.bounds[0] - c) / a, (grid.bounds[3] - f) / e  # grid origin in source pixels
+        aligned = a == res and -e == res and col0 == round(col0) and row0 == round(row0)
+        margin = 0 if aligned or resampling == Resampling.nearest else math.ceil(max(a, -e) / res) + 1
+        outer = block.grown(margin)
+        # target rows/columns whose pixels lie within the source's extent
+        col_lo, col_hi = math.ceil(round(-col0 * a / res, 6)), math.floor(round((src.width - col0) * a / res, 6))
+        row_lo, row_hi = math.ceil(round(-row0 * -e / res, 6)), math.floor(round((src.height - row0) * -e / res, 6))
+        inner = Block(max(outer.r0, row_lo), min(outer.r1, row_hi), max(outer.c0, col_lo), min(outer.c1, col_hi))
+        out = np.full(outer.shape, nodata, dtype=src.dtypes[0])
+        if inner.r1 > inner.r0 and inner.c1 > inner.c0:
+            window = Window(
+                col0 + inner.c0 * res / a,
+                row0 + inner.r0 * res / -e,
+                inner.shape[1] * res / a,
+                inner.shape[0] * res / -e,
+            )
+            data = src.read(1, window=window, out_shape=inner.shape, resampling=resampling)
+            out[inner.r0 - outer.r0 : inner.r1 - outer.r0, inner.c0 - outer.c0 : inner.c1 - outer.c0] = data
+        return out[margin : margin + h, margin : margin + w], nodata
+
+
+@dataclass(frozen=True)
+class Source:
+    """One item of one sensor in a build: where its bands and mask are, how its values are scaled."""
+
+    item_id: str
+    time_bin: int
+    keys: tuple[str, ...]  # band asset keys, then the mask asset key (if any)
+    hrefs: tuple[str, ...]
+    scale: np.ndarray  # (bands,) float32
+    offset: np.ndarray  # (bands,) float32
+    enl: float = S1_ENL
+
+
+@dataclass(frozen=True)
+class SensorPlan:
+    """What one sensor contributes to a build: its sources per bin and its options."""
+
+    sensor: Sensor
+    bands: list[str]
+    sources: list[Source]
+    n_bins: int
+    scl_dilation: int = 0
+    speckle_window: int = 0
+
+    @property
+    def halo(self) -> int:
+        """Pixels read around a block so dilation and speckle filtering are the same whatever the block."""
+        return max(self.scl_dilation, self.speckle_window // 2)
+
+    def in_bin(self, b: int) -> list[Source]:
+        return [s for s in self.sources if s.time_bin == b]
+
+
+class BadAssets:
+    """Assets that could not be read after retries: each recorded once (item id, asset key, error), thread-safe."""
+
+    def __init__(self, known: dict[str, dict] | None = None) -> None:
+        self.found: dict[str, dict] = dict(known or {})
+        self._lock = threading.Lock()
+
+    def add(self, item_id: str, key: str, error: str) -> None:
+        with self._lock:
+            self.found.setdefault(f"{item_id}/{key}", {"item": item_id, "asset": key, "error": error})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.found
+
+
+def read_source(
+    plan: SensorPlan, source: Source, grid: Grid, block: Block, bad: BadAssets, retry_delay: float = 0.5
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Masked, scaled `(bands, h, w)` float32 values (NaN = invalid) and validity of one item on `block`.
+
+    None when an asset cannot be read after `READ_RETRIES` retries: the scene counts as no-data (recorded in `bad`).
+    """
+    sensor, halo = plan.sensor, plan.halo
+    outer = block.grown(halo)
+    n = len(plan.bands)
+    values = np.empty((n, *outer.shape), dtype=np.float32)
+    missing = np.zeros(outer.shape, dtype=bool)
+    for j, (key, href) in enumerate(zip(source.keys, source.hrefs, strict=True)):
+        if f"{source.item_id}/{key}" in bad:
+            return None
+        is_mask = j == n
+        resampling = Resampling.nearest if is_mask else Resampling.bilinear
+        nodata = (1 if sensor.name == "landsat" else 0) if is_mask else 0
+        for attempt in range(READ_RETRIES + 1):
+            try:
+                raw, nodata = read_window(href, grid, outer, resampling, nodata)
+                break
+            except (RasterioError, OSError, ValueError) as exc:
+                if attempt == READ_RETRIES:
+                    log.warning("%s: asset %s unreadable (%s); the scene counts as no-data", source.item_id, key, exc)
+                    bad.add(source.item_id, key, str(exc).splitlines()[0][:300])
+                    return None
+                time.sleep(retry_delay * 2**attempt)
+        if is_mask:
+            missing |= ~np.asarray(sensor.mask_fn(xr.DataArray(raw)))
+            if plan.scl_dilation and sensor.name == "s2":
+                missing |= dilate(np.isin(raw, SCL_CLOUDS), plan.scl_dilation)
+        else:
+            missing |= raw == nodata
+            np.multiply(raw, source.scale[j], out=values[j], casting="unsafe")
+            values[j] += source.offset[j]
+    if not sensor.mask_asset:  # SAR: no-data, border noise and speckle
+        missing |= ~(values >= S1_FLOOR).all(axis=0)
+        np.copyto(values, np.float32(np.nan), where=missing)
+        if plan.speckle_window > 1:
+            values = np.stack([lee_filter(v, plan.speckle_window, source.enl) for v in values])
+    crop = (slice(halo, halo + block.shape[0]), slice(halo, halo + block.shape[1]))
+    values, missing = values[(slice(None), *crop)], missing[crop]
+    np.copyto(values, np.float32(np.nan), where=missing)
+    return values, ~missing
+
+
+def composite_block(
+    plan: SensorPlan, grid: Grid, block: Block, pool: ThreadPoolExecutor, bad: BadAssets
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(time, band, h, w)` composite of valid observations per bin and `(time, h, w)` fraction of valid acquisitions.
+
+    Each bin is one task of `pool` (read its items, composite them), so decoding and numpy work share the threads
+    and at most one bin per thread is held in memory. SAR is averaged in linear power, then converted to decibels;
+    optical bands take the median.
+    """
+    h, w = block.shape
+    values = np.full((plan.n_bins, len(plan.bands), h, w), np.nan, dtype=np.float32)
+    fraction = np.zeros((plan.n_bins, h, w), dtype=np.float32)
+
+    def one_bin(b: int) -> None:
+        results = [read_source(plan, s, grid, block, bad) for s in plan.in_bin(b)]
+        read = [r for r in results if r is not None]
+        if read:
+            reduce = nan_median if plan.sensor.composite == "median" else nan_mean
+            for c in range(len(plan.bands)):  # band by band: temporaries stay small
+                values[b, c] = reduce(np.stack([v[c] for v, _ in read]))
+            fraction[b] = np.sum([m for _, m in read], axis=0, dtype=np.float32) / len(results)
+
+    for future in [pool.submit(one_bin, b) for b in range(plan.n_bins) if plan.in_bin(b)]:
+        future.result()
+    if plan.sensor.composite == "mean":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = (10 * np.log10(values)).astype(np.float32)
+    return values, fraction
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def plan_sensor(
+    name: str,
     items: list[dict],
-    sensor: Sensor,
-    epsg: int,
-    bounds: Bounds,
-    resolution: float,
-    chunk: int = 1024,
-) -> tuple[xr.DataArray, xr.DataArray]:
-    """Masked, scaled `(time, band, y, x)` float32 stack (NaN = invalid) and its `(time, y, x)` validity.
+    bins: list[date],
+    bin_days: int,
+    bands: list[str] | None = None,
+    scl_dilation: int = 0,
+    s1_orbit: str = "both",
+    speckle_window: int = 5,
+) -> SensorPlan:
+    """The sources of one sensor: items in the season (S1: of the chosen orbit direction), their assets and scaling."""
+    if name not in SENSORS:
+        raise CropflowError(f"unknown sensor {name!r}; valid sensors: {', '.join(SENSORS)}.")
+    sensor = SENSORS[name]
+    if bands is not None:
+        unknown = [b for b in bands if b not in sensor.bands]
+        if unknown or not bands:
+            raise CropflowError(f"unknown {name} band(s) {unknown or bands}; valid bands: {', '.join(sensor.bands)}.")
+    chosen = bands or sensor.bands
+    keys = [k for k, band in sensor.assets.items() if band in chosen]
+    chosen = [sensor.assets[k] for k in keys]
+    if s1_orbit not in ORBITS:
+        raise CropflowError(f"s1_orbit={s1_orbit!r}; choose one of {', '.join(ORBITS)}.")
+    if name == "s1" and s1_orbit != "both":
+        items = [it for it in items if it["properties"].get("sat:orbit_state") == s1_orbit]
+    if not items:
+        orbit = f" on {s1_orbit} orbits" if name == "s1" and s1_orbit != "both" else ""
+        raise CropflowError(f"no {name} items{orbit} to build the cube from; widen the season or the region.")
+    start, end = bins[0], bins[-1] + timedelta(days=bin_days)
+    in_season = [it for it in items if start <= item_date(it) < end]
+    if len(in_season) < len(items):
+        log.warning("%s: %d item(s) outside the season %s..%s left out", name, len(items) - len(in_season), start, end)
+    if not in_season:
+        raise CropflowError(f"no {name} items inside the season {start}..{end}; check the dates of the search.")
+    all_keys = [*keys, sensor.mask_asset] if sensor.mask_asset else keys
+    for it in in_season:
+        missing = [k for k in all_keys if k not in it["assets"]]
+        if missing:
+            raise CropflowError(
+                f"{name} item {it['id']} has no asset(s) {', '.join(missing)}; is it {sensor.collection}?"
+            )
+    scale, offset = scale_offset(in_season, keys, name)
+    sources = [
+        Source(
+            item_id=it["id"],
+            time_bin=(item_date(it) - start).days // bin_days,
+            keys=tuple(all_keys),
+            hrefs=tuple(it["assets"][k]["href"] for k in all_keys),
+            scale=scale[i].astype(np.float32),
+            offset=offset[i].astype(np.float32),
+            enl=float(it["properties"].get("sar:looks_equivalent_number", S1_ENL)),
+        )
+        for i, it in enumerate(in_season)
+    ]
+    return SensorPlan(
+        sensor=sensor,
+        bands=chosen,
+        sources=sources,
+        n_bins=len(bins),
+        scl_dilation=scl_dilation if name == "s2" else 0,
+        speckle_window=speckle_window if name == "s1" else 0,
+    )
 
-    Reflectance is read with bilinear resampling; mask assets (SCL, QA_PIXEL) with nearest. Source no-data
-    pixels become NaN, then `raster:bands` scale/offset are applied per item and band.
-    """
-    common = {
-        "epsg": epsg,
-        "bounds": bounds,
-        "resolution": resolution,
-        "chunksize": chunk,
-        "xy_coords": "center",
-        "properties": False,
-        "band_coords": False,
-        "snap_bounds": False,
+
+def blocks_of(shape: tuple[int, int], size: int) -> list[Block]:
+    """Row-major blocks of `size` x `size` pixels covering a grid of `shape`."""
+    h, w = shape
+    return [Block(r, min(r + size, h), c, min(c + size, w)) for r in range(0, h, size) for c in range(0, w, size)]
+
+
+def _software() -> dict[str, str]:
+    import rasterio as rio
+
+    return {
+        "cropflow": cropflow_version(),
+        "rasterio": rio.__version__,
+        "gdal": rio.__gdal_version__,
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
     }
-    values = stackstac.stack(
-        items,
-        assets=list(sensor.assets),
-        resampling=Resampling.bilinear,
-        dtype=np.dtype("float32"),
-        fill_value=np.float32(np.nan),
-        rescale=False,  # stackstac refuses float32 with scales like 0.0001; applied below per item and band
-        **common,
-    )
-    scale, offset = scale_offset(items, list(sensor.assets), sensor.name)
-    values = values.assign_coords(band=sensor.bands)
-    values = values * xr.DataArray(scale.astype("float32"), dims=("time", "band")) + xr.DataArray(
-        offset.astype("float32"), dims=("time", "band")
-    )
-    if sensor.mask_asset:
-        mask_raw = stackstac.stack(
-            items,
-            assets=[sensor.mask_asset],
-            resampling=Resampling.nearest,
-            dtype=np.dtype(sensor.mask_dtype),
-            fill_value=np.array(0, dtype=sensor.mask_dtype)[()],
-            rescale=False,
-            **common,
-        ).isel(band=0, drop=True)
-        valid = sensor.mask_fn(mask_raw)
-    else:
-        valid = sensor.mask_fn(values)
-    valid = valid & values.notnull().all("band")
-    return values.where(valid).astype("float32"), valid
 
 
-def composite_bins(
-    values: xr.DataArray, valid: xr.DataArray, bins: list[date], bin_days: int, method: str = "median"
-) -> tuple[xr.DataArray, xr.DataArray]:
-    """Per-bin composite `(time, band, y, x)` of valid observations and the fraction of valid acquisitions.
-
-    Bins without acquisitions are all-NaN with validity 0; models see the gaps through the validity.
-    """
-    times = values["time"].values.astype("datetime64[D]")
-    starts = np.array(bins, dtype="datetime64[D]")
-    index = ((times - starts[0]).astype(int) // bin_days).astype(int)
-    values = values.chunk({"time": -1})
-    composites, fractions = [], []
-    empty = xr.full_like(values.isel(time=0, drop=True), np.nan)
-    for b in range(len(bins)):
-        sel = np.flatnonzero(index == b)
-        if sel.size == 0:
-            composites.append(empty)
-            fractions.append(xr.zeros_like(valid.isel(time=0, drop=True), dtype="float32"))
-            continue
-        group = values.isel(time=sel)
-        reduced = group.median("time", skipna=True) if method == "median" else group.mean("time", skipna=True)
-        composites.append(reduced)
-        fractions.append(valid.isel(time=sel).mean("time").astype("float32"))
-    time = xr.DataArray(starts.astype("datetime64[ns]"), dims="time")
-    return (
-        xr.concat(composites, dim=time).astype("float32"),
-        xr.concat(fractions, dim=time).astype("float32"),
+def _create_store(
+    path: Path, grid: Grid, bins: list[date], bin_days: int, plans: dict[str, SensorPlan], chunk: int, attrs: dict
+) -> None:
+    """An empty cube store (metadata and coordinates only) following docs/architecture.md."""
+    h, w = grid.shape
+    t = len(bins)
+    res = grid.resolution
+    data_vars, coords = {}, {}
+    for name, plan in plans.items():
+        band_dim = "band" if name == "s2" else f"{name}_band"
+        coords[band_dim] = np.array(plan.bands, dtype=object)
+        c = len(plan.bands)
+        data_vars[name] = (
+            ("time", band_dim, "y", "x"),
+            da.empty((t, c, h, w), chunks=(t, c, chunk, chunk), dtype=np.float32),
+        )
+        data_vars[f"{name}_valid"] = (
+            ("time", "y", "x"),
+            da.empty((t, h, w), chunks=(t, chunk, chunk), dtype=np.float32),
+        )
+    ds = xr.Dataset(
+        data_vars,
+        coords={
+            **coords,
+            "time": np.array(bins, dtype="datetime64[D]").astype("datetime64[ns]"),
+            "doy": ("time", np.array([b.timetuple().tm_yday + bin_days // 2 for b in bins], dtype="int16")),
+            "y": grid.bounds[3] - res * (np.arange(h) + 0.5),
+            "x": grid.bounds[0] + res * (np.arange(w) + 0.5),
+        },
+        attrs=attrs,
     )
+    encoding = {name: {"_FillValue": np.float32(np.nan)} for name in plans} | {
+        f"{name}_valid": {"_FillValue": None} for name in plans
+    }
+    with warnings.catch_warnings():
+        # consolidated metadata is a zarr-python convention for v3 stores; it spares readers one request per array
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        ds.to_zarr(path, zarr_format=3, mode="w", compute=False, consolidated=True, encoding=encoding)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    """Write JSON atomically (a reader sees the old file or the new one, never half of one)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def partial_path(out_path: Path) -> Path:
+    """Where a build of `out_path` keeps its unfinished store and its record of completed blocks."""
+    return out_path.with_name(f"{out_path.name}.partial")
 
 
 def build_cube(
@@ -142,52 +478,141 @@ def build_cube(
     bin_days: int = 10,
     chunk: int = 256,
     attrs: dict | None = None,
+    *,
+    bands: dict[str, list[str]] | None = None,
+    scl_dilation: int = 0,
+    s1_orbit: str = "both",
+    speckle_window: int = 5,
+    block: int = 512,
+    threads: int | None = None,
+    query: dict | None = None,
+    on_block: Callable[[Block], None] | None = None,
 ) -> Path:
-    """Build the cube of every sensor in `items_by_sensor` on one grid and write it atomically to Zarr v3."""
+    """Build the cube of every sensor in `items_by_sensor` on one grid and publish it atomically at `out_path`.
+
+    `bounds` (in `epsg`) are snapped outward to `resolution`. Bins of `bin_days` from `start`; S2 masks by SCL with
+    cloud/shadow/cirrus grown by `scl_dilation` pixels; S1 of `s1_orbit` ("both", "ascending", "descending"),
+    Lee-filtered over `speckle_window` pixels (0: none). Blocks of `block` pixels (a multiple of `chunk`) are built
+    in turn with `threads` readers; `on_block` is called after each completed block. A rerun with the same
+    arguments resumes an interrupted build; with other arguments it starts over.
+    """
+    out_path = Path(out_path)
+    bounds = check_bounds(bounds)
+    if resolution <= 0:
+        raise CropflowError(f"resolution={resolution} must be a positive number of metres.")
+    grid = Grid(int(epsg), snap_bounds(bounds, resolution), float(resolution))
     bins = time_bins(start, end, bin_days)
-    xmin, ymin, xmax, ymax = bounds
-    if not (xmax > xmin and ymax > ymin):
-        raise CropflowError(f"cube bounds {bounds} are empty or inverted; expected xmin < xmax and ymin < ymax.")
-    data_vars: dict[str, xr.DataArray] = {}
-    for name, items in items_by_sensor.items():
-        if not items:
-            raise CropflowError(f"no {name} items to build the cube from; widen the season or the region.")
-        sensor = get_sensor(name)
-        values, valid = load_sensor(items, sensor, epsg, bounds, resolution)
-        binned, fraction = composite_bins(values, valid, bins, bin_days, sensor.composite)
-        if sensor.composite == "mean":  # SAR: average in linear power, then decibels
-            binned = (10 * np.log10(binned)).astype("float32")
-        data_vars[name] = binned.rename(band=f"{name}_band") if name != "s2" else binned
-        data_vars[f"{name}_valid"] = fraction
-    ds = xr.Dataset(data_vars).drop_vars(["epsg"], errors="ignore")
-    ds = ds.assign_coords(
-        {dim: ds[dim].values.astype(object) for dim in ds.dims if dim.endswith("band")}  # vlen strings in Zarr
-    ).assign_coords(
-        doy=("time", np.array([b.timetuple().tm_yday + bin_days // 2 for b in bins], dtype="int16")),
-        x=ds["x"].values.astype("float64"),
-        y=ds["y"].values.astype("float64"),
-    )
-    x0, y0 = float(ds["x"][0]) - resolution / 2, float(ds["y"][0]) + resolution / 2
-    ds.attrs = {
-        "crs": f"EPSG:{epsg}",
-        "transform": [resolution, 0.0, x0, 0.0, -resolution, y0],
-        "resolution": resolution,
+    if not items_by_sensor:
+        raise CropflowError("no sensors to build the cube from; give items for at least one sensor.")
+    bands = bands or {}
+    unknown = [s for s in bands if s not in items_by_sensor]
+    if unknown:
+        raise CropflowError(f"bands given for sensor(s) {unknown} without items; sensors: {list(items_by_sensor)}.")
+    plans = {
+        name: plan_sensor(name, items, bins, bin_days, bands.get(name), scl_dilation, s1_orbit, speckle_window)
+        for name, items in items_by_sensor.items()
+    }
+    chunk = max(1, min(chunk, max(grid.shape)))
+    block = max(chunk, block // chunk * chunk)
+    options = {"scl_dilation": scl_dilation, "s1_orbit": s1_orbit, "speckle_window": speckle_window}
+    items_per_bin = {
+        name: [[s.item_id for s in plan.in_bin(b)] for b in range(len(bins))] for name, plan in plans.items()
+    }
+    store_attrs = {
+        "crs": grid.crs,
+        "transform": list(grid.transform)[:6],
+        "resolution": grid.resolution,
         "bin_days": bin_days,
         "season": [start.isoformat(), end.isoformat()],
-        "items": json.dumps({k: [it["id"] for it in v] for k, v in items_by_sensor.items()}),
+        "items": json.dumps({k: [s.item_id for s in p.sources] for k, p in plans.items()}),
+        "items_per_bin": json.dumps(items_per_bin),
+        "query": json.dumps(query or {}, default=str),
+        "options": json.dumps(options),
+        "software": json.dumps(_software()),
         "cropflow_version": cropflow_version(),
         **(attrs or {}),
     }
-    chunks = {d: -1 for d in ds.dims} | {"y": chunk, "x": chunk}
-    ds = ds.chunk(chunks)
-    for var in ds.variables.values():  # stackstac attrs (RasterSpec, ...) are not JSON: keep only ours
-        var.encoding, var.attrs = {}, {}
-    with atomic_path(out_path) as tmp, dask.config.set(scheduler="threads"), warnings.catch_warnings():
-        # consolidated metadata is a zarr-python convention for v3 stores; it spares readers one request per array
+    params = {
+        "grid": [grid.epsg, list(grid.bounds), grid.resolution],
+        "bins": [start.isoformat(), end.isoformat(), bin_days],
+        "sources": {k: [[s.item_id, *s.hrefs] for s in p.sources] for k, p in plans.items()},
+        "bands": {k: p.bands for k, p in plans.items()},
+        "layout": [chunk, block],
+        "options": options,
+        "attrs": store_attrs,
+    }
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+
+    partial = partial_path(out_path)
+    store, done_dir = partial / "cube.zarr", partial / "blocks"
+    record = partial / "params.json"
+    if partial.exists() and (not record.exists() or json.loads(record.read_text()).get("digest") != digest):
+        log.info("%s: parameters changed since the interrupted build; starting over", partial)
+        shutil.rmtree(partial)
+    if not record.exists():
+        partial.mkdir(parents=True, exist_ok=True)
+        _create_store(store, grid, bins, bin_days, plans, chunk, store_attrs)
+        done_dir.mkdir()
+        _write_json(record, {"digest": digest})
+    done = {p.stem: json.loads(p.read_text()) for p in done_dir.glob("*.json")}
+    bad = BadAssets({k: v for rec in done.values() for k, v in rec["bad"].items()})
+    todo = [b for b in blocks_of(grid.shape, block) if f"{b.r0}_{b.c0}" not in done]
+    log.info("cube %s: %d of %d blocks to build", out_path.name, len(todo), len(todo) + len(done))
+
+    group = zarr.open_group(store, mode="r+", zarr_format=3)
+    with ThreadPoolExecutor(threads or min(16, 2 * (os.cpu_count() or 1)), thread_name_prefix="cube-read") as pool:
+        for blk in todo:
+            before = set(bad.found)
+            for name, plan in plans.items():
+                values, fraction = composite_block(plan, grid, blk, pool, bad)
+                group[name][:, :, blk.r0 : blk.r1, blk.c0 : blk.c1] = values
+                group[f"{name}_valid"][:, blk.r0 : blk.r1, blk.c0 : blk.c1] = fraction
+            new_bad = {k: bad.found[k] for k in set(bad.found) - before}
+            _write_json(done_dir / f"{blk.r0}_{blk.c0}.json", {"bad": new_bad})
+            if on_block is not None:
+                on_block(blk)
+
+    bad_list = sorted(bad.found.values(), key=lambda r: (r["item"], r["asset"]))
+    if bad_list:
+        log.warning("cube %s: %d unreadable asset(s) counted as no-data: %s", out_path.name, len(bad_list), bad_list)
+    group.attrs.update(
+        {
+            "bad_assets": json.dumps(bad_list),
+            "bad_asset_count": len(bad_list),
+            "bad_scene_count": len({r["item"] for r in bad_list}),
+        }
+    )
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        ds.to_zarr(tmp, zarr_format=3, mode="w", consolidated=True)
+        zarr.consolidate_metadata(store, zarr_format=3)
+    with atomic_path(out_path) as tmp:
+        store.rename(tmp)
+    shutil.rmtree(partial)
     log.info("cube written to %s", out_path)
     return out_path
+
+
+def fill_cube_gaps(cube_path: Path, out_path: Path) -> Path:
+    """A copy of the cube whose sensor variables have their NaN gaps filled linearly in time (per pixel and band).
+
+    The `*_valid` fractions are copied unchanged, so models still see which bins were observed; the store's attrs
+    gain `gap_filled: true`. Written chunk by chunk (all time steps of a spatial chunk at once), atomically.
+    """
+    ds = xr.open_zarr(cube_path)
+    sensors = [name for name in ds.data_vars if f"{name}_valid" in ds.data_vars]
+    filled = ds.copy()
+    for name in sensors:
+        var = ds[name]
+        if var.dims[0] != "time" or var.chunks is None or len(var.chunks[0]) != 1:
+            raise CropflowError(f"{cube_path}: {name} must be chunked with all time steps together to fill gaps.")
+        filled[name] = var.copy(data=var.data.map_blocks(fill_time_gaps, dtype=np.float32))
+    filled.attrs = {**ds.attrs, "gap_filled": True}
+    for var in filled.variables.values():
+        var.encoding = {k: v for k, v in var.encoding.items() if k in ("chunks", "_FillValue")}
+    with atomic_path(Path(out_path)) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        filled.to_zarr(tmp, zarr_format=3, mode="w", consolidated=True)
+    return Path(out_path)
 
 
 @task(name="build-cube")
@@ -201,5 +626,11 @@ def build_cube_task(
     resolution: float = 10.0,
     bin_days: int = 10,
     attrs: dict | None = None,
+    **options: object,
 ) -> Path:
-    return build_cube(items_by_sensor, epsg, bounds, start, end, out_path, resolution, bin_days, attrs=attrs)
+    return build_cube(items_by_sensor, epsg, bounds, start, end, out_path, resolution, bin_days, attrs=attrs, **options)
+
+
+@task(name="fill-cube-gaps")
+def fill_cube_gaps_task(cube_path: Path, out_path: Path) -> Path:
+    return fill_cube_gaps(cube_path, out_path)

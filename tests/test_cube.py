@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+import warnings
 from datetime import date, timedelta
 
 import numpy as np
-import pandas as pd
 import pytest
 import xarray as xr
 
 from infra.errors import CropflowError
-from tasks.cube import build_cube, composite_bins, time_bins
+from tasks.cube import build_cube, time_bins
 from tasks.sensors import qa_pixel_valid, scale_offset, scl_valid
 
 
@@ -63,27 +63,6 @@ def test_time_bins_cover_season_and_refuse_inverted():
         time_bins(date(2024, 3, 31), date(2024, 3, 1))
 
 
-def test_composite_median_and_validity_fraction():
-    times = pd.to_datetime(["2024-03-01", "2024-03-03", "2024-03-05", "2024-03-12", "2024-03-25"])
-    data = np.array([1.0, 3.0, 100.0, 5.0, 7.0], dtype="float32").reshape(5, 1, 1, 1)
-    valid = np.array([True, True, False, True, False]).reshape(5, 1, 1)
-    values = xr.DataArray(
-        np.where(valid[:, None], data, np.nan), dims=("time", "band", "y", "x"), coords={"time": times, "band": ["B04"]}
-    )
-    valid_da = xr.DataArray(valid, dims=("time", "y", "x"), coords={"time": times})
-    bins = time_bins(date(2024, 3, 1), date(2024, 4, 9), 10)
-    comp, frac = composite_bins(values, valid_da, bins, 10)
-    comp, frac = comp.compute(), frac.compute()
-    assert comp.sizes["time"] == 4
-    # bin 1: median of the two valid values (the cloudy 100 is excluded)
-    assert float(comp[0, 0, 0, 0]) == pytest.approx(2.0)
-    assert float(frac[0, 0, 0]) == pytest.approx(2 / 3)
-    assert float(comp[1, 0, 0, 0]) == pytest.approx(5.0)
-    # bin 3 has one cloudy acquisition, bin 4 none: both are gaps
-    assert np.isnan(comp[2, 0, 0, 0]) and float(frac[2, 0, 0]) == 0.0
-    assert np.isnan(comp[3, 0, 0, 0]) and float(frac[3, 0, 0]) == 0.0
-
-
 def _items(region_dir, collection):
     lines = (region_dir / "items" / f"{collection}.ndjson").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
@@ -125,3 +104,329 @@ def test_build_cube_from_sample_region(tiny_region, tmp_path):
     assert np.array_equal(np.isnan(got), np.isnan(expected))
     assert np.allclose(ds["s2_valid"].isel(time=b).values, masks.mean(axis=0))
     assert ds["s1"].sizes["time"] == ds["s2"].sizes["time"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Block-wise builder: grid, masking, resampling, binning, resume, bad assets, S1, gap filling, bad input.
+
+SCL_CLEAR = [2, 4, 5, 6, 7]
+
+
+def _season(region_dir):
+    meta = json.loads((region_dir / "region.json").read_text())
+    start, end = (date.fromisoformat(d) for d in meta["season"])
+    return meta, start, end
+
+
+def _read(href):
+    import rasterio
+
+    with rasterio.open(href.removeprefix("file://")) as src:
+        return src.read(1)
+
+
+def _grow(mask, px):
+    """Square dilation by shifting (independent of the builder's scipy-based one)."""
+    n = mask.shape[0]
+    padded = np.pad(mask, px)
+    out = np.zeros_like(mask)
+    for dy in range(-px, px + 1):
+        for dx in range(-px, px + 1):
+            out |= padded[px + dy : px + dy + n, px + dx : px + dx + n]
+    return out
+
+
+def _bin_of(item, start, bin_days=10):
+    return (date.fromisoformat(item["properties"]["datetime"][:10]) - start).days // bin_days
+
+
+def test_grid_utm_zone_of_centroid_and_snapping():
+    from tasks.grid import check_bbox, projected_bounds, region_grid, snap_bounds, utm_epsg
+
+    assert utm_epsg((5.5, 50.0, 6.7, 50.5)) == 32632  # straddles zones 31/32; centroid 6.1 E is in 32
+    assert utm_epsg((5.5, 50.0, 6.3, 50.5)) == 32631  # centroid 5.9 E
+    assert utm_epsg((-47.2, -15.9, -47.0, -15.7)) == 32723  # southern hemisphere
+    assert snap_bounds((600003.0, 5649001.0, 600641.0, 5649999.0), 10) == (600000, 5649000, 600650, 5650000)
+    xmin, ymin, xmax, ymax = projected_bounds((4.30, 50.80, 4.40, 50.90), 32631, 20)
+    assert all(v % 20 == 0 for v in (xmin, ymin, xmax, ymax))
+    grid = region_grid((4.30, 50.80, 4.40, 50.90))
+    xmin, ymin, xmax, ymax = grid.bounds
+    assert grid.epsg == 32631 and grid.bounds == projected_bounds((4.30, 50.80, 4.40, 50.90), 32631, 10)
+    assert grid.shape == ((ymax - ymin) / 10, (xmax - xmin) / 10)
+    with pytest.raises(CropflowError, match="inverted"):
+        check_bbox((4.4, 50.8, 4.3, 50.9))
+    with pytest.raises(CropflowError, match="outside"):
+        check_bbox((4.3, 50.8, 4.4, 95.0))
+
+
+def test_build_snaps_bounds_and_records_provenance(tiny_region, tmp_path):
+    meta, start, end = _season(tiny_region)
+    s2 = _items(tiny_region, "sentinel-2-l2a")
+    xmin, ymin, xmax, ymax = meta["bounds"]
+    out = build_cube(
+        {"s2": s2},
+        meta["epsg"],
+        (xmin + 3, ymin + 4, xmax - 6, ymax - 1),
+        start,
+        end,
+        tmp_path / "cube.zarr",
+        bands={"s2": ["B04"]},
+        query={"collections": ["sentinel-2-l2a"], "bbox": meta["bbox"]},
+    )
+    ds = xr.open_zarr(out)
+    assert ds.attrs["transform"] == [10.0, 0.0, xmin, 0.0, -10.0, ymax]
+    assert ds.sizes["x"] == meta["size"] and ds.sizes["y"] == meta["size"]
+    assert ds["s2"].encoding["chunks"][:2] == (ds.sizes["time"], 1)  # all time steps of a spatial chunk together
+    per_bin = json.loads(ds.attrs["items_per_bin"])["s2"]
+    assert len(per_bin) == ds.sizes["time"]
+    assert sorted(i for ids in per_bin for i in ids) == sorted(it["id"] for it in s2)
+    for it in s2:
+        assert it["id"] in per_bin[_bin_of(it, start)]
+    assert json.loads(ds.attrs["query"])["collections"] == ["sentinel-2-l2a"]
+    assert json.loads(ds.attrs["software"])["cropflow"] == ds.attrs["cropflow_version"]
+    assert ds.attrs["bad_asset_count"] == 0
+    assert all(ds[v].dtype == np.float32 for v in ds.data_vars)
+
+
+def test_s2_mask_with_dilation_is_exact_across_blocks(tiny_region, tmp_path):
+    """Validity fraction and NaN equal the SCL flags (clouds grown by 1 px), with 4 blocks sharing edges."""
+    meta, start, end = _season(tiny_region)
+    s2 = _items(tiny_region, "sentinel-2-l2a")
+    n = meta["size"]
+    out = build_cube(
+        {"s2": s2},
+        meta["epsg"],
+        tuple(meta["bounds"]),
+        start,
+        end,
+        tmp_path / "cube.zarr",
+        chunk=32,
+        block=32,
+        bands={"s2": ["B04"]},
+        scl_dilation=1,
+    )
+    ds = xr.open_zarr(out).load()
+    valid_sum = np.zeros((ds.sizes["time"], n, n))
+    count = np.zeros(ds.sizes["time"])
+    grown_any = False
+    for it in s2:
+        scl = np.kron(_read(it["assets"]["SCL"]["href"]), np.ones((2, 2), dtype="uint8"))[:n, :n]
+        clouds = np.isin(scl, [3, 8, 9, 10])
+        valid = np.isin(scl, SCL_CLEAR) & ~_grow(clouds, 1)
+        grown_any |= bool((np.isin(scl, SCL_CLEAR) & ~valid).any())
+        b = _bin_of(it, start)
+        valid_sum[b] += valid
+        count[b] += 1
+    expected = valid_sum / np.maximum(count, 1)[:, None, None]
+    assert grown_any  # the dilation masked clear pixels next to clouds
+    assert np.array_equal(ds["s2_valid"].values, expected.astype("float32"))
+    assert np.array_equal(np.isnan(ds["s2"].values[:, 0]), expected == 0)
+
+
+def test_landsat_qa_mask_and_bilinear_20m_band(tiny_region, tmp_path):
+    """Landsat validity follows QA_PIXEL bits; a 20 m S2 band equals GDAL's bilinear warp of the COGs."""
+    import rasterio
+    from affine import Affine
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    meta, start, end = _season(tiny_region)
+    n = meta["size"]
+    landsat = _items(tiny_region, "landsat-c2-l2")
+    s2 = _items(tiny_region, "sentinel-2-l2a")
+    out = build_cube(
+        {"landsat": landsat, "s2": s2},
+        meta["epsg"],
+        tuple(meta["bounds"]),
+        start,
+        end,
+        tmp_path / "cube.zarr",
+        chunk=32,
+        block=32,
+        bands={"s2": ["B05"]},
+    )
+    ds = xr.open_zarr(out).load()
+    valid_sum, count = np.zeros((ds.sizes["time"], n, n)), np.zeros(ds.sizes["time"])
+    for it in landsat:
+        qa = np.kron(_read(it["assets"]["qa_pixel"]["href"]), np.ones((3, 3), dtype="uint16"))[:n, :n]
+        b = _bin_of(it, start)
+        valid_sum[b] += (qa & 0b111111) == 0
+        count[b] += 1
+    assert np.array_equal(ds["landsat_valid"].values, (valid_sum / np.maximum(count, 1)[:, None, None]).astype("f4"))
+    assert list(ds["landsat_band"].values) == ["B02", "B03", "B04", "B08", "B11", "B12"]
+
+    xmin, _, _, ymax = meta["bounds"]
+    b = int(ds["s2_valid"].mean(["y", "x"]).argmax())
+    stack = []
+    for it in (it for it in s2 if _bin_of(it, start) == b):
+        with (
+            rasterio.open(it["assets"]["B05"]["href"]) as src,
+            WarpedVRT(
+                src, transform=Affine(10, 0, xmin, 0, -10, ymax), width=n, height=n, resampling=Resampling.bilinear
+            ) as vrt,
+        ):
+            value = vrt.read(1).astype("float32") * np.float32(1e-4) + np.float32(-0.1)
+        scl = np.kron(_read(it["assets"]["SCL"]["href"]), np.ones((2, 2), dtype="uint8"))[:n, :n]
+        stack.append(np.where(np.isin(scl, SCL_CLEAR), value, np.nan))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels
+        expected = np.nanmedian(np.stack(stack), axis=0)
+    got = ds["s2"].isel(time=b, band=0).values
+    assert np.array_equal(np.isnan(got), np.isnan(expected))
+    assert np.allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], atol=1e-6)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_build_resumes_only_missing_blocks_and_publishes_atomically(tiny_region, tmp_path):
+    from tasks.cube import partial_path
+
+    meta, start, end = _season(tiny_region)
+    items = {"s2": _items(tiny_region, "sentinel-2-l2a"), "s1": _items(tiny_region, "sentinel-1-rtc")}
+    args = (items, meta["epsg"], tuple(meta["bounds"]), start, end)
+    opts = {"chunk": 32, "block": 32, "bands": {"s2": ["B04", "B11"]}}
+    out = tmp_path / "cube.zarr"
+    out.mkdir()
+    (out / "previous").write_text("an older cube")
+
+    first: list = []
+
+    def stop_after_two(block):
+        first.append(block)
+        if len(first) == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        build_cube(*args, out, **opts, on_block=stop_after_two)
+    assert (out / "previous").exists()  # the published cube is untouched by the unfinished build
+    assert len(list((partial_path(out) / "blocks").glob("*.json"))) == 2
+
+    second: list = []
+    build_cube(*args, out, **opts, on_block=second.append)
+    assert len(second) == 2 and not set(first) & set(second)
+    assert not partial_path(out).exists() and not (out / "previous").exists()
+
+    reference = build_cube(*args, tmp_path / "reference.zarr", **opts)
+    resumed, whole = xr.open_zarr(out).load(), xr.open_zarr(reference).load()
+    xr.testing.assert_identical(resumed, whole)
+
+    # other parameters: the unfinished build is discarded and everything is rebuilt
+    first.clear()
+    with pytest.raises(Interrupted):
+        build_cube(*args, tmp_path / "other.zarr", **opts, on_block=stop_after_two)
+    third: list = []
+    build_cube(*args, tmp_path / "other.zarr", **opts, scl_dilation=1, on_block=third.append)
+    assert len(third) == 4
+
+
+def test_missing_and_corrupt_assets_count_as_no_data(tiny_region, tmp_path, caplog):
+    import shutil
+
+    import rasterio
+
+    meta, start, end = _season(tiny_region)
+    s2 = _items(tiny_region, "sentinel-2-l2a")
+    bad = [json.loads(json.dumps(it)) for it in s2]
+    bad[3]["assets"]["B04"]["href"] = (tmp_path / "gone" / "B04.tif").as_uri()  # 404
+    corrupt = tmp_path / "SCL.tif"
+    shutil.copy(bad[4]["assets"]["SCL"]["href"].removeprefix("file://"), corrupt)
+    with rasterio.open(corrupt) as src:  # where the first tile's DEFLATE stream lies
+        offset, size = (int(src.get_tag_item(f"BLOCK_{k}_0_0", "TIFF", bidx=1)) for k in ("OFFSET", "SIZE"))
+    data = bytearray(corrupt.read_bytes())
+    data[offset + 2 : offset + size] = (bytes(range(256)) * size)[: size - 2]  # garbage after the zlib header
+    corrupt.write_bytes(bytes(data))
+    bad[4]["assets"]["SCL"]["href"] = corrupt.as_uri()
+    args = (meta["epsg"], tuple(meta["bounds"]), start, end)
+    with caplog.at_level("WARNING"):
+        out = build_cube({"s2": bad}, *args, tmp_path / "cube.zarr", bands={"s2": ["B04"]})
+    ds = xr.open_zarr(out).load()
+    assert ds.attrs["bad_asset_count"] == 2 and ds.attrs["bad_scene_count"] == 2
+    recorded = {(r["item"], r["asset"]) for r in json.loads(ds.attrs["bad_assets"])}
+    assert recorded == {(s2[3]["id"], "B04"), (s2[4]["id"], "SCL")}
+    assert "unreadable" in caplog.text
+    # each bad scene is an acquisition with no valid pixel: the others' composite, validity scaled by n-1/n
+    others = [it for i, it in enumerate(s2) if i not in (3, 4)]
+    ref = xr.open_zarr(build_cube({"s2": others}, *args, tmp_path / "ref.zarr", bands={"s2": ["B04"]})).load()
+    per_bin = np.bincount([_bin_of(it, start) for it in s2], minlength=ds.sizes["time"])
+    per_bin_ok = np.bincount([_bin_of(it, start) for it in others], minlength=ds.sizes["time"])
+    scale = (per_bin_ok / per_bin)[:, None, None]
+    assert np.allclose(ds["s2_valid"].values, ref["s2_valid"].values * scale, atol=1e-6)
+    xr.testing.assert_equal(ds["s2"], ref["s2"])
+
+
+def test_lee_filter_reduces_speckle_and_keeps_the_mean():
+    from tasks.cube import lee_filter
+
+    rng = np.random.default_rng(0)
+    clean = np.full((200, 200), 0.08, dtype=np.float32)
+    clean[:, 100:] = 0.02  # an edge between two fields
+    noisy = clean * rng.gamma(4.4, 1 / 4.4, clean.shape).astype(np.float32)
+    noisy[50, 50] = np.nan
+    filtered = lee_filter(noisy, 7, enl=4.4)
+    left, right = (slice(10, 190), slice(10, 90)), (slice(10, 190), slice(110, 190))
+    for part in (left, right):
+        assert np.nanvar(filtered[part]) < np.nanvar(noisy[part]) / 4
+        assert np.nanmean(filtered[part]) == pytest.approx(np.nanmean(noisy[part]), rel=0.02)
+    assert np.isnan(filtered[50, 50]) and np.isfinite(filtered[51, 51])
+    assert filtered.dtype == np.float32
+
+
+def test_s1_orbit_choice_decibels_and_speckle(tiny_region, tmp_path):
+    meta, start, end = _season(tiny_region)
+    s1 = _items(tiny_region, "sentinel-1-rtc")
+    args = (meta["epsg"], tuple(meta["bounds"]), start, end)
+    asc = build_cube({"s1": s1}, *args, tmp_path / "asc.zarr", s1_orbit="ascending")
+    ids = json.loads(xr.open_zarr(asc).attrs["items"])["s1"]
+    assert ids and ids == [it["id"] for it in s1 if it["properties"]["sat:orbit_state"] == "ascending"]
+    raw = xr.open_zarr(build_cube({"s1": s1}, *args, tmp_path / "raw.zarr", speckle_window=0))["s1"].load()
+    lee = xr.open_zarr(build_cube({"s1": s1}, *args, tmp_path / "lee.zarr", speckle_window=5))["s1"].load()
+    assert -35 < float(lee.mean()) < 5  # decibels
+    assert float(lee.std(["y", "x"]).mean()) < float(raw.std(["y", "x"]).mean())
+    with pytest.raises(CropflowError, match="orbit"):
+        build_cube({"s1": s1}, *args, tmp_path / "x.zarr", s1_orbit="sideways")
+
+
+def test_fill_cube_gaps_is_a_separate_step(tiny_region, tmp_path):
+    from tasks.cube import fill_cube_gaps
+
+    meta, start, end = _season(tiny_region)
+    cube = build_cube(
+        {"s2": _items(tiny_region, "sentinel-2-l2a")},
+        meta["epsg"],
+        tuple(meta["bounds"]),
+        start,
+        end,
+        tmp_path / "cube.zarr",
+        bands={"s2": ["B04"]},
+    )
+    filled_path = fill_cube_gaps(cube, tmp_path / "filled.zarr")
+    ds, filled = xr.open_zarr(cube).load(), xr.open_zarr(filled_path).load()
+    assert filled.attrs["gap_filled"] is True and "gap_filled" not in ds.attrs
+    xr.testing.assert_identical(filled["s2_valid"], ds["s2_valid"])
+    series, got = ds["s2"].values[:, 0], filled["s2"].values[:, 0]
+    observed = ~np.isnan(series)
+    assert np.array_equal(got[observed], series[observed])
+    assert not np.isnan(got[:, observed.any(axis=0)]).any()
+    # a gap between two observations is on the line between them
+    t, y, x = np.argwhere(~observed[1:-1] & observed[:-2] & observed[2:])[0] + (1, 0, 0)
+    assert got[t, y, x] == pytest.approx((series[t - 1, y, x] + series[t + 1, y, x]) / 2, rel=1e-5)
+
+
+def test_bad_input_gives_clear_errors(tiny_region, tmp_path):
+    meta, start, end = _season(tiny_region)
+    s2 = _items(tiny_region, "sentinel-2-l2a")
+    bounds = tuple(meta["bounds"])
+    out = tmp_path / "cube.zarr"
+    with pytest.raises(CropflowError, match="inverted"):
+        build_cube({"s2": s2}, meta["epsg"], (bounds[2], bounds[1], bounds[0], bounds[3]), start, end, out)
+    with pytest.raises(CropflowError, match="no s2 items"):
+        build_cube({"s2": []}, meta["epsg"], bounds, start, end, out)
+    with pytest.raises(CropflowError, match="unknown s2 band"):
+        build_cube({"s2": s2}, meta["epsg"], bounds, start, end, out, bands={"s2": ["B99"]})
+    with pytest.raises(CropflowError, match="unknown sensor"):
+        build_cube({"modis": s2}, meta["epsg"], bounds, start, end, out)
+    with pytest.raises(CropflowError, match="inside the season"):
+        build_cube({"s2": s2}, meta["epsg"], bounds, date(2020, 1, 1), date(2020, 2, 1), out)
+    assert not out.exists()
