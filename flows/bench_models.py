@@ -2,7 +2,8 @@
 
 Every (model, device) pair runs in a fresh Python process (`python -m flows.bench_models ...`), which builds the
 model at its default configuration and random inputs of the standard size (T=24 dates, C=10 bands, 64 x 64
-pixels, batch 4, 10 classes), then times forward + cross-entropy + backward steps after warm-up steps.
+pixels, batch 4, 10 classes; `modality_distillation` also gets a 2-band SAR series at the same dates), then times
+forward + cross-entropy + backward steps after warm-up steps.
 
 Peak memory of a step:
 - CUDA: `torch.cuda.max_memory_allocated()` over the timed steps (tensors only, weights and inputs included).
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from rich.table import Table
 
+from models.modality_distillation import ModalityDistillation
 from models.registry import MODELS, build_model
 
 NOT_GRADIENT_TRAINED = ("random_forest",)
@@ -56,9 +58,13 @@ def measure(name: str, size: BenchSize, device: str, steps: int, warmup: int, th
     doy = torch.linspace(60, 300, size.t, device=device).round().long().repeat(size.batch, 1)
     valid = torch.rand(size.batch, size.t, size.size, size.size, device=device) > 0.2
     target = torch.randint(0, size.k, (size.batch, size.size, size.size), device=device)
+    inputs = {"x": x, "doy": doy, "valid": valid}
+    if isinstance(model, ModalityDistillation):  # plus a SAR series (VV, VH) at the same dates
+        x_sar = torch.randn(size.batch, size.t, 2, size.size, size.size, device=device)
+        inputs |= {"x_sar": x_sar, "doy_sar": doy, "valid_sar": torch.ones_like(valid)}
 
     def step() -> None:
-        loss = torch.nn.functional.cross_entropy(model(x, doy, valid), target)
+        loss = torch.nn.functional.cross_entropy(model(**inputs), target)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
