@@ -92,7 +92,19 @@ def crop_map(
     items = {s: found for s, found in items.items() if found}
     logger.info("items per sensor: %s", {s: len(v) for s, v in items.items()})
 
-    cube = build_cube_task(items, reg.epsg, reg.bounds, start, end, out / "cube.zarr", attrs={"region": reg.name})
+    query = {"catalog": stac.name, "url": stac.url, "bbox": reg.bbox, "season": [start, end]}
+    query |= {"sensors": list(items), "max_cloud_cover": max_cloud_cover}
+    cube = build_cube_task(
+        items,
+        reg.epsg,
+        reg.bounds,
+        start,
+        end,
+        out / "cube.zarr",
+        attrs={"region": reg.name},
+        catalog=stac,
+        query=query,
+    )
     trained = train_model_task(
         cube,
         reg.labels,

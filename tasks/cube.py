@@ -20,8 +20,9 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from scipy import ndimage
 
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
+from tasks.catalog import Catalog, sign_href
 from tasks.grid import Bounds, Grid, check_bounds, snap_bounds
 from tasks.preprocess import fill_time_gaps
 from tasks.sensors import SENSORS, Sensor, scale_offset
@@ -228,6 +230,7 @@ class SensorPlan:
     n_bins: int
     scl_dilation: int = 0
     speckle_window: int = 0
+    sign: Callable[[str], str] | None = None  # makes an href readable now (e.g. a fresh Planetary Computer token)
 
     @property
     def halo(self) -> int:
@@ -273,7 +276,8 @@ def read_source(
         nodata = (1 if sensor.name == "landsat" else 0) if is_mask else 0
         for attempt in range(READ_RETRIES + 1):
             try:
-                raw, nodata = read_window(href, grid, outer, resampling, nodata)
+                readable = plan.sign(href) if plan.sign else href
+                raw, nodata = read_window(readable, grid, outer, resampling, nodata)
                 break
             except (RasterioError, OSError, ValueError) as exc:
                 if attempt == READ_RETRIES:
@@ -483,9 +487,10 @@ def build_cube(
     scl_dilation: int = 0,
     s1_orbit: str = "both",
     speckle_window: int = 5,
-    block: int = 512,
+    block: int = 256,
     threads: int | None = None,
     query: dict | None = None,
+    catalog: Catalog | None = None,
     on_block: Callable[[Block], None] | None = None,
 ) -> Path:
     """Build the cube of every sensor in `items_by_sensor` on one grid and publish it atomically at `out_path`.
@@ -493,7 +498,8 @@ def build_cube(
     `bounds` (in `epsg`) are snapped outward to `resolution`. Bins of `bin_days` from `start`; S2 masks by SCL with
     cloud/shadow/cirrus grown by `scl_dilation` pixels; S1 of `s1_orbit` ("both", "ascending", "descending"),
     Lee-filtered over `speckle_window` pixels (0: none). Blocks of `block` pixels (a multiple of `chunk`) are built
-    in turn with `threads` readers; `on_block` is called after each completed block. A rerun with the same
+    in turn with `threads` readers; hrefs are signed for `catalog` right before each read (Planetary Computer
+    tokens expire during long builds). `on_block` is called after each completed block. A rerun with the same
     arguments resumes an interrupted build; with other arguments it starts over.
     """
     out_path = Path(out_path)
@@ -512,6 +518,8 @@ def build_cube(
         name: plan_sensor(name, items, bins, bin_days, bands.get(name), scl_dilation, s1_orbit, speckle_window)
         for name, items in items_by_sensor.items()
     }
+    if catalog is not None and catalog.signing is not None:
+        plans = {name: replace(plan, sign=partial(sign_href, catalog=catalog)) for name, plan in plans.items()}
     chunk = max(1, min(chunk, max(grid.shape)))
     block = max(chunk, block // chunk * chunk)
     options = {"scl_dilation": scl_dilation, "s1_orbit": s1_orbit, "speckle_window": speckle_window}
@@ -626,9 +634,28 @@ def build_cube_task(
     resolution: float = 10.0,
     bin_days: int = 10,
     attrs: dict | None = None,
-    **options: object,
+    scl_dilation: int = 0,
+    s1_orbit: str = "both",
+    speckle_window: int = 5,
+    query: dict | None = None,
+    catalog: Catalog | None = None,
 ) -> Path:
-    return build_cube(items_by_sensor, epsg, bounds, start, end, out_path, resolution, bin_days, attrs=attrs, **options)
+    return build_cube(
+        items_by_sensor,
+        epsg,
+        bounds,
+        start,
+        end,
+        out_path,
+        resolution,
+        bin_days,
+        attrs=attrs,
+        scl_dilation=scl_dilation,
+        s1_orbit=s1_orbit,
+        speckle_window=speckle_window,
+        query=query,
+        catalog=catalog,
+    )
 
 
 @task(name="fill-cube-gaps")
