@@ -105,7 +105,12 @@ def run_variant(variant: str, region_dir: Path, out: Path, threads: int) -> dict
         common = {"epsg": meta["epsg"], "bounds": tuple(meta["bounds"]), "resolution": res, "chunksize": 512}
         common |= {"xy_coords": "center", "snap_bounds": False, "rescale": False, "properties": False}
         values = stackstac.stack(
-            items, assets=list(S2_BANDS), resampling=Resampling.bilinear, dtype="uint16", fill_value=np.uint16(0), **common
+            items,
+            assets=list(S2_BANDS),
+            resampling=Resampling.bilinear,
+            dtype="uint16",
+            fill_value=np.uint16(0),
+            **common,
         )
         scl = stackstac.stack(
             items, assets=["SCL"], resampling=Resampling.nearest, dtype="uint8", fill_value=np.uint8(0), **common
@@ -241,6 +246,7 @@ def bench_models_cmd(
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None
     rows = bench_models(names, bench_size, [device] if device else None, steps=steps, threads=threads)
     console.print(table(rows, bench_size))
+
 
 if __name__ == "__main__":
     name, region_arg, out_arg, threads_arg = sys.argv[1:5]
