@@ -125,7 +125,10 @@ def bench_models(
             if proc.returncode == 0:
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             else:
-                error = (proc.stderr.strip().splitlines() or ["exit code " + str(proc.returncode)])[-1]
+                ended = (
+                    f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+                )
+                error = (proc.stderr.strip().splitlines() or [ended])[-1]
                 rows.append({"model": name, "device": device, "error": error})
     return rows
 
