@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import torch
 from rich.table import Table
 
-from models.modality_distillation import ModalityDistillation
-from models.registry import MODELS, build_model
+from models.registry import MODELS, build_model, example_inputs
 
 NOT_GRADIENT_TRAINED = ("random_forest",)
 
@@ -54,14 +53,8 @@ def measure(name: str, size: BenchSize, device: str, steps: int, warmup: int, th
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(name, in_channels=size.c, num_classes=size.k).to(device).train()
-    x = torch.randn(size.batch, size.t, size.c, size.size, size.size, device=device)
-    doy = torch.linspace(60, 300, size.t, device=device).round().long().repeat(size.batch, 1)
-    valid = torch.rand(size.batch, size.t, size.size, size.size, device=device) > 0.2
+    inputs = example_inputs(model, (size.batch, size.t, size.c, size.size, size.size), device)
     target = torch.randint(0, size.k, (size.batch, size.size, size.size), device=device)
-    inputs = {"x": x, "doy": doy, "valid": valid}
-    if isinstance(model, ModalityDistillation):  # plus a SAR series (VV, VH) at the same dates
-        x_sar = torch.randn(size.batch, size.t, 2, size.size, size.size, device=device)
-        inputs |= {"x_sar": x_sar, "doy_sar": doy, "valid_sar": torch.ones_like(valid)}
 
     def step() -> None:
         loss = torch.nn.functional.cross_entropy(model(**inputs), target)

@@ -142,6 +142,7 @@ class ModalityDistillation(nn.Module):
         self.fusion = nn.Sequential(
             nn.Conv2d(2 * embed_dim, embed_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(embed_dim, num_classes, 1)
         )
+        self.sar_channels = sar_channels
         self.temperature, self.tau = temperature, tau
         self.ce_weight, self.distill_weight = ce_weight, distill_weight
 

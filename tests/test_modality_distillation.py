@@ -338,3 +338,10 @@ def test_real_backbones(stages) -> None:
     for name, p in m.named_parameters():
         assert p.grad is not None, name
         assert p.grad.abs().max() > 1e-7, name
+
+
+def test_describe_counts_flops_with_the_sar_series():
+    from models.registry import build_model, describe
+
+    line = describe(build_model("modality_distillation", in_channels=4, num_classes=3), (1, 5, 4, 16, 16))
+    assert "ModalityDistillation" in line and "GFLOP" in line
