@@ -181,13 +181,9 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except typer.TyperException as exc:  # usage errors (unknown option, bad value) carry their own exit code
+        exc.show()
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":
