@@ -119,8 +119,11 @@ def s2_expected(patch_dir: Path, start: date, bin_days: int, n_bins: int, resolu
     dn = bands20
     if resolution == 10:
         valid = up2(valid)
-        dn = np.stack([s10[b].values for b in S2_10M], axis=1) if s10 is not None else np.zeros((len(valid), 0))
-        valid &= (dn != 0).all(axis=1)
+        if s10 is not None:
+            dn = np.stack([s10[b].values for b in S2_10M], axis=1)
+            valid &= (dn != 0).all(axis=1)
+        else:  # the cube holds the 20 m bands alone, resampled: their values are checked in the 20 m cube
+            dn = np.zeros((len(valid), 0, *valid.shape[1:]), dtype=bands20.dtype)
     refl = dn.astype("float32") * np.float32(1e-4)
     return composite(bin_index(s20, start, bin_days), refl, valid, n_bins)
 
