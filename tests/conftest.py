@@ -90,3 +90,28 @@ def tiny_region(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tasks.sample_region import generate_region
 
     return generate_region(tmp_path_factory.mktemp("regions") / "tiny", size=64, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models (models/): tiny tensors, and a test encoder registered as backbone "tiny".
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The tensors of model tests are tiny: one thread avoids synchronisation costs, which explode on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`model_helpers.TinyTemporalEncoder`, registered as backbone "tiny" for the duration of a test."""
+    from model_helpers import TinyTemporalEncoder
+
+    from models.registry import MODELS
+
+    monkeypatch.setitem(MODELS, "tiny", TinyTemporalEncoder)

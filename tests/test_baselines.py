@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from model_helpers import inputs
 from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
@@ -17,6 +18,8 @@ from models.random_forest import RandomForest, temporal_features
 from models.registry import MODELS, build_model, describe
 from models.tempcnn import TempCNN
 from models.utae import UTAE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 C, K = 3, 4
 
@@ -30,23 +33,6 @@ SMALL: dict[str, Callable[[int, int], nn.Module]] = {
     ),
 }
 NEURAL = sorted(SMALL)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny: one thread avoids synchronisation costs, which explode on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def inputs(b: int, t: int, c: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, t, c, h, w, generator=g)
-    doy = torch.sort(torch.randint(1, 366, (b, t), generator=g), dim=1).values
-    valid = torch.rand(b, t, h, w, generator=g) > 0.3
-    return x, doy, valid
 
 
 def build(name: str, seed: int = 0) -> nn.Module:

@@ -7,38 +7,17 @@ import time
 
 import pytest
 import torch
-from tiny_encoder import TinyTemporalEncoder
+from model_helpers import TinyTemporalEncoder, inputs
 
 from infra.errors import CropflowError
 from models.joint_reconstruction import JointReconstruction
 from models.masking import cloud_gap_mask
-from models.registry import MODELS, build_model
+from models.registry import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread", "tiny_backbone")
 
 CONFIG = {"in_channels": 3, "num_classes": 4, "backbone": "tiny", "backbone_config": {"feature_dim": 16}}
 CONFIG |= {"hidden_dim": 16, "heads": 2, "layers": 1}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one thread avoids synchronisation costs, which explode on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def tiny_backbone(monkeypatch):
-    """The test encoder, registered as backbone "tiny"."""
-    monkeypatch.setitem(MODELS, "tiny", TinyTemporalEncoder)
-
-
-def inputs(b: int, t: int, c: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, t, c, h, w, generator=g)
-    doy = torch.sort(torch.randint(1, 365, (b, t), generator=g), dim=1).values
-    valid = torch.rand(b, t, h, w, generator=g) > 0.3
-    return x, doy, valid
 
 
 def model(seed: int = 0, **overrides: object) -> JointReconstruction:

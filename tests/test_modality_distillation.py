@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from tiny_encoder import TinyTemporalEncoder
+from model_helpers import TinyTemporalEncoder
 
 from models.losses import distillation_kl, pixel_kl
 from models.masking import cloud_gap_mask
@@ -20,27 +20,14 @@ from models.modality_distillation import (
     information_weights,
     pseudo_label_loss,
 )
-from models.registry import MODELS, build_model
+from models.registry import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread", "tiny_backbone")
 
 K = 4
 CONFIG = {"in_channels": 3, "num_classes": K, "sar_channels": 2, "embed_dim": 8}
 CONFIG |= {"optical_backbone": "tiny", "optical_config": {"feature_dim": 16}}
 CONFIG |= {"sar_backbone": "tiny", "sar_config": {"feature_dim": 8}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one thread avoids synchronisation costs, which explode on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def tiny_backbone(monkeypatch):
-    """The test encoder, registered as backbone "tiny"."""
-    monkeypatch.setitem(MODELS, "tiny", TinyTemporalEncoder)
 
 
 def batch(b: int, t: int, t_sar: int, h: int, w: int, seed: int = 0) -> MultiModalBatch:

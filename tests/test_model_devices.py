@@ -7,16 +7,10 @@ import torch
 
 from models.registry import MODELS, build_model, example_inputs
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 NEURAL = sorted(name for name in MODELS if name != "random_forest")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("device", DEVICES)

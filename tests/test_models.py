@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from model_helpers import inputs
 from torch.utils.flop_counter import FlopCounterMode
 
 from infra.errors import CropflowError
@@ -13,24 +14,9 @@ from models.fcn3d import FCN3D
 from models.losses import IoULoss
 from models.registry import MODELS, build_model, describe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = (8, 16, 32, 64)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny: one thread avoids synchronisation costs, which explode on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def inputs(b: int, t: int, c: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, t, c, h, w, generator=g)
-    doy = torch.arange(t).repeat(b, 1) * 10 + 60
-    valid = torch.rand(b, t, h, w, generator=g) > 0.3
-    return x, doy, valid
 
 
 @pytest.mark.parametrize(("t", "h", "w"), [(1, 37, 45), (7, 37, 45), (25, 16, 16), (4, 5, 70)])

@@ -8,30 +8,16 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import inputs
 
 from models.base import TemporalEncoderModel
 from models.masking import pretraining_mask
 from models.registry import build_model
 from models.stcln import ENCODER_PREFIXES, STCLN, window_attention
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = {"hidden": 8, "d_model": 32, "num_layers": 2, "num_heads": 4}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny: one thread avoids synchronisation costs, which explode on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def inputs(b: int, t: int, c: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, t, c, h, w, generator=g)
-    doy = torch.sort(torch.randint(1, 366, (b, t), generator=g), dim=1).values
-    valid = torch.rand(b, t, h, w, generator=g) > 0.3
-    return x, doy, valid
 
 
 def small(seed: int = 0, **config: object) -> STCLN:

@@ -1,4 +1,5 @@
-"""A small model that genuinely follows `models.base.TemporalEncoderModel`, for testing wrappers of such models."""
+"""Helpers of the model tests: random input series, and a small model that genuinely follows
+`models.base.TemporalEncoderModel` for testing wrappers of such models."""
 
 from __future__ import annotations
 
@@ -32,3 +33,12 @@ class TinyTemporalEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, doy: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         return self.classify(self.encode(x, doy, valid), doy, valid)
+
+
+def inputs(b: int, t: int, c: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random series `x (B, T, C, H, W)`, sorted days of year `(B, T)` and ~70 % valid pixel-dates."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, c, h, w, generator=g)
+    doy = torch.sort(torch.randint(1, 366, (b, t), generator=g), dim=1).values
+    valid = torch.rand(b, t, h, w, generator=g) > 0.3
+    return x, doy, valid
