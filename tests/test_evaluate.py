@@ -15,7 +15,15 @@ from affine import Affine
 from shapely.geometry import box
 
 from infra.errors import CropflowError
-from tasks.evaluate import accuracy_metrics, confusion_matrix, evaluate_map, evaluate_map_task
+from tasks.evaluate import (
+    accuracy_metrics,
+    area_adjusted_accuracy,
+    confusion_matrix,
+    evaluate_map,
+    evaluate_map_task,
+    metrics_markdown,
+    publish_metrics_markdown,
+)
 
 # rows = truth, columns = prediction; class "d" is neither in the truth nor predicted
 CM = np.array([[5, 1, 0, 0], [2, 3, 1, 0], [0, 0, 4, 0], [0, 0, 0, 0]])
@@ -97,6 +105,27 @@ def test_evaluate_map_scores_the_test_split_and_writes_reports(tmp_path):
     assert img.shape[0] > 200 and img[..., :3].std() > 0.05
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ["confusion_matrix.csv", "confusion_matrix.png", "metrics.json"]
+    # strata weights come from the whole map (every split, no-data left out), the sample from the test pixels
+    area = m["area_adjusted"]
+    assert [c["mapped_area_ha"] for c in area["per_class"].values()] == pytest.approx([0.09, 0.05, 0.05, 0.0])
+    assert [c["n_samples"] for c in area["per_class"].values()] == [7, 4, 5, 0]
+    assert area["per_class"]["a"]["users_accuracy"] == pytest.approx(5 / 7)
+    assert "not a probability sample" in area["sample"] and area["unsampled_strata"] == []
+    # a probability sample given by the caller replaces the test pixels (here: every stratum perfectly right)
+    sample = np.diag([3, 3, 3, 0])
+    m2 = evaluate_map(
+        class_map.reshape(shape),
+        target.reshape(shape),
+        split.reshape(shape),
+        CLASSES,
+        tmp_path,
+        pixel_area_ha=2.0,
+        sample=sample,
+    )
+    a2 = m2["area_adjusted"]
+    assert a2["overall_accuracy"] == pytest.approx(1.0) and a2["sample"].startswith("probability sample")
+    assert a2["per_class"]["a"]["area_ha"] == pytest.approx(18.0) and a2["total_area_ha"] == pytest.approx(38.0)
+    assert m2["confusion_matrix"] == CM.tolist()
     with pytest.raises(CropflowError, match="no labelled pixel"):
         evaluate_map(class_map.reshape(shape), target.reshape(shape), np.zeros(shape, np.uint8), CLASSES, tmp_path)
 
@@ -143,3 +172,70 @@ def test_evaluate_map_task_burns_labels_on_the_cube_grid(tmp_path):
         dst.write(class_map, 1)
     with pytest.raises(CropflowError, match="not on the grid of the cube"):
         evaluate_map_task.fn(tmp_path / "shifted.tif", *args)
+
+
+# Olofsson et al. (2014), section 5 (numerical example): Landsat pixels (0.09 ha), four map strata
+OLOFSSON_CLASSES = ["deforestation", "forest gain", "stable forest", "stable non-forest"]
+OLOFSSON_MAPPED = np.array([200_000, 150_000, 3_200_000, 6_450_000])
+OLOFSSON_COUNTS = np.array([[66, 0, 5, 4], [0, 55, 8, 12], [1, 0, 153, 11], [2, 1, 9, 313]])  # rows = map, as printed
+
+
+def test_area_estimator_matches_olofsson_worked_example():
+    """Olofsson et al. 2014, section 5: error matrix of sample counts (their table 8, rows = map) and mapped areas.
+
+    Published figures checked at their printed precision: area of deforestation 21,158 ± 6,158 ha and of forest
+    gain 11,686 ± 3,756 ha (95 % CI), user's accuracies 0.88, 0.73, 0.93, 0.96, producer's accuracies 0.75, 0.85,
+    0.93, 0.96, overall accuracy 0.95. Derived here by hand from their equations (not quoted from the paper):
+    the area proportions p_ij = W_i n_ij / n_i. (e.g. p_11 = 0.02 x 66 / 75 = 0.0176, p_.1 = 0.0235086) and the
+    standard errors: S(p_.1) = sqrt(0.02^2 0.88 0.12 / 74 + 0.32^2 (1/165)(164/165) / 164
+    + 0.645^2 (2/325)(323/325) / 324) = 0.0034907, i.e. 3,141.7 ha; S(U_1) = sqrt(0.88 x 0.12 / 74) = 0.03778;
+    S(O) = 0.009430; S(P_1) = 0.10883 (their eq. 7, i.e. ± 0.21 at 95 %).
+    """
+    est = area_adjusted_accuracy(OLOFSSON_COUNTS.T, OLOFSSON_MAPPED, OLOFSSON_CLASSES, pixel_area_ha=0.09)
+    c = est["per_class"]
+    assert est["total_area_ha"] == pytest.approx(900_000) and est["n_samples"] == 640
+    assert round(c["deforestation"]["area_ha"]) == 21_158 and round(c["deforestation"]["area_ci95_ha"]) == 6_158
+    assert round(c["forest gain"]["area_ha"]) == 11_686 and round(c["forest gain"]["area_ci95_ha"]) == 3_756
+    assert [round(c[k]["users_accuracy"], 2) for k in OLOFSSON_CLASSES] == [0.88, 0.73, 0.93, 0.96]
+    assert [round(c[k]["producers_accuracy"], 2) for k in OLOFSSON_CLASSES] == [0.75, 0.85, 0.93, 0.96]
+    assert round(est["overall_accuracy"], 2) == 0.95
+    # hand-derived values, to more digits than printed in the paper
+    p = np.array(est["area_proportions"])  # rows = reference, columns = map
+    assert p[0, 0] == pytest.approx(0.0176) and p[0, 2] == pytest.approx(0.32 / 165)
+    assert p[3, 2] == pytest.approx(0.32 * 11 / 165) and p.sum() == pytest.approx(1.0)
+    assert p[0].sum() == pytest.approx(0.0235086, abs=1e-7)
+    assert est["overall_accuracy"] == pytest.approx(0.0176 + 0.011 + 0.32 * 153 / 165 + 0.645 * 313 / 325)
+    assert c["deforestation"]["area_se_ha"] == pytest.approx(3141.7, abs=0.1)
+    assert c["deforestation"]["users_accuracy_se"] == pytest.approx(0.03778, abs=1e-5)
+    assert c["deforestation"]["producers_accuracy_se"] == pytest.approx(0.10883, abs=1e-5)
+    assert est["overall_accuracy_se"] == pytest.approx(0.009430, abs=1e-6)
+    # the estimated areas add up to the mapped area
+    assert sum(v["area_ha"] for v in c.values()) == pytest.approx(900_000)
+
+
+def test_area_estimator_undefined_cases():
+    # stratum "y" is mapped but never sampled: only the user's accuracy of "x" can be estimated
+    est = area_adjusted_accuracy(np.array([[4, 0], [1, 0]]), np.array([50, 50]), ["x", "y"], pixel_area_ha=1.0)
+    assert est["unsampled_strata"] == ["y"] and est["overall_accuracy"] is None
+    assert est["per_class"]["x"]["users_accuracy"] == pytest.approx(0.8) and est["per_class"]["x"]["area_ha"] is None
+    # a stratum of a single sample has estimates but no variance; an unmapped, unsampled class weighs nothing
+    est = area_adjusted_accuracy(np.array([[1, 0, 0], [0, 5, 0], [0, 0, 0]]), [30, 70, 0], ["x", "y", "z"], 1.0)
+    assert est["overall_accuracy"] == pytest.approx(1.0) and est["overall_accuracy_se"] is None
+    assert est["per_class"]["y"]["users_accuracy_se"] == pytest.approx(0.0)
+    assert est["per_class"]["x"]["area_ha"] == pytest.approx(30.0) and est["per_class"]["z"]["area_ha"] == 0.0
+    with pytest.raises(ValueError, match="do not match"):
+        area_adjusted_accuracy(np.eye(2), [1, 1, 1], ["x", "y"], 1.0)
+    with pytest.raises(ValueError, match="some mapped pixels"):
+        area_adjusted_accuracy(np.eye(2), [0, 0], ["x", "y"], 1.0)
+
+
+def test_metrics_markdown_tables_and_no_artifact_outside_a_run():
+    cm = OLOFSSON_COUNTS.T
+    metrics = {"split": "test", **accuracy_metrics(cm, OLOFSSON_CLASSES)}
+    metrics["area_adjusted"] = area_adjusted_accuracy(cm, OLOFSSON_MAPPED, OLOFSSON_CLASSES, 0.09) | {"sample": "s"}
+    text = metrics_markdown(metrics)
+    assert "| overall accuracy | kappa | macro-F1 | mIoU |" in text and "(640 pixels)" in text
+    assert "| deforestation | 69 | 0.880 | 0.957 |" in text  # support 69 = column sum of the paper's table
+    assert "| deforestation | 18,000.0 | 21,157.8 | 6,157.5 | 0.880 ± 0.038 | 0.749 ± 0.109 |" in text
+    assert "Overall accuracy 0.947 ± 0.009 (SE)" in text
+    assert publish_metrics_markdown(metrics) is False
