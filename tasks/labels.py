@@ -1,7 +1,10 @@
-"""Class map and labelled parcels: read and check them, then burn them onto the cube grid.
+"""Class map and labelled parcels or points: read and check them, then burn them onto the cube grid.
 
-`rasterize_labels` gives `target` (int16 class id, -1 = unlabelled or parcel border) and `split`
-(uint8: 0 none, 1 train, 2 val, 3 test) on the cube's pixel grid.
+Labels are parcel polygons or points (GeoParquet, plain Parquet with a WKB `geometry` column, GeoPackage,
+Shapefile). Their class column holds either class ids of the class map or source codes (e.g. WorldCereal
+`ewoc_code`) that the class map translates (`"codes"` of each class). Without a `split` column a spatially blocked
+split is drawn (`assign_blocked_split`). `rasterize_labels` gives `target` (int16 class id, -1 = unlabelled or
+parcel border) and `split` (uint8: 0 none, 1 train, 2 val, 3 test) on the cube's pixel grid.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+import shapely
 import xarray as xr
 from affine import Affine
 from pyproj import CRS
@@ -23,14 +28,14 @@ from scipy import ndimage
 from infra.errors import CropflowError
 
 SPLITS = {"train": 1, "val": 2, "test": 3}
-REQUIRED_COLUMNS = ("class_id", "split")
 _COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
 
 
 def read_classes(path: Path) -> list[dict]:
     """Classes of `classes.json` (`{"classes": [{"id", "name", "color"}, ...]}`) sorted by id.
 
-    Ids must be the integers 0..K-1 (each once), names non-empty and unique, colours `#rrggbb`.
+    Ids must be the integers 0..K-1 (each once), names non-empty and unique, colours `#rrggbb`. A class may list
+    `"codes"`: the label codes (e.g. WorldCereal `ewoc_code`) it gathers, each in one class only.
     """
     path = Path(path)
     if not path.is_file():
@@ -55,7 +60,19 @@ def read_classes(path: Path) -> list[dict]:
             raise CropflowError(f"class map {path}: class {cid} has no name; give every class a non-empty name.")
         if not isinstance(color, str) or not _COLOR.match(color):
             raise CropflowError(f"class map {path}: class {cid} ({name}) has colour {color!r}; use '#rrggbb'.")
-        classes.append({"id": cid, "name": name, "color": color})
+        entry_out = {"id": cid, "name": name, "color": color}
+        if "codes" in entry:
+            codes = entry["codes"]
+            if not isinstance(codes, list) or not codes or not all(isinstance(c, int | str) for c in codes):
+                raise CropflowError(
+                    f"class map {path}: class {cid} ({name}) has codes {codes!r}; give a list of codes."
+                )
+            entry_out["codes"] = [str(c) for c in codes]
+        classes.append(entry_out)
+    codes = [code for c in classes for code in c.get("codes", [])]
+    repeated = sorted({code for code in codes if codes.count(code) > 1})
+    if repeated:
+        raise CropflowError(f"class map {path}: codes {repeated} belong to more than one class; give each one class.")
     classes.sort(key=lambda c: c["id"])
     ids = [c["id"] for c in classes]
     if ids != list(range(len(ids))):
@@ -70,20 +87,95 @@ def read_classes(path: Path) -> list[dict]:
 def _read_vector(path: Path) -> gpd.GeoDataFrame:
     try:
         if path.suffix.lower() in (".parquet", ".geoparquet"):
-            return gpd.read_parquet(path)
+            if b"geo" in (pq.read_schema(path).metadata or {}):
+                return gpd.read_parquet(path)
+            frame = pd.read_parquet(path)  # plain Parquet (e.g. WorldCereal extractions): WKB geometry, no CRS
+            if "geometry" not in frame.columns:
+                raise ValueError("no 'geometry' column of WKB geometries")
+            return gpd.GeoDataFrame(frame, geometry=shapely.from_wkb(frame["geometry"].to_numpy()))
         return gpd.read_file(path)
     except Exception as exc:
         raise CropflowError(
             f"labels {path} could not be read ({type(exc).__name__}: {exc}); "
-            "give a GeoParquet, GeoPackage or Shapefile with parcel polygons."
+            "give a GeoParquet, GeoPackage or Shapefile of parcel polygons or points."
         ) from None
 
 
-def read_labels(path: Path, classes: list[dict]) -> gpd.GeoDataFrame:
-    """Labelled parcels of a GeoParquet, GeoPackage or Shapefile, checked against the class map.
+def _class_ids(gdf: gpd.GeoDataFrame, column: str, classes: list[dict], path: Path) -> gpd.GeoDataFrame:
+    """Rows whose `column` maps to a class, with an int `class_id`: ids as such, or codes through `"codes"`."""
+    if column == "class_id":
+        class_id = pd.to_numeric(gdf["class_id"], errors="coerce")
+        if class_id.isna().any() or (class_id != class_id.round()).any():
+            bad = gdf.loc[class_id.isna() | (class_id != class_id.round()), "class_id"].unique()[:10].tolist()
+            raise CropflowError(f"labels {path}: class_id values {bad} are not integers; give every parcel a class id.")
+        known = {c["id"] for c in classes}
+        unknown = sorted(set(class_id.astype(int)) - known)
+        if unknown:
+            raise CropflowError(
+                f"labels {path}: class ids {unknown} are not in the class map (ids {sorted(known)}); "
+                "add them to classes.json or fix the labels."
+            )
+        return gdf.assign(class_id=class_id.astype(int).to_numpy())
+    id_of = {code: c["id"] for c in classes for code in c.get("codes", [])}
+    if not id_of:
+        raise CropflowError(
+            f"labels {path}: class column {column!r} holds label codes but no class of the class map lists "
+            '"codes"; add the codes each class gathers to classes.json.'
+        )
+    codes = gdf[column].astype(str)
+    mapped = codes.map(id_of)
+    if mapped.isna().all():
+        common = codes.value_counts().index[:5].tolist()
+        raise CropflowError(
+            f"labels {path}: no {column} value is a code of the class map (most common: {common}); "
+            "the labels and classes.json do not fit: add their codes to the classes."
+        )
+    keep = mapped.notna().to_numpy()
+    return gdf[keep].assign(class_id=mapped[keep].astype(int).to_numpy())
 
-    Needs a CRS, an integer `class_id` column with ids of `classes` and a `split` column of `train`/`val`/`test`.
-    Rows without geometry are dropped. Returns the frame with `class_id` as int and `split` as str.
+
+def assign_blocked_split(
+    labels: gpd.GeoDataFrame,
+    block_m: float,
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+) -> np.ndarray:
+    """`train`/`val`/`test` per row, drawn per square block of `block_m` metres (in the labels' UTM zone).
+
+    Roberts et al. (2017), "Cross-validation strategies for data with temporal, spatial, hierarchical, or
+    phylogenetic structure" (Ecography): whole blocks go to one split, so that neighbouring (spatially
+    autocorrelated) pixels never sit on both sides. Blocks are shuffled with `seed`, then the first ones go to
+    train until `fractions[0]` of the rows, the next to val, the rest to test.
+    """
+    centroids = labels.geometry.to_crs(labels.estimate_utm_crs()).centroid
+    blocks = np.stack([np.floor(centroids.x / block_m), np.floor(centroids.y / block_m)], axis=1).astype(np.int64)
+    unique, block_of = np.unique(blocks, axis=0, return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    rows = np.bincount(block_of.ravel(), minlength=len(unique))[order]
+    before = (np.cumsum(rows) - rows) / rows.sum()  # fraction of the rows in earlier blocks, in shuffled order
+    split_of_block = np.empty(len(unique), dtype=object)
+    split_of_block[order] = np.select(
+        [before < fractions[0], before < fractions[0] + fractions[1]], ["train", "val"], "test"
+    )
+    return split_of_block[block_of.ravel()].astype(str)
+
+
+def read_labels(
+    path: Path,
+    classes: list[dict],
+    class_column: str = "class_id",
+    crs: str | None = None,
+    split_block_m: float | None = None,
+    seed: int = 0,
+) -> gpd.GeoDataFrame:
+    """Labelled parcels (polygons) or points of a GeoParquet, Parquet, GeoPackage or Shapefile, checked against
+    the class map.
+
+    `class_column` holds class ids (`class_id`, the default) or source codes mapped by the classes' `"codes"` (rows
+    with other codes are dropped). `crs` is assumed when the file has none. The `split` column (train/val/test)
+    is required unless `split_block_m` is given: then a file without it gets `assign_blocked_split`. Rows without
+    geometry and duplicates (same geometry, class and split, e.g. one row per date) are dropped. Returns the frame
+    with `class_id` as int and `split` as str.
     """
     path = Path(path)
     if not path.exists():
@@ -92,32 +184,30 @@ def read_labels(path: Path, classes: list[dict]) -> gpd.GeoDataFrame:
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
     if gdf.empty:
         raise CropflowError(f"labels {path} hold no parcel geometry; add labelled polygons to the file.")
+    if gdf.crs is None and crs is not None:
+        gdf = gdf.set_crs(crs)
     if gdf.crs is None:
         raise CropflowError(
             f"labels {path} have no CRS; set it (e.g. GeoDataFrame.set_crs('EPSG:32631')) and save the file again."
         )
-    missing = [c for c in REQUIRED_COLUMNS if c not in gdf.columns]
+    needs_split = split_block_m is None or "split" in gdf.columns
+    missing = [c for c in (class_column, "split") if c not in gdf.columns and (c != "split" or needs_split)]
     if missing:
         raise CropflowError(
             f"labels {path} lack column(s) {missing} (have {[c for c in gdf.columns if c != gdf.geometry.name]}); "
-            "add an integer 'class_id' and a 'split' of train/val/test per parcel."
+            f"add an integer 'class_id' (or the codes column named by class_column) and a 'split' of "
+            "train/val/test per parcel (or give split_block_m to draw a blocked split)."
         )
-    class_id = pd.to_numeric(gdf["class_id"], errors="coerce")
-    if class_id.isna().any() or (class_id != class_id.round()).any():
-        bad = gdf.loc[class_id.isna() | (class_id != class_id.round()), "class_id"].unique()[:10].tolist()
-        raise CropflowError(f"labels {path}: class_id values {bad} are not integers; give every parcel a class id.")
-    known = {c["id"] for c in classes}
-    unknown = sorted(set(class_id.astype(int)) - known)
-    if unknown:
-        raise CropflowError(
-            f"labels {path}: class ids {unknown} are not in the class map (ids {sorted(known)}); "
-            "add them to classes.json or fix the labels."
-        )
+    gdf = _class_ids(gdf, class_column, classes, path)
+    if "split" not in gdf.columns:
+        gdf = gdf.assign(split=assign_blocked_split(gdf, split_block_m, seed=seed))
     split = gdf["split"].astype(str).str.strip().str.lower()
     bad_splits = sorted(set(split) - SPLITS.keys())
     if bad_splits:
         raise CropflowError(f"labels {path}: split values {bad_splits} are not one of {list(SPLITS)}; fix the column.")
-    return gdf.assign(class_id=class_id.astype(int).to_numpy(), split=split.to_numpy())
+    gdf = gdf.assign(split=split.to_numpy())
+    key = pd.Series(shapely.to_wkb(gdf.geometry.to_numpy()), index=gdf.index)
+    return gdf[~pd.DataFrame({"g": key, "c": gdf["class_id"], "s": gdf["split"]}).duplicated().to_numpy()]
 
 
 def cube_grid(ds: xr.Dataset) -> tuple[Affine, tuple[int, int], str]:
@@ -129,49 +219,79 @@ def cube_grid(ds: xr.Dataset) -> tuple[Affine, tuple[int, int], str]:
     return transform, (y.size, x.size), str(ds.attrs["crs"])
 
 
+def _to_grid_crs(
+    labels: gpd.GeoDataFrame, crs: str | CRS, bounds: tuple[float, float, float, float]
+) -> gpd.GeoDataFrame:
+    """Labels reprojected to the cube's `crs`; a `CropflowError` if that fails or they miss the cube `bounds`."""
+    if labels.crs is None:
+        raise CropflowError("labels have no CRS; set one before rasterizing.")
+    theirs, ours = CRS.from_user_input(labels.crs), CRS.from_user_input(crs)
+    try:
+        moved = labels if theirs == ours else labels.to_crs(ours)
+    except Exception as exc:
+        raise CropflowError(
+            f"labels in {theirs.to_string()} cannot be reprojected to the cube's {crs} ({exc})."
+        ) from None
+    x0, y0, x1, y1 = bounds
+    lb = moved.total_bounds
+    if len(moved) and lb[0] < x1 and lb[2] > x0 and lb[1] < y1 and lb[3] > y0:
+        return moved
+    hint = ""
+    raw = labels.total_bounds
+    if theirs != ours and raw[0] < x1 and raw[2] > x0 and raw[1] < y1 and raw[3] > y0:
+        hint = f" Their coordinates read as {crs} would fall on the cube: is their CRS ({theirs.to_string()}) wrong?"
+    raise CropflowError(
+        f"the labels (bounds {lb.round(1).tolist()} in {crs}, from {theirs.to_string()}) do not overlap the cube "
+        f"extent [{x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f}]; check that the labels and the region are the same place."
+        + hint
+    )
+
+
 def rasterize_labels(
     labels: gpd.GeoDataFrame,
     transform: Affine | Sequence[float],
     shape: tuple[int, int],
     crs: str | CRS,
     border_px: int = 1,
+    point_buffer_px: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Burn parcels onto a grid: `target` int16 `(H, W)` class id (-1 = none) and `split` uint8 `(H, W)`.
+    """Burn parcels and points onto a grid: `target` int16 `(H, W)` class id (-1 = none), `split` uint8 `(H, W)`.
 
     `transform` is an `Affine` or its 6 numbers `(a, b, c, d, e, f)`; labels are reprojected to `crs` if needed.
     A pixel belongs to the parcel holding its centre (later rows win where parcels overlap). Pixels within
     `border_px` pixels (8-neighbourhood) of another parcel or of unlabelled land get target -1, their split is kept.
+    Points label the pixel they fall in, or with `point_buffer_px > 0` the pixels whose centres lie within that
+    many pixels of the point; they have no border and are burnt over the parcels.
+    Raises `CropflowError` when the labels cannot be brought to `crs` or do not overlap the grid.
     """
     transform = transform if isinstance(transform, Affine) else Affine(*transform[:6])
     h, w = shape
-    if labels.crs is None:
-        raise CropflowError("labels have no CRS; set one before rasterizing.")
-    labels = labels if CRS.from_user_input(labels.crs) == CRS.from_user_input(crs) else labels.to_crs(crs)
-    parcel = np.zeros((h, w), dtype=np.int32)
-    if len(labels):
-        features.rasterize(
-            zip(labels.geometry, range(1, len(labels) + 1), strict=True),
-            out=parcel,
-            transform=transform,
-            all_touched=False,
-        )
-    if not parcel.any():
-        x0, y0 = transform @ (0, 0)
-        x1, y1 = transform @ (w, h)
-        lb = labels.total_bounds.round(1).tolist() if len(labels) else []
+    (xa, ya), (xb, yb) = transform @ (0, 0), transform @ (w, h)
+    labels = _to_grid_crs(labels, crs, (min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)))
+    is_point = labels.geometry.geom_type.isin(["Point", "MultiPoint"]).to_numpy()
+    geometry = labels.geometry.to_numpy().copy()
+    if point_buffer_px > 0:
+        geometry[is_point] = shapely.buffer(geometry[is_point], point_buffer_px * abs(transform.a))
+    ids = np.arange(1, len(labels) + 1)
+    parcel, point = np.zeros((h, w), dtype=np.int32), np.zeros((h, w), dtype=np.int32)
+    for out, rows in ((parcel, ~is_point), (point, is_point)):
+        if rows.any():
+            features.rasterize(zip(geometry[rows], ids[rows], strict=True), out=out, transform=transform)
+    if not (parcel.any() or point.any()):
         raise CropflowError(
-            f"the labels (bounds {lb} in {crs}) do not overlap the cube extent "
-            f"[{min(x0, x1):.1f}, {min(y0, y1):.1f}, {max(x0, x1):.1f}, {max(y0, y1):.1f}]; "
-            "check that the labels and the region are the same place."
+            f"no label covers a pixel centre of the cube grid ({h} x {w} px); the labels touch the cube only at "
+            "its edges or between pixel centres: check that the labels and the region are the same place."
         )
     class_of = np.concatenate([[-1], labels["class_id"].to_numpy(dtype=np.int16)])
     split_of = np.concatenate([[0], labels["split"].map(SPLITS).to_numpy(dtype=np.uint8)])
     target = class_of[parcel].astype(np.int16)
-    split = split_of[parcel].astype(np.uint8)
     if border_px > 0:
         size = 2 * border_px + 1
         border = ndimage.maximum_filter(parcel, size=size, mode="nearest") != ndimage.minimum_filter(
             parcel, size=size, mode="nearest"
         )
         target[border] = -1
+    labelled = np.where(point > 0, point, parcel)  # points over parcels, without border
+    target = np.where(point > 0, class_of[point], target).astype(np.int16)
+    split = split_of[labelled].astype(np.uint8)
     return target, split
