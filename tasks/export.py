@@ -34,6 +34,7 @@ from tasks.labels import cube_grid, read_classes
 NODATA = 255
 COG_BLOCK = 512
 THUMBNAIL = 256  # overviews go down until the smallest fits in this many pixels
+MAP_COLLECTION = "cropflow-crop-maps"  # STAC collection of the maps loaded into a STAC API
 MEDIA_TYPES = {".tif": pystac.MediaType.COG, ".png": pystac.MediaType.PNG, ".zarr": "application/vnd+zarr"}
 
 
@@ -236,6 +237,40 @@ def write_map_item(
     return item
 
 
+def write_map_catalog(item_json: Path, out_dir: Path, collection_id: str = MAP_COLLECTION) -> Path:
+    """A folder that `infra.stac_api.load` takes: the map item of `item_json` in `collection_id`.
+
+    Writes `collections/<collection_id>.json` (extent of the map) and `items/<collection_id>.ndjson` (the item, its
+    asset hrefs as absolute `file://` URLs like the sample regions'), atomically, and returns `out_dir`. Loading
+    another map's folder upserts the same collection with that map's extent.
+    """
+    item = pystac.Item.from_file(str(Path(item_json).resolve()))
+    for asset in item.assets.values():
+        asset.href = Path(asset.get_absolute_href()).as_uri()
+    out_dir = Path(out_dir)
+    collection_json = out_dir / "collections" / f"{collection_id}.json"
+    collection = pystac.Collection(
+        id=collection_id,
+        title="cropflow crop maps",
+        description="Crop type maps predicted from satellite image time series by cropflow.",
+        extent=pystac.Extent(
+            pystac.SpatialExtent([item.bbox]),
+            pystac.TemporalExtent([[item.common_metadata.start_datetime, item.common_metadata.end_datetime]]),
+        ),
+        license="other",
+    )
+    item.collection_id = collection_id
+    item.add_link(pystac.Link("collection", collection_json.resolve().as_uri(), pystac.MediaType.JSON))
+    for path, text in (
+        (collection_json, json.dumps(collection.to_dict(include_self_link=False), indent=2) + "\n"),
+        (out_dir / "items" / f"{collection_id}.ndjson", json.dumps(item.to_dict(include_self_link=False)) + "\n"),
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return out_dir
+
+
 @task(name="export-map")
 def export_map_task(
     probs_zarr: Path,
@@ -245,7 +280,8 @@ def export_map_task(
     out_dir: Path,
     derived_from: Sequence[str] = (),
 ) -> dict[str, Path]:
-    """Class and confidence COGs, PNG preview and STAC item of a probabilities store, written into `out_dir`."""
+    """Class and confidence COGs, PNG preview and STAC item of a probabilities store, written into `out_dir`; the
+    item also as a folder `out_dir/stac` loadable into the local STAC API (`cropflow stac load OUT_DIR/stac`)."""
     classes = read_classes(classes_path)
     out_dir = Path(out_dir)
     start, end = season
@@ -262,4 +298,5 @@ def export_map_task(
         derived_from=derived_from,
     )  # fmt: skip
     outputs["stac_item"] = out_dir / "crop_map.stac.json"
+    outputs["stac_catalog"] = write_map_catalog(outputs["stac_item"], out_dir / "stac")
     return outputs

@@ -1,10 +1,18 @@
 """Tiled inference over a cube in Zarr, streamed block by block into a probabilities store.
 
 One global grid of `window`-sized windows (stride `window - overlap`) covers the region, reflect-padded by
-`overlap // 2` pixels at its edges. Each window's class probabilities are weighted by a cosine ramp over the
-overlap, so neighbouring windows fade into each other and the mosaic has no seams. The region is processed one
-block (a few cube chunks) at a time, read with a halo holding every window that touches the block: a pixel's
-result does not depend on the block size, and memory does not grow with the region.
+`overlap // 2` pixels at its edges. Each window's class **logits** are weighted by a cosine ramp over the overlap
+and averaged, then turned into probabilities by one softmax per pixel: neighbouring windows fade into each other and
+the mosaic has no seams. Averaging logits (rather than probabilities) is a normalised weighted geometric mean of the
+windows' probabilities, in which a window sure of its class outweighs an unsure neighbour; it costs one
+softmax per pixel instead of one per window pixel, and for the random forest (log class frequencies) it averages
+log-frequencies. The region is processed one block (a few cube chunks) at a time, read with a halo holding every
+window that touches the block: a pixel's result does not depend on the block size, and memory does not grow with
+the region.
+
+Inputs follow `tasks.preprocess.prepare_window` (gaps filled in time, standardised, `valid` marks real
+observations), as in training. A model with SAR input (`sar_channels`, e.g. `modality_distillation`) also gets the
+checkpoint's `"sar"` sensor from the cube (`x_sar`, `doy_sar`, `valid_sar`, same grid and dates).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask.array as da
@@ -132,22 +141,46 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[i : i + size]
 
 
-def _model_inputs(ds: xr.Dataset, ckpt: dict) -> tuple[xr.DataArray, np.ndarray, np.ndarray, np.ndarray]:
-    """The checkpoint's sensor and bands from the cube, `doy`, and the normalisation `mean`, `std`."""
-    sensor = ckpt.get("sensor", "s2")
+@dataclass(frozen=True)
+class _Input:
+    """One sensor's model input: the cube variable (the checkpoint's bands), its normalisation, and the keyword
+    names of its `x`, `doy` and `valid` in `model.forward`."""
+
+    var: xr.DataArray
+    mean: np.ndarray
+    std: np.ndarray
+    keys: tuple[str, str, str]
+
+
+def _sensor_input(ds: xr.Dataset, spec: dict, keys: tuple[str, str, str]) -> _Input:
+    """`spec` = `{"sensor", "bands", "norm": {"mean", "std"}}` (a checkpoint or its `"sar"` entry) read from `ds`."""
+    sensor = spec.get("sensor", "s2")
     if sensor not in ds:
         raise CropflowError(f"the cube has no {sensor!r} variable the model was trained on; rebuild the cube with it.")
     var = ds[sensor]
     band_dim = var.dims[1]
-    bands = list(ckpt["bands"])
+    bands = list(spec["bands"])
     missing = sorted(set(bands) - {str(b) for b in var[band_dim].values})
     if missing:
         raise CropflowError(f"the cube lacks bands {missing} the model was trained on; rebuild the cube with them.")
-    mean = np.asarray(ckpt["norm"]["mean"], dtype=np.float32)
-    std = np.asarray(ckpt["norm"]["std"], dtype=np.float32)
+    mean = np.asarray(spec["norm"]["mean"], dtype=np.float32)
+    std = np.asarray(spec["norm"]["std"], dtype=np.float32)
     if mean.shape != (len(bands),) or std.shape != (len(bands),):
         raise CropflowError(f"checkpoint norm has {mean.size} means / {std.size} stds for {len(bands)} bands.")
-    return var.sel({band_dim: bands}), ds["doy"].values.astype(np.int64), mean, std
+    return _Input(var.sel({band_dim: bands}), mean, std, keys)
+
+
+def _model_inputs(ds: xr.Dataset, ckpt: dict, model: nn.Module) -> list[_Input]:
+    """The optical input, plus the SAR input (checkpoint key `"sar"`) for a model with `sar_channels`."""
+    inputs = [_sensor_input(ds, ckpt, ("x", "doy", "valid"))]
+    if getattr(model, "sar_channels", None):
+        if "sar" not in ckpt:
+            raise CropflowError(
+                f"{type(model).__name__} takes a SAR series but the checkpoint has no 'sar' entry "
+                "({'sensor', 'bands', 'norm'}); save the SAR sensor, bands and normalisation with the model."
+            )
+        inputs.append(_sensor_input(ds, ckpt["sar"], ("x_sar", "doy_sar", "valid_sar")))
+    return inputs
 
 
 def _create_store(path: Path, ds: xr.Dataset, classes: list[dict], chunks: tuple[int, int], model_name: str) -> None:
@@ -184,8 +217,8 @@ def _create_store(path: Path, ds: xr.Dataset, classes: list[dict], chunks: tuple
 
 def _predict_block(
     model: nn.Module,
-    x: np.ndarray,
-    valid: np.ndarray,
+    inputs: list[tuple[np.ndarray, np.ndarray]],
+    keys: list[tuple[str, str, str]],
     origin: tuple[int, int],
     starts: tuple[np.ndarray, np.ndarray],
     core: tuple[int, int, int, int],
@@ -195,14 +228,15 @@ def _predict_block(
     num_classes: int,
     prog: _Progress,
 ) -> np.ndarray:
-    """Blended probabilities `(K, h, w)` of one block's core, NaN where no window saw an observation.
+    """Probabilities `(K, h, w)` of one block's core from the blended logits, NaN where no window saw an observation.
 
-    `x`, `valid` are the model inputs of the padded block whose first row/column is at `origin` (region pixel
-    coordinates, possibly negative); `starts` are the window starts touching the core `(y0, y1, x0, x1)`.
+    `inputs` holds each sensor's model inputs `(x, valid)` (forward keywords `keys`) of the padded block whose first
+    row/column is at `origin` (region pixel coordinates, possibly negative); `starts` are the window starts touching
+    the core `(y0, y1, x0, x1)`. A pixel counts as observed when any sensor observed it at some date.
     """
     window = weights.shape[0]
     (r0, c0), (y0, y1, x0, x1) = origin, core
-    observed = valid.any(axis=0)
+    observed = np.logical_or.reduce([valid.any(axis=0) for _, valid in inputs])
 
     def local(sy: int, sx: int) -> tuple[slice, slice]:
         return slice(sy - r0, sy - r0 + window), slice(sx - c0, sx - c0 + window)
@@ -212,21 +246,24 @@ def _predict_block(
     acc = np.zeros((num_classes, y1 - y0, x1 - x0), dtype=np.float32)
     wsum = np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
     for batch in _batches(todo, batch_size):
-        xb = torch.from_numpy(np.stack([x[:, :, *local(sy, sx)] for sy, sx in batch])).to(doy.device)
-        vb = torch.from_numpy(np.stack([valid[:, *local(sy, sx)] for sy, sx in batch])).to(doy.device)
+        kwargs = {}
+        for (x, valid), (kx, kd, kv) in zip(inputs, keys, strict=True):
+            kwargs[kx] = torch.from_numpy(np.stack([x[:, :, *local(sy, sx)] for sy, sx in batch])).to(doy.device)
+            kwargs[kv] = torch.from_numpy(np.stack([valid[:, *local(sy, sx)] for sy, sx in batch])).to(doy.device)
+            kwargs[kd] = doy.expand(len(batch), -1)
         with torch.inference_mode(), autocast(doy.device):
-            logits = model(xb, doy.expand(len(batch), -1), vb)
+            logits = model(**kwargs)
         if logits.shape[1:] != (num_classes, window, window):
             raise ValueError(f"model returned {tuple(logits.shape)}, expected (B, {num_classes}, {window}, {window})")
-        probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        for p, (sy, sx) in zip(probs, batch, strict=True):
-            ya, yb, xa, xb_ = max(sy, y0), min(sy + window, y1), max(sx, x0), min(sx + window, x1)
-            wgt = weights[ya - sy : yb - sy, xa - sx : xb_ - sx]
-            acc[:, ya - y0 : yb - y0, xa - x0 : xb_ - x0] += p[:, ya - sy : yb - sy, xa - sx : xb_ - sx] * wgt
-            wsum[ya - y0 : yb - y0, xa - x0 : xb_ - x0] += wgt
+        for z, (sy, sx) in zip(logits.float().cpu().numpy(), batch, strict=True):
+            ya, yb, xa, xb = max(sy, y0), min(sy + window, y1), max(sx, x0), min(sx + window, x1)
+            wgt = weights[ya - sy : yb - sy, xa - sx : xb - sx]
+            acc[:, ya - y0 : yb - y0, xa - x0 : xb - x0] += z[:, ya - sy : yb - sy, xa - sx : xb - sx] * wgt
+            wsum[ya - y0 : yb - y0, xa - x0 : xb - x0] += wgt
         prog.step(len(batch))
     ok = observed[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] & (wsum > 0)
-    return np.where(ok, acc / np.where(ok, wsum, 1), np.nan).astype(np.float32)
+    probs = torch.softmax(torch.from_numpy(acc / np.where(ok, wsum, 1)), dim=0).numpy()
+    return np.where(ok, probs, np.nan).astype(np.float32)
 
 
 def predict_region(
@@ -244,9 +281,10 @@ def predict_region(
     """Class probabilities, class and confidence maps of the cube at `cube_path`, written atomically to Zarr v3.
 
     `model` follows the cropflow model interface (it is put in eval mode on `device`); `ckpt` supplies `bands`,
-    `sensor`, `norm` and `classes`.
+    `sensor`, `norm` and `classes` (and `"sar"`: `{"sensor", "bands", "norm"}` for a model with SAR input).
     `overlap` is the fraction of `window` shared by neighbouring windows; a block is `block_chunks` cube chunks
-    per side. Pixels without a valid observation at any date get class 255 and NaN probabilities/confidence.
+    per side. Pixels without a valid observation (of any input sensor) at any date get class 255 and NaN
+    probabilities/confidence.
     """
     if window < 1 or not 0 <= overlap < 1 or batch_size < 1 or block_chunks < 1:
         raise ValueError(
@@ -262,9 +300,9 @@ def predict_region(
     model = model.to(dev).eval()
 
     ds = xr.open_zarr(cube_path, chunks=None)
-    var, doy, mean, std = _model_inputs(ds, ckpt)
+    inputs = _model_inputs(ds, ckpt, model)
     h, w = ds.sizes["y"], ds.sizes["x"]
-    chunks = ds[var.name].encoding.get("chunks") or (256, 256)
+    chunks = ds[inputs[0].var.name].encoding.get("chunks") or (256, 256)
     cy, cx = (min(int(c), s) for c, s in zip(chunks[-2:], (h, w), strict=True))
     ys, xs = window_starts(h, window, ov), window_starts(w, window, ov)
     weights = ramp_weights(window, ov)
@@ -272,7 +310,7 @@ def predict_region(
     total = sum(len(_touching(ys, window, *b)) for b in blocks_y) * sum(
         len(_touching(xs, window, *b)) for b in blocks_x
     )
-    doy_t = torch.from_numpy(doy)[None].to(dev)
+    doy = torch.from_numpy(ds["doy"].values.astype(np.int64))[None].to(dev)
 
     with atomic_path(Path(out_path)) as tmp, _Progress(total, progress, f"predict {Path(cube_path).name}") as prog:
         _create_store(tmp, ds, classes, (cy, cx), str(ckpt.get("model_name", type(model).__name__)))
@@ -282,16 +320,16 @@ def predict_region(
             for x0, x1 in blocks_x:
                 wx = _touching(xs, window, x0, x1)
                 rows, cols = np.arange(wy[0], wy[-1] + window), np.arange(wx[0], wx[-1] + window)
-                x, valid = _prepare(_read_padded(var, rows, cols, cy), mean, std)
+                block = [_prepare(_read_padded(i.var, rows, cols, cy), i.mean, i.std) for i in inputs]
                 probs = _predict_block(
                     model,
-                    x,
-                    valid,
+                    block,
+                    [i.keys for i in inputs],
                     (wy[0], wx[0]),
                     (wy, wx),
                     (y0, y1, x0, x1),
                     weights,
-                    doy_t,
+                    doy,
                     batch_size,
                     len(classes),
                     prog,

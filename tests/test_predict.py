@@ -24,12 +24,20 @@ from pystac.extensions.raster import RasterExtension
 from pystac.validation.stac_validator import JsonSchemaSTACValidator
 from torch import nn
 
-from tasks.export import write_class_cog, write_confidence_cog, write_map_item, write_preview_png
+from tasks.export import (
+    MAP_COLLECTION,
+    write_class_cog,
+    write_confidence_cog,
+    write_map_catalog,
+    write_map_item,
+    write_preview_png,
+)
 from tasks.predict import predict_region, ramp_weights, reflect_index, window_starts
 from tasks.preprocess import band_statistics, prepare_window
 
 H, W, T = 150, 187, 6  # neither a multiple of the windows nor of the 64 px cube chunks
 BANDS = ["B04", "B08", "B11"]
+S1_BANDS = ["VV", "VH"]
 CLASSES = [
     {"id": 0, "name": "winter wheat", "color": "#e6c84b"},
     {"id": 1, "name": "maize", "color": "#3c9c3c"},
@@ -46,7 +54,8 @@ def _truth() -> np.ndarray:
 
 
 def _cube(path: Path, rows: slice = slice(None), cols: slice = slice(None), chunk: int = 64) -> Path:
-    """A cube in the layout of `tasks.cube`: class-specific seasonal profiles, noise, 25% clouds, one blind corner.
+    """A cube in the layout of `tasks.cube`: class-specific seasonal profiles, noise, 25% clouds, one corner the
+    optical sensor never sees, and a radar series (`s1`, dB) that sees it, missing 10% of the pixel-dates.
 
     `rows`, `cols` crop it before writing.
     """
@@ -60,14 +69,20 @@ def _cube(path: Path, rows: slice = slice(None), cols: slice = slice(None), chun
     cloudy = rng.random((T, 1, H, W)) < 0.25
     values = np.where(cloudy, np.nan, values)
     values[:, :, NO_OBS[0], NO_OBS[1]] = np.nan
+    s1 = -15 + 1.5 * k + 3 * (np.arange(2)[None, :, None, None] == 0) + 2 * np.cos(2 * np.pi * t / T + k)
+    s1 = (s1 + rng.normal(0, 0.5, (T, 2, H, W))).astype(np.float32)
+    s1 = np.where(rng.random((T, 1, H, W)) < 0.1, np.nan, s1)
     ds = xr.Dataset(
         {
             "s2": (("time", "band", "y", "x"), values),
             "s2_valid": (("time", "y", "x"), (~np.isnan(values[:, 0])).astype(np.float32)),
+            "s1": (("time", "s1_band", "y", "x"), s1),
+            "s1_valid": (("time", "y", "x"), (~np.isnan(s1[:, 0])).astype(np.float32)),
         },
         coords={
             "time": pd.date_range("2024-03-01", periods=T, freq="30D"),
             "band": np.array(BANDS, dtype=object),
+            "s1_band": np.array(S1_BANDS, dtype=object),
             "y": 5_000_000.0 - 5 - 10 * np.arange(H),
             "x": 600_000.0 + 5 + 10 * np.arange(W),
             "doy": ("time", (61 + 30 * np.arange(T)).astype("int16")),
@@ -80,7 +95,7 @@ def _cube(path: Path, rows: slice = slice(None), cols: slice = slice(None), chun
             "season": ["2024-03-01", "2024-10-31"],
         },
     )
-    ds = ds.isel(y=rows, x=cols).chunk({"time": -1, "band": -1, "y": chunk, "x": chunk})
+    ds = ds.isel(y=rows, x=cols).chunk({"time": -1, "band": -1, "s1_band": -1, "y": chunk, "x": chunk})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         ds.to_zarr(path, zarr_format=3, mode="w", consolidated=True)
@@ -325,3 +340,78 @@ def test_predict_task_from_a_checkpoint(cube, trained, tmp_path):
     torch.save({**ckpt, "bands": ["B02", *BANDS[1:]]}, tmp_path / "other.pt")
     with pytest.raises(CropflowError, match="trained on bands"):
         predict_region_task.fn(cube, tmp_path / "other.pt", tmp_path / "p3.zarr")
+
+
+def test_optical_and_sar_model_reads_both_series(cube, trained, tmp_path):
+    """`modality_distillation` gets `s1` with the checkpoint's SAR bands (by name) and normalisation: with pixel-wise
+    backbones the map equals one forward over the whole region, and pixels only the radar saw are mapped."""
+    from infra.errors import CropflowError
+    from models.registry import build_model
+    from tasks.train import autocast
+
+    ltae = {"embed_dims": [16], "d_model": 16, "n_head": 2, "d_k": 4, "mlp_dims": [16], "dropout": 0.0}
+    config = {"in_channels": len(BANDS), "num_classes": len(CLASSES), "sar_channels": 2, "embed_dim": 8}
+    config |= {"optical_backbone": "ltae", "optical_config": ltae, "sar_backbone": "ltae", "sar_config": ltae}
+    torch.manual_seed(0)
+    model = build_model("modality_distillation", **config).eval()
+    ds = xr.open_zarr(cube)
+    sar = ds["s1"].sel(s1_band=["VH", "VV"]).values  # not the cube's band order
+    sar_mean, sar_std = band_statistics(sar)
+    ckpt = trained[1] | {"model_name": "modality_distillation"}
+    with pytest.raises(CropflowError, match="no 'sar' entry"):
+        predict_region(cube, model, ckpt, tmp_path / "p.zarr", progress=False)
+    ckpt["sar"] = {"sensor": "s1", "bands": ["VH", "VV"], "norm": {"mean": sar_mean.tolist(), "std": sar_std.tolist()}}
+    out = predict_region(cube, model, ckpt, tmp_path / "p.zarr", window=48, batch_size=8, progress=False)
+
+    norm = [np.asarray(ckpt["norm"][k], np.float32) for k in ("mean", "std")]
+    x, valid = (torch.from_numpy(a)[None] for a in prepare_window(ds["s2"].values, *norm))
+    x_sar, valid_sar = (torch.from_numpy(a)[None] for a in prepare_window(sar, sar_mean, sar_std))
+    doy = torch.from_numpy(ds["doy"].values.astype(np.int64))[None]
+    with torch.inference_mode(), autocast(torch.device("cpu")):
+        logits = model(x, doy, valid, x_sar, doy, valid_sar)
+    expected = torch.softmax(logits.float(), dim=1)[0].numpy()
+    result = xr.open_zarr(out)
+    np.testing.assert_allclose(result["probabilities"].values, expected, atol=0.02)
+    assert (result["class"].values[NO_OBS] != 255).all()
+
+
+def test_random_forest_map(cube, trained, tmp_path):
+    """The forest (log class frequencies as logits) maps the region from the same `prepare_window` inputs."""
+    from models.random_forest import RandomForest
+
+    ckpt = trained[1] | {"model_name": "random_forest"}
+    ds = xr.open_zarr(cube)
+    norm = [np.asarray(ckpt["norm"][k], np.float32) for k in ("mean", "std")]
+    x, valid = (torch.from_numpy(a)[None] for a in prepare_window(ds["s2"].values[..., 20:100, 40:120], *norm))
+    doy = torch.from_numpy(ds["doy"].values.astype(np.int64))[None]
+    target = torch.from_numpy(_truth()[20:100, 40:120])[None]
+    forest = RandomForest(len(BANDS), len(CLASSES), n_estimators=20, seed=0).fit(x, doy, valid, target)
+    out = predict_region(cube, forest, ckpt, tmp_path / "p.zarr", window=48, batch_size=8, progress=False)
+    cls = xr.open_zarr(out)["class"].values
+    held_out = np.ones((H, W), dtype=bool)
+    held_out[20:100, 40:120] = False
+    held_out &= cls != 255
+    assert (cls[held_out] == _truth()[held_out]).mean() > 0.9
+
+
+def test_map_item_is_found_in_the_local_stac_api(tiled, tmp_path, stac_api):
+    """The item's catalog folder loads into the local STAC API; a search by place and date finds the map."""
+    from pystac_client import Client
+
+    from infra import stac_api as api
+
+    tif = write_class_cog(tiled, CLASSES, tmp_path / "crop_map.tif")
+    item_json = write_map_item(tif, CLASSES, "synthetic", (date(2024, 3, 1), date(2024, 10, 31)), tmp_path / "m.json")
+    folder = write_map_catalog(tmp_path / "m.json", tmp_path / "stac")
+    assert api.load(stac_api, folder) == {MAP_COLLECTION: 1}
+    search = Client.open(stac_api.stac_url).search(
+        collections=[MAP_COLLECTION], bbox=[4.25, 45.1, 4.3, 45.2], datetime="2024-06-01/2024-06-30"
+    )
+    [found] = list(search.items())
+    assert found.id == item_json.id and found.collection_id == MAP_COLLECTION
+    asset = found.assets["crop_map"]
+    assert asset.href == tif.as_uri()
+    assert [c.title for c in ClassificationExtension.ext(asset).classes][:-1] == [c["name"] for c in CLASSES]
+    with rasterio.open(asset.href) as src:
+        np.testing.assert_array_equal(src.read(1), xr.open_zarr(tiled)["class"].values)
+    assert not list(Client.open(stac_api.stac_url).search(collections=[MAP_COLLECTION], datetime="2023").items())
