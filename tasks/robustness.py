@@ -1,0 +1,170 @@
+"""Robustness of a trained model to missing dates: test-parcel metrics as a growing fraction of the dates is lost.
+
+Each grid patch of the test split (`tasks.dataset.PatchDataset`, scored by `tasks.train.evaluate_patches`) loses a
+fraction of its dates, set to NaN before gap filling as if clouded over: dates drawn at random, or one contiguous
+run (a long cloudy spell), from `models.masking.cloud_gap_mask` (Wang, Belgiu et al. 2025). Repeat `r` draws its
+masks from seed `seed + r` whatever the fraction, so with random gaps the dates hidden at 40 % include those hidden
+at 20 %. The metrics of each (gap mode, fraction) pool the pixels of every repeat.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.context import FlowRunContext, TaskRunContext
+from torch.utils.data import ConcatDataset, DataLoader
+
+from infra.atomic import atomic_path
+from infra.errors import CropflowError
+from models.masking import cloud_gap_mask
+from tasks.dataset import PatchDataset, load_cube_arrays
+from tasks.labels import cube_grid, rasterize_labels, read_classes, read_labels
+from tasks.train import SENSOR, evaluate_patches, load_checkpoint, resolve_device
+
+FRACTIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
+GAP_MODES = ("random", "contiguous")
+COLUMNS = ("gap_mode", "missing_fraction", "dates_hidden", "overall_accuracy", "kappa", "macro_f1", "miou", "n_pixels")
+
+
+def write_robustness_png(rows: list[dict], out_png: Path) -> Path:
+    """Overall accuracy and mIoU against the fraction of missing dates, one line per gap mode (atomic write)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100, sharex=True)
+    try:
+        for ax, key, label in zip(axes, ("overall_accuracy", "miou"), ("overall accuracy", "mIoU"), strict=True):
+            for mode in dict.fromkeys(r["gap_mode"] for r in rows):
+                pts = [(100 * r["missing_fraction"], r[key]) for r in rows if r["gap_mode"] == mode]
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{mode} gaps")
+            ax.set_xlabel("missing dates (%)")
+            ax.set_ylabel(label)
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.suptitle("test parcels: accuracy against missing dates")
+        fig.tight_layout()
+        with atomic_path(Path(out_png)) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return Path(out_png)
+
+
+def robustness_report(
+    cube_path: Path,
+    checkpoint: Path,
+    labels_path: Path,
+    classes_path: Path,
+    out_dir: Path,
+    fractions: tuple[float, ...] = FRACTIONS,
+    gap_modes: tuple[str, ...] = GAP_MODES,
+    patch_size: int = 64,
+    repeats: int = 3,
+    batch_size: int = 8,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict:
+    """Test-split metrics of the model at `checkpoint` for each gap mode and fraction of missing dates.
+
+    Writes `robustness.json` (settings and one row per mode and fraction, with per-class F1), `robustness.csv`
+    (the rows' `COLUMNS`) and `robustness.png` into `out_dir`, atomically, and returns the JSON's content. At
+    least one date of each patch stays (`cloud_gap_mask` caps the hidden dates at T - 1).
+    """
+    if repeats < 1 or not gap_modes or not fractions or not all(0 <= f <= 1 for f in fractions):
+        raise ValueError(
+            f"need repeats >= 1, gap modes and fractions in [0, 1]; got {repeats}, {gap_modes}, {fractions}"
+        )
+    classes = read_classes(classes_path)
+    ds = xr.open_zarr(cube_path, chunks=None)
+    if SENSOR not in ds:
+        raise CropflowError(f"the cube {cube_path} has no {SENSOR!r} variable; rebuild it with that sensor.")
+    var = ds[SENSOR]
+    band_dim = var.dims[1]
+    model, ckpt = load_checkpoint(checkpoint, [str(b) for b in var[band_dim].values], classes)
+    ds = ds.assign({SENSOR: var.sel({band_dim: list(ckpt["bands"])})})  # the model's band order
+    target, split = rasterize_labels(read_labels(labels_path, classes), *cube_grid(ds))
+    cube = load_cube_arrays(ds, target, split, SENSOR)
+    mean, std = (np.asarray(ckpt["norm"][k], dtype=np.float32) for k in ("mean", "std"))
+    names = [c["name"] for c in sorted(classes, key=lambda c: c["id"])]
+    dev = resolve_device(device)
+    model = model.to(dev)
+    num_dates = len(cube.doy)
+
+    rows = []
+    for mode in gap_modes:
+        for fraction in fractions:
+            sets = []
+            for r in range(repeats):
+                patches = PatchDataset(cube, mean, std, "test", "grid", patch_size)
+                gen = torch.Generator().manual_seed(seed + r)
+                hidden = cloud_gap_mask(len(patches), num_dates, gen, fraction, mode).numpy()
+                patches.hide_dates(hidden)
+                sets.append(patches)
+            m = evaluate_patches(model, DataLoader(ConcatDataset(sets), batch_size=batch_size), dev, len(names), names)
+            rows.append(
+                {
+                    "gap_mode": mode,
+                    "missing_fraction": float(fraction),
+                    "dates_hidden": int(hidden.sum(axis=1).max()),
+                    **{k: m[k] for k in COLUMNS[3:]},
+                    "per_class_f1": {name: c["f1"] for name, c in m["per_class"].items()},
+                }
+            )
+    report = {
+        "checkpoint": str(checkpoint),
+        "cube": str(cube_path),
+        "split": "test",
+        "num_dates": num_dates,
+        "patch_size": patches.patch,
+        "repeats": repeats,
+        "seed": seed,
+        "rows": rows,
+    }
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir / "robustness.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_path(out_dir / "robustness.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    write_robustness_png(rows, out_dir / "robustness.png")
+    if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+        table = [{k: r[k] for k in COLUMNS} for r in rows]
+        create_table_artifact(table=table, key="robustness", description="test metrics against missing dates")
+    return report
+
+
+@task(name="robustness-report", tags=["gpu"])
+def robustness_report_task(
+    cube_path: Path,
+    checkpoint: Path,
+    labels_path: Path,
+    classes_path: Path,
+    out_dir: Path,
+    patch_size: int = 64,
+    repeats: int = 3,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict:
+    """`robustness_report` at the default fractions (0-80 %) and gap modes (random, contiguous)."""
+    return robustness_report(
+        cube_path,
+        checkpoint,
+        labels_path,
+        classes_path,
+        out_dir,
+        patch_size=patch_size,
+        repeats=repeats,
+        seed=seed,
+        device=device,
+    )
