@@ -8,7 +8,8 @@ windows' probabilities, in which a window sure of its class outweighs an unsure 
 softmax per pixel instead of one per window pixel, and for the random forest (log class frequencies) it averages
 log-frequencies. The region is processed one block (a few cube chunks) at a time, read with a halo holding every
 window that touches the block: a pixel's result does not depend on the block size, and memory does not grow with
-the region.
+the region's area. Each window runs once: the logits of windows reaching into later blocks are kept until used
+(about two rows of windows along the region's width).
 
 Inputs follow `tasks.preprocess.prepare_window` (gaps filled in time, standardised, `valid` marks real
 observations), as in training. A model with SAR input (`sar_channels`, e.g. `modality_distillation`) also gets the
@@ -22,7 +23,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask.array as da
@@ -82,6 +83,19 @@ def _blocks(size: int, block: int) -> list[tuple[int, int]]:
 
 def _touching(starts: np.ndarray, window: int, lo: int, hi: int) -> np.ndarray:
     return starts[(starts < hi) & (starts + window > lo)]
+
+
+def _owned(starts: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Starts of the windows whose first pixel inside the region lies in `[lo, hi)`: the block that computes them."""
+    first = np.maximum(starts, 0)
+    return starts[(first >= lo) & (first < hi)]
+
+
+def _extent(owned: np.ndarray, window: int, lo: int, hi: int) -> np.ndarray:
+    """Pixel indices a block reads along one axis: its core `[lo, hi)` and the windows it computes."""
+    if owned.size:
+        lo, hi = min(lo, int(owned[0])), max(hi, int(owned[-1]) + window)
+    return np.arange(lo, hi)
 
 
 def _read_padded(var: xr.DataArray, rows: np.ndarray, cols: np.ndarray, strip: int) -> np.ndarray:
@@ -215,55 +229,80 @@ def _create_store(path: Path, ds: xr.Dataset, classes: list[dict], chunks: tuple
         template.to_zarr(path, zarr_format=3, mode="w", compute=False, consolidated=True, encoding=encoding)
 
 
-def _predict_block(
-    model: nn.Module,
-    inputs: list[tuple[np.ndarray, np.ndarray]],
-    keys: list[tuple[str, str, str]],
-    origin: tuple[int, int],
-    starts: tuple[np.ndarray, np.ndarray],
-    core: tuple[int, int, int, int],
-    weights: np.ndarray,
-    doy: torch.Tensor,
-    batch_size: int,
-    num_classes: int,
-    prog: _Progress,
-) -> np.ndarray:
-    """Probabilities `(K, h, w)` of one block's core from the blended logits, NaN where no window saw an observation.
+@dataclass
+class _Tiler:
+    """Runs the model on windows and blends their logits, block by block in row-major order.
 
-    `inputs` holds each sensor's model inputs `(x, valid)` (forward keywords `keys`) of the padded block whose first
-    row/column is at `origin` (region pixel coordinates, possibly negative); `starts` are the window starts touching
-    the core `(y0, y1, x0, x1)`. A pixel counts as observed when any sensor observed it at some date.
+    Each window is computed once, by the block holding its first pixel inside the region; its logits stay in
+    `cache` until the last block it touches (to the right or below) has used them, so windows across block borders
+    are not recomputed. The cache holds about one row of windows along the block-row border.
     """
-    window = weights.shape[0]
-    (r0, c0), (y0, y1, x0, x1) = origin, core
-    observed = np.logical_or.reduce([valid.any(axis=0) for _, valid in inputs])
 
-    def local(sy: int, sx: int) -> tuple[slice, slice]:
-        return slice(sy - r0, sy - r0 + window), slice(sx - c0, sx - c0 + window)
+    model: nn.Module
+    keys: list[tuple[str, str, str]]
+    weights: np.ndarray
+    doy: torch.Tensor
+    batch_size: int
+    num_classes: int
+    prog: _Progress
+    cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
-    todo = [(sy, sx) for sy in starts[0] for sx in starts[1] if observed[local(sy, sx)].any()]
-    prog.step(len(starts[0]) * len(starts[1]) - len(todo))  # windows without any observation are skipped
-    acc = np.zeros((num_classes, y1 - y0, x1 - x0), dtype=np.float32)
-    wsum = np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
-    for batch in _batches(todo, batch_size):
-        kwargs = {}
-        for (x, valid), (kx, kd, kv) in zip(inputs, keys, strict=True):
-            kwargs[kx] = torch.from_numpy(np.stack([x[:, :, *local(sy, sx)] for sy, sx in batch])).to(doy.device)
-            kwargs[kv] = torch.from_numpy(np.stack([valid[:, *local(sy, sx)] for sy, sx in batch])).to(doy.device)
-            kwargs[kd] = doy.expand(len(batch), -1)
-        with torch.inference_mode(), autocast(doy.device):
-            logits = model(**kwargs)
-        if logits.shape[1:] != (num_classes, window, window):
-            raise ValueError(f"model returned {tuple(logits.shape)}, expected (B, {num_classes}, {window}, {window})")
-        for z, (sy, sx) in zip(logits.float().cpu().numpy(), batch, strict=True):
-            ya, yb, xa, xb = max(sy, y0), min(sy + window, y1), max(sx, x0), min(sx + window, x1)
-            wgt = weights[ya - sy : yb - sy, xa - sx : xb - sx]
-            acc[:, ya - y0 : yb - y0, xa - x0 : xb - x0] += z[:, ya - sy : yb - sy, xa - sx : xb - sx] * wgt
-            wsum[ya - y0 : yb - y0, xa - x0 : xb - x0] += wgt
-        prog.step(len(batch))
-    ok = observed[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] & (wsum > 0)
-    probs = torch.softmax(torch.from_numpy(acc / np.where(ok, wsum, 1)), dim=0).numpy()
-    return np.where(ok, probs, np.nan).astype(np.float32)
+    def _run(self, inputs: list[tuple[np.ndarray, np.ndarray]], starts: list[tuple[int, int]], origin: tuple) -> None:
+        window = self.weights.shape[0]
+        (r0, c0), dev = origin, self.doy.device
+        for batch in _batches(starts, self.batch_size):
+            kwargs = {}
+            for (x, valid), (kx, kd, kv) in zip(inputs, self.keys, strict=True):
+                spans = [(slice(sy - r0, sy - r0 + window), slice(sx - c0, sx - c0 + window)) for sy, sx in batch]
+                kwargs[kx] = torch.from_numpy(np.stack([x[:, :, r, c] for r, c in spans])).to(dev)
+                kwargs[kv] = torch.from_numpy(np.stack([valid[:, r, c] for r, c in spans])).to(dev)
+                kwargs[kd] = self.doy.expand(len(batch), -1)
+            with torch.inference_mode(), autocast(dev):
+                logits = self.model(**kwargs)
+            if logits.shape[1:] != (self.num_classes, window, window):
+                raise ValueError(
+                    f"model returned {tuple(logits.shape)}, expected (B, {self.num_classes}, {window}, {window})"
+                )
+            self.cache.update(zip(batch, logits.float().cpu().numpy(), strict=True))
+            self.prog.step(len(batch))
+
+    def block(
+        self,
+        inputs: list[tuple[np.ndarray, np.ndarray]],
+        origin: tuple[int, int],
+        touching: tuple[np.ndarray, np.ndarray],
+        owned: tuple[np.ndarray, np.ndarray],
+        core: tuple[int, int, int, int],
+    ) -> np.ndarray:
+        """Probabilities `(K, h, w)` of a block's core from the blended logits, NaN where no window saw anything.
+
+        `inputs` holds each sensor's model inputs `(x, valid)` of the block's pixels read from `origin` (region
+        pixel coordinates, possibly negative); `touching` are the window starts over the core `(y0, y1, x0, x1)`,
+        `owned` those this block computes. A pixel counts as observed when any sensor observed it at some date.
+        """
+        window = self.weights.shape[0]
+        (r0, c0), (y0, y1, x0, x1) = origin, core
+        observed = np.logical_or.reduce([valid.any(axis=0) for _, valid in inputs])
+        new = [(sy, sx) for sy in owned[0] for sx in owned[1]]
+        todo = [(sy, sx) for sy, sx in new if observed[sy - r0 : sy - r0 + window, sx - c0 : sx - c0 + window].any()]
+        self.prog.step(len(new) - len(todo))  # windows without any observation are skipped
+        self._run(inputs, todo, origin)
+        acc = np.zeros((self.num_classes, y1 - y0, x1 - x0), dtype=np.float32)
+        wsum = np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
+        for sy in touching[0]:
+            for sx in touching[1]:
+                z = self.cache.get((sy, sx))
+                if z is None:  # not observed
+                    continue
+                ya, yb, xa, xb = max(sy, y0), min(sy + window, y1), max(sx, x0), min(sx + window, x1)
+                wgt = self.weights[ya - sy : yb - sy, xa - sx : xb - sx]
+                acc[:, ya - y0 : yb - y0, xa - x0 : xb - x0] += z[:, ya - sy : yb - sy, xa - sx : xb - sx] * wgt
+                wsum[ya - y0 : yb - y0, xa - x0 : xb - x0] += wgt
+                if sy + window <= y1 and sx + window <= x1:  # no later block needs it
+                    del self.cache[(sy, sx)]
+        ok = observed[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] & (wsum > 0)
+        probs = torch.softmax(torch.from_numpy(acc / np.where(ok, wsum, 1)), dim=0).numpy()
+        return np.where(ok, probs, np.nan).astype(np.float32)
 
 
 def predict_region(
@@ -307,33 +346,21 @@ def predict_region(
     ys, xs = window_starts(h, window, ov), window_starts(w, window, ov)
     weights = ramp_weights(window, ov)
     blocks_y, blocks_x = _blocks(h, cy * block_chunks), _blocks(w, cx * block_chunks)
-    total = sum(len(_touching(ys, window, *b)) for b in blocks_y) * sum(
-        len(_touching(xs, window, *b)) for b in blocks_x
-    )
     doy = torch.from_numpy(ds["doy"].values.astype(np.int64))[None].to(dev)
 
-    with atomic_path(Path(out_path)) as tmp, _Progress(total, progress, f"predict {Path(cube_path).name}") as prog:
+    label = f"predict {Path(cube_path).name}"
+    with atomic_path(Path(out_path)) as tmp, _Progress(ys.size * xs.size, progress, label) as prog:
         _create_store(tmp, ds, classes, (cy, cx), str(ckpt.get("model_name", type(model).__name__)))
         store = zarr.open_group(tmp, mode="r+", zarr_format=3)
+        tiler = _Tiler(model, [i.keys for i in inputs], weights, doy, batch_size, len(classes), prog)
         for y0, y1 in blocks_y:
-            wy = _touching(ys, window, y0, y1)
+            ty, oy = _touching(ys, window, y0, y1), _owned(ys, y0, y1)
+            rows = _extent(oy, window, y0, y1)
             for x0, x1 in blocks_x:
-                wx = _touching(xs, window, x0, x1)
-                rows, cols = np.arange(wy[0], wy[-1] + window), np.arange(wx[0], wx[-1] + window)
+                tx, ox = _touching(xs, window, x0, x1), _owned(xs, x0, x1)
+                cols = _extent(ox, window, x0, x1)
                 block = [_prepare(_read_padded(i.var, rows, cols, cy), i.mean, i.std) for i in inputs]
-                probs = _predict_block(
-                    model,
-                    block,
-                    [i.keys for i in inputs],
-                    (wy[0], wx[0]),
-                    (wy, wx),
-                    (y0, y1, x0, x1),
-                    weights,
-                    doy,
-                    batch_size,
-                    len(classes),
-                    prog,
-                )
+                probs = tiler.block(block, (rows[0], cols[0]), (ty, tx), (oy, ox), (y0, y1, x0, x1))
                 mapped = ~np.isnan(probs[0])
                 store["probabilities"][:, y0:y1, x0:x1] = probs
                 store["class"][y0:y1, x0:x1] = np.where(mapped, ids[np.argmax(np.nan_to_num(probs), axis=0)], NODATA)

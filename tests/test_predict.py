@@ -415,3 +415,25 @@ def test_map_item_is_found_in_the_local_stac_api(tiled, tmp_path, stac_api):
     with rasterio.open(asset.href) as src:
         np.testing.assert_array_equal(src.read(1), xr.open_zarr(tiled)["class"].values)
     assert not list(Client.open(stac_api.stac_url).search(collections=[MAP_COLLECTION], datetime="2023").items())
+
+
+class CountingNet(TinyConvNet):
+    """The tiny net, counting the windows it is run on."""
+
+    windows = 0
+
+    def forward(self, x: torch.Tensor, doy: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        self.windows += x.shape[0]
+        return super().forward(x, doy, valid)
+
+
+def test_each_window_runs_once_across_blocks(cube, trained, tiled, tmp_path):
+    """Windows straddling block borders are computed once (their logits reused), with the same result."""
+    model, ckpt = trained
+    counting = CountingNet(T, len(BANDS), len(CLASSES))
+    counting.load_state_dict(model.state_dict())
+    out = predict_region(cube, counting, ckpt, tmp_path / "p.zarr", window=48, progress=False, block_chunks=1)
+    assert counting.windows == window_starts(H, 48, 12).size * window_starts(W, 48, 12).size
+    np.testing.assert_allclose(
+        xr.open_zarr(out)["probabilities"].values, xr.open_zarr(tiled)["probabilities"].values, atol=1e-5
+    )
