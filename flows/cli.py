@@ -113,6 +113,7 @@ def crop_map_cmd(
     epochs: Annotated[int, typer.Option(help="maximum training epochs")] = 40,
     time_budget: Annotated[float, typer.Option(help="training time budget in seconds")] = 480.0,
     out_dir: Annotated[Path | None, typer.Option(help="output folder")] = None,
+    robustness: Annotated[bool, typer.Option(help="also report test metrics against 0-80 % missing dates")] = False,
 ) -> None:
     """Run the crop_map flow: search, cube, train, predict, export, evaluate."""
     from flows.crop_map import check_request, crop_map
@@ -133,6 +134,7 @@ def crop_map_cmd(
         epochs=epochs,
         time_budget_s=time_budget,
         out_dir=out_dir,
+        robustness=robustness,
     )
     _print_outputs(outputs, time.perf_counter() - t0)
 

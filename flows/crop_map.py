@@ -20,6 +20,7 @@ from tasks.evaluate import evaluate_map_task
 from tasks.export import export_map_task
 from tasks.labels import read_classes, read_labels
 from tasks.predict import predict_region_task
+from tasks.robustness import robustness_report_task
 from tasks.sensors import get_sensor
 from tasks.train import train_model_task
 
@@ -70,11 +71,12 @@ def crop_map(
     time_budget_s: float | None = 480.0,
     seed: int = 0,
     out_dir: Path | None = None,
+    robustness: bool = False,
 ) -> dict[str, str]:
     """Make the crop map of `region` for one season and return the paths of every output.
 
     `catalog` names a STAC catalog (tasks/catalogs.yaml, CROPFLOW_CATALOGS) or is a STAC API URL; `stac_url`
-    points the catalog at another address.
+    points the catalog at another address. `robustness` adds the report of test metrics against missing dates.
     """
     logger = get_run_logger()
     reg, start, end = check_request(region, start, end, sensors, catalog)
@@ -127,5 +129,8 @@ def crop_map(
         **{k: str(v) for k, v in exported.items()},
         "metrics": str(out / "metrics.json"),
     }
+    if robustness:
+        robustness_report_task(cube, trained.checkpoint, reg.labels, reg.classes, out, seed=seed)
+        outputs["robustness"] = str(out / "robustness.json")
     logger.info("metrics: %s", json.dumps({k: metrics[k] for k in ("overall_accuracy", "kappa", "macro_f1", "miou")}))
     return outputs

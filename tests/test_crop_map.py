@@ -39,8 +39,9 @@ def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_harn
     from flows.crop_map import crop_map
 
     out = tmp_path / "out"
-    outputs = crop_map(region="sample-tiny", time_budget_s=90, epochs=40, out_dir=out)
-    for key in ("cube", "model", "probabilities", "crop_map", "confidence", "preview", "stac_item", "metrics"):
+    outputs = crop_map(region="sample-tiny", time_budget_s=90, epochs=40, out_dir=out, robustness=True)
+    keys = ("cube", "model", "probabilities", "crop_map", "confidence", "preview", "stac_item", "metrics", "robustness")
+    for key in keys:
         assert Path(outputs[key]).exists(), key
     cube = xr.open_zarr(outputs["cube"])
     with rasterio.open(outputs["crop_map"]) as src:
@@ -56,6 +57,18 @@ def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_harn
     # chance for a uniform guess is 1/K; the map must be far better on held-out parcels
     assert metrics["overall_accuracy"] > 3 / n_classes
     assert metrics["kappa"] > 0.3
+    area = metrics["area_adjusted"]
+    assert area["total_area_ha"] == pytest.approx(np.isin(classes, np.arange(9)).sum() * 0.01)
+    robustness = json.loads(Path(outputs["robustness"]).read_text())
+    assert [r["missing_fraction"] for r in robustness["rows"]] == [0.0, 0.2, 0.4, 0.6, 0.8] * 2
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        keys = ["crop-map-accuracy", "robustness"]
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    assert {(a.key, a.type) for a in found} == {("crop-map-accuracy", "markdown"), ("robustness", "table")}
+    assert "Area-adjusted accuracy" in next(a.data for a in found if a.key == "crop-map-accuracy")
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

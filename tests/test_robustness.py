@@ -106,3 +106,33 @@ def test_hide_dates_needs_grid_patches_and_one_row_per_patch(setup):
         grid.hide_dates(hidden[:, :5])
     with pytest.raises(ValueError, match="grid mode"):
         PatchDataset(cube, mean, std, "train", "random", PATCH).hide_dates(hidden)
+
+
+@pytest.mark.slow
+def test_reports_published_as_artifacts_inside_a_flow(setup, tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.testing.utilities import prefect_test_harness
+
+    from tasks.evaluate import evaluate_map
+    from tasks.robustness import robustness_report_task
+
+    classes = [{"id": i, "name": n, "color": "#000000"} for i, n in enumerate("ab")]
+    grid = np.array([[0, 1], [1, 1]])
+
+    @flow
+    def report_flow():
+        evaluate_map(grid.astype(np.uint8), grid.astype(np.int16), np.full((2, 2), 3, np.uint8), classes, tmp_path)
+        return robustness_report_task(*setup["args"], tmp_path, patch_size=PATCH, repeats=1, device="cpu")
+
+    with prefect_test_harness(server_startup_timeout=120):
+        report = report_flow()
+        with get_client(sync_client=True) as client:
+            keys = ArtifactFilterKey(any_=["crop-map-accuracy", "robustness"])
+            found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=keys))}
+    assert found["crop-map-accuracy"].type == "markdown" and "Area-adjusted" in found["crop-map-accuracy"].data
+    assert found["robustness"].type == "table" and len(report["rows"]) == 10
+    assert json.loads(found["robustness"].data)[0]["overall_accuracy"] == pytest.approx(
+        report["rows"][0]["overall_accuracy"]
+    )
