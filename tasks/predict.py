@@ -68,15 +68,6 @@ def window_starts(size: int, window: int, overlap: int) -> np.ndarray:
     return -pad + stride * np.arange(n)
 
 
-def reflect_index(idx: np.ndarray, size: int) -> np.ndarray:
-    """Map indices outside `[0, size)` into it by mirror reflection (edge not repeated, as `np.pad(mode="reflect")`)."""
-    if size == 1:
-        return np.zeros_like(idx)
-    period = 2 * (size - 1)
-    m = np.mod(idx, period)
-    return np.where(m < size, m, period - m)
-
-
 def _blocks(size: int, block: int) -> list[tuple[int, int]]:
     return [(s, min(size, s + block)) for s in range(0, size, block)]
 
@@ -98,20 +89,16 @@ def _extent(owned: np.ndarray, window: int, lo: int, hi: int) -> np.ndarray:
     return np.arange(lo, hi)
 
 
-def _read_padded(var: xr.DataArray, rows: np.ndarray, cols: np.ndarray, strip: int) -> np.ndarray:
-    """`var[..., rows, cols]` for index ranges that may run past the region (mirrored back into it).
-
-    Reads `strip` source rows at a time (one row of cube chunks), so decoding buffers stay small.
-    """
-    r, c = reflect_index(rows, var.sizes["y"]), reflect_index(cols, var.sizes["x"])
-    c0, c1 = int(c.min()), int(c.max()) + 1
-    out = np.empty((*var.shape[:-2], rows.size, cols.size), dtype=var.dtype)
-    for s0 in range(int(r.min()) // strip * strip, int(r.max()) + 1, strip):
-        take = (r >= s0) & (r < s0 + strip)
-        lo, hi = int(r[take].min()), int(r[take].max()) + 1
-        block = var.isel(y=slice(lo, hi), x=slice(c0, c1)).values
-        out[..., take, :] = block[..., (r[take] - lo)[:, None], (c - c0)[None, :]]
-    return out
+def _read_padded(var: xr.DataArray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """`var[..., rows, cols]` for contiguous index ranges that may run past the region, mirrored back into it (edge
+    not repeated, as `np.pad(mode="reflect")`): the part inside is read by slices, the margins are reflected."""
+    h, w = var.sizes["y"], var.sizes["x"]
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    inside = var.isel(y=slice(max(r0, 0), min(r1, h)), x=slice(max(c0, 0), min(c1, w))).values
+    pad = ((max(-r0, 0), max(r1 - h, 0)), (max(-c0, 0), max(c1 - w, 0)))
+    if not any(any(p) for p in pad):
+        return inside
+    return np.pad(inside, ((0, 0),) * (inside.ndim - 2) + pad, mode="reflect")
 
 
 class _Progress:
@@ -359,7 +346,7 @@ def predict_region(
             for x0, x1 in blocks_x:
                 tx, ox = _touching(xs, window, x0, x1), _owned(xs, x0, x1)
                 cols = _extent(ox, window, x0, x1)
-                block = [_prepare(_read_padded(i.var, rows, cols, cy), i.mean, i.std) for i in inputs]
+                block = [_prepare(_read_padded(i.var, rows, cols), i.mean, i.std) for i in inputs]
                 probs = tiler.block(block, (rows[0], cols[0]), (ty, tx), (oy, ox), (y0, y1, x0, x1))
                 mapped = ~np.isnan(probs[0])
                 store["probabilities"][:, y0:y1, x0:x1] = probs
