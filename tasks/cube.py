@@ -14,12 +14,15 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from functools import partial
@@ -35,6 +38,7 @@ from affine import Affine
 from prefect import task
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
+from rasterio.io import DatasetReader
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 from scipy import ndimage
@@ -55,6 +59,7 @@ S1_ENL = 4.4  # equivalent number of looks of Sentinel-1 IW GRD, when the item d
 READ_RETRIES = 2  # retries of a failed asset read before the scene is recorded as no-data
 ORBITS = ("both", "ascending", "descending")
 GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+GDAL_CACHE_BYTES = 256 * 2**20  # GDAL's block cache during a build: decoded tiles shared by neighbouring blocks
 
 
 def cropflow_version() -> str:
@@ -165,8 +170,51 @@ class Block:
         return self.r1 - self.r0, self.c1 - self.c0
 
 
-def read_window(href: str, grid: Grid, block: Block, resampling: Resampling, nodata: float) -> tuple[np.ndarray, float]:
-    """One band of `href` on `block` of the cube grid (which may reach outside the grid), in the source's dtype.
+class Datasets:
+    """Open datasets shared by the reader threads across blocks, each used by one thread at a time.
+
+    An asset stays open from block to block, so it is opened once and its decoded tiles stay in GDAL's block cache
+    for the neighbouring blocks' margins. At most `limit` idle datasets are kept (the least recently used is closed
+    first), within the process's limit of open files. A dataset whose read failed is closed, never reused.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.limit = limit if soft == resource.RLIM_INFINITY else max(1, min(limit, soft // 2))
+        self._idle: OrderedDict[str, DatasetReader] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def open(self, href: str) -> Iterator[DatasetReader]:
+        """The dataset of `href`, taken for the duration of the `with` block (opened when none is idle)."""
+        with self._lock:
+            src = self._idle.pop(href, None)
+        if src is None:
+            with rasterio.Env(**GDAL_ENV):
+                src = rasterio.open(href)
+        try:
+            yield src
+        except BaseException:
+            src.close()
+            raise
+        with self._lock:
+            spare = self._idle.pop(href, None)  # another thread's handle of the same asset, returned meanwhile
+            self._idle[href] = src
+            evicted = [self._idle.popitem(last=False)[1] for _ in range(len(self._idle) - self.limit)]
+        for other in [*evicted, *([spare] if spare is not None else [])]:
+            other.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = list(self._idle.values()), OrderedDict()
+        for src in idle:
+            src.close()
+
+
+def read_window(
+    src: DatasetReader, grid: Grid, block: Block, resampling: Resampling, nodata: float
+) -> tuple[np.ndarray, float]:
+    """One band of `src` on `block` of the cube grid (which may reach outside the grid), in the source's dtype.
 
     Returns the pixels and the no-data value marking where the source has none (its own, else `nodata`). Sources in
     the grid's CRS are read with a (fractional) window and GDAL's resampling on decode, which gives the same values
@@ -175,36 +223,34 @@ def read_window(href: str, grid: Grid, block: Block, resampling: Resampling, nod
     """
     h, w = block.shape
     res = grid.resolution
-    with rasterio.Env(**GDAL_ENV), rasterio.open(href) as src:
-        nodata = src.nodata if src.nodata is not None else nodata
-        a, b, c, d, e, f = src.transform[:6]
-        same_crs = src.crs is not None and src.crs.to_epsg() == grid.epsg
-        if not same_crs or b != 0 or d != 0:
-            x0, y1 = grid.bounds[0] + block.c0 * res, grid.bounds[3] - block.r0 * res
-            transform = Affine(res, 0.0, x0, 0.0, -res, y1)
-            with WarpedVRT(
-                src, crs=grid.crs, transform=transform, width=w, height=h, resampling=resampling, nodata=nodata
-            ) as vrt:
-                return vrt.read(1), nodata
-        col0, row0 = (grid.bounds[0] - c) / a, (grid.bounds[3] - f) / e  # grid origin in source pixels
-        aligned = a == res and -e == res and col0 == round(col0) and row0 == round(row0)
-        margin = 0 if aligned or resampling == Resampling.nearest else math.ceil(max(a, -e) / res) + 1
-        outer = block.grown(margin)
-        # target rows/columns whose pixels lie within the source's extent
-        col_lo, col_hi = math.ceil(round(-col0 * a / res, 6)), math.floor(round((src.width - col0) * a / res, 6))
-        row_lo, row_hi = math.ceil(round(-row0 * -e / res, 6)), math.floor(round((src.height - row0) * -e / res, 6))
-        inner = Block(max(outer.r0, row_lo), min(outer.r1, row_hi), max(outer.c0, col_lo), min(outer.c1, col_hi))
-        out = np.full(outer.shape, nodata, dtype=src.dtypes[0])
-        if inner.r1 > inner.r0 and inner.c1 > inner.c0:
-            window = Window(
-                col0 + inner.c0 * res / a,
-                row0 + inner.r0 * res / -e,
-                inner.shape[1] * res / a,
-                inner.shape[0] * res / -e,
-            )
-            data = src.read(1, window=window, out_shape=inner.shape, resampling=resampling)
-            out[inner.r0 - outer.r0 : inner.r1 - outer.r0, inner.c0 - outer.c0 : inner.c1 - outer.c0] = data
-        return out[margin : margin + h, margin : margin + w], nodata
+    nodata = src.nodata if src.nodata is not None else nodata
+    a, b, c, d, e, f = src.transform[:6]
+    same_crs = src.crs is not None and src.crs.to_epsg() == grid.epsg
+    if not same_crs or b != 0 or d != 0:
+        x0, y1 = grid.bounds[0] + block.c0 * res, grid.bounds[3] - block.r0 * res
+        transform = Affine(res, 0.0, x0, 0.0, -res, y1)
+        with WarpedVRT(
+            src, crs=grid.crs, transform=transform, width=w, height=h, resampling=resampling, nodata=nodata
+        ) as vrt:
+            return vrt.read(1), nodata
+    col0, row0 = (grid.bounds[0] - c) / a, (grid.bounds[3] - f) / e  # grid origin in source pixels
+    aligned = a == res and -e == res and col0 == round(col0) and row0 == round(row0)
+    margin = 0 if aligned or resampling == Resampling.nearest else math.ceil(max(a, -e) / res) + 1
+    outer = block.grown(margin)
+    # target rows/columns whose pixels lie within the source's extent
+    col_lo, col_hi = math.ceil(round(-col0 * a / res, 6)), math.floor(round((src.width - col0) * a / res, 6))
+    row_lo, row_hi = math.ceil(round(-row0 * -e / res, 6)), math.floor(round((src.height - row0) * -e / res, 6))
+    inner = Block(max(outer.r0, row_lo), min(outer.r1, row_hi), max(outer.c0, col_lo), min(outer.c1, col_hi))
+    if inner.r1 <= inner.r0 or inner.c1 <= inner.c0:
+        return np.full(block.shape, nodata, dtype=src.dtypes[0]), nodata
+    window = Window(
+        col0 + inner.c0 * res / a, row0 + inner.r0 * res / -e, inner.shape[1] * res / a, inner.shape[0] * res / -e
+    )
+    out = src.read(1, window=window, out_shape=inner.shape, resampling=resampling)
+    if inner != outer:
+        data, out = out, np.full(outer.shape, nodata, dtype=src.dtypes[0])
+        out[inner.r0 - outer.r0 : inner.r1 - outer.r0, inner.c0 - outer.c0 : inner.c1 - outer.c0] = data
+    return out[margin : margin + h, margin : margin + w], nodata
 
 
 @dataclass(frozen=True)
@@ -257,7 +303,13 @@ class BadAssets:
 
 
 def read_source(
-    plan: SensorPlan, source: Source, grid: Grid, block: Block, bad: BadAssets, retry_delay: float = 0.5
+    plan: SensorPlan,
+    source: Source,
+    grid: Grid,
+    block: Block,
+    bad: BadAssets,
+    datasets: Datasets,
+    retry_delay: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Masked, scaled `(bands, h, w)` float32 values (NaN = invalid) and validity of one item on `block`.
 
@@ -277,7 +329,8 @@ def read_source(
         for attempt in range(READ_RETRIES + 1):
             try:
                 readable = plan.sign(href) if plan.sign else href
-                raw, nodata = read_window(readable, grid, outer, resampling, nodata)
+                with datasets.open(readable) as src:
+                    raw, nodata = read_window(src, grid, outer, resampling, nodata)
                 break
             except (RasterioError, OSError, ValueError) as exc:
                 if attempt == READ_RETRIES:
@@ -305,7 +358,7 @@ def read_source(
 
 
 def composite_block(
-    plan: SensorPlan, grid: Grid, block: Block, pool: ThreadPoolExecutor, bad: BadAssets
+    plan: SensorPlan, grid: Grid, block: Block, pool: ThreadPoolExecutor, bad: BadAssets, datasets: Datasets
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(time, band, h, w)` composite of valid observations per bin and `(time, h, w)` fraction of valid acquisitions.
 
@@ -318,7 +371,7 @@ def composite_block(
     fraction = np.zeros((plan.n_bins, h, w), dtype=np.float32)
 
     def one_bin(b: int) -> None:
-        results = [read_source(plan, s, grid, block, bad) for s in plan.in_bin(b)]
+        results = [read_source(plan, s, grid, block, bad, datasets) for s in plan.in_bin(b)]
         read = [r for r in results if r is not None]
         if read:
             reduce = nan_median if plan.sensor.composite == "median" else nan_mean
@@ -401,10 +454,22 @@ def plan_sensor(
     )
 
 
+def _z_order(row: int, col: int) -> int:
+    """Position of block (`row`, `col`) on the Z-order curve (bits of the two indices interleaved)."""
+    return sum(((row >> i & 1) << (2 * i + 1)) | ((col >> i & 1) << (2 * i)) for i in range(max(row, col).bit_length()))
+
+
 def blocks_of(shape: tuple[int, int], size: int) -> list[Block]:
-    """Row-major blocks of `size` x `size` pixels covering a grid of `shape`."""
+    """Blocks of `size` x `size` pixels covering a grid of `shape`, in Z order.
+
+    Consecutive blocks are neighbours, so the source tiles that a block's resampling margin shares with the next
+    ones are still in GDAL's block cache when those are read, whatever the width of the region.
+    """
     h, w = shape
-    return [Block(r, min(r + size, h), c, min(c + size, w)) for r in range(0, h, size) for c in range(0, w, size)]
+    cells = sorted(
+        ((r, c) for r in range(math.ceil(h / size)) for c in range(math.ceil(w / size))), key=lambda rc: _z_order(*rc)
+    )
+    return [Block(r * size, min((r + 1) * size, h), c * size, min((c + 1) * size, w)) for r, c in cells]
 
 
 def _software() -> dict[str, str]:
@@ -469,6 +534,11 @@ def _write_json(path: Path, obj: object) -> None:
 def partial_path(out_path: Path) -> Path:
     """Where a build of `out_path` keeps its unfinished store and its record of completed blocks."""
     return out_path.with_name(f"{out_path.name}.partial")
+
+
+def _completed(blk: Block, on_block: Callable[[Block], None] | None) -> None:
+    if on_block is not None:
+        on_block(blk)
 
 
 def build_cube(
@@ -568,17 +638,37 @@ def build_cube(
     log.info("cube %s: %d of %d blocks to build", out_path.name, len(todo), len(todo) + len(done))
 
     group = zarr.open_group(store, mode="r+", zarr_format=3)
-    with ThreadPoolExecutor(threads or min(16, 2 * (os.cpu_count() or 1)), thread_name_prefix="cube-read") as pool:
-        for blk in todo:
-            before = set(bad.found)
-            for name, plan in plans.items():
-                values, fraction = composite_block(plan, grid, blk, pool, bad)
-                group[name][:, :, blk.r0 : blk.r1, blk.c0 : blk.c1] = values
-                group[f"{name}_valid"][:, blk.r0 : blk.r1, blk.c0 : blk.c1] = fraction
-            new_bad = {k: bad.found[k] for k in set(bad.found) - before}
-            _write_json(done_dir / f"{blk.r0}_{blk.c0}.json", {"bad": new_bad})
-            if on_block is not None:
-                on_block(blk)
+
+    def write(blk: Block, composites: dict[str, tuple[np.ndarray, np.ndarray]], new_bad: dict[str, dict]) -> Block:
+        """Write a block's composites, then its record (so a resumed build never skips an unwritten block)."""
+        for name, (values, fraction) in composites.items():
+            group[name][:, :, blk.r0 : blk.r1, blk.c0 : blk.c1] = values
+            group[f"{name}_valid"][:, blk.r0 : blk.r1, blk.c0 : blk.c1] = fraction
+        _write_json(done_dir / f"{blk.r0}_{blk.c0}.json", {"bad": new_bad})
+        return blk
+
+    datasets = Datasets()
+    readers = threads or min(16, 2 * (os.cpu_count() or 1))
+    try:  # each block is written in the background while the next one is read
+        with (
+            rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES),
+            ThreadPoolExecutor(readers, thread_name_prefix="cube-read") as pool,
+            ThreadPoolExecutor(1, thread_name_prefix="cube-write") as writer,
+        ):
+            pending = None
+            for blk in todo:
+                before = set(bad.found)
+                composites = {
+                    name: composite_block(plan, grid, blk, pool, bad, datasets) for name, plan in plans.items()
+                }
+                new_bad = {k: bad.found[k] for k in set(bad.found) - before}
+                if pending is not None:
+                    _completed(pending.result(), on_block)
+                pending = writer.submit(write, blk, composites, new_bad)
+            if pending is not None:
+                _completed(pending.result(), on_block)
+    finally:
+        datasets.close()
 
     bad_list = sorted(bad.found.values(), key=lambda r: (r["item"], r["asset"]))
     if bad_list:
