@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import pickle
 import shutil
 import time
 import warnings
@@ -19,7 +20,7 @@ import xarray as xr
 from shapely.geometry import box
 
 from infra.errors import CropflowError
-from tasks.dataset import PatchDataset, grid_starts, load_cube_arrays, split_statistics
+from tasks.dataset import CubeArrays, PatchDataset, grid_starts, load_cube_arrays, make_loader, split_statistics
 from tasks.labels import cube_grid, rasterize_labels, read_classes, read_labels
 from tasks.train import (
     EVAL_PATCH_FACTOR,
@@ -32,6 +33,7 @@ from tasks.train import (
 )
 
 BANDS = ["B02", "B04", "B08", "B11"]
+SAR_BANDS = ["VV", "VH"]
 CLASS_NAMES = ["wheat", "maize", "grass"]
 DATES = 10
 SIZE = 48  # pixels per side
@@ -81,14 +83,20 @@ def write_synthetic_region(folder: Path, seed: int = 0) -> dict[str, Path]:
     gaps[3, :, : SIZE // 2] = True  # one date half covered
     values[np.broadcast_to(gaps[:, None], values.shape)] = np.nan
     times = pd.date_range("2024-04-01", periods=DATES, freq="10D")
+    # SAR (dB): VV follows the class's green-up, VH a constant per class; no clouds, a little speckle
+    sar = np.stack([-12 + 4 * values[:, 2] / 0.5, np.broadcast_to(-18.0 + class_map, values[:, 0].shape)], axis=1)
+    sar = np.nan_to_num(sar, nan=-12.0) + rng.normal(0, 0.3, size=sar.shape)
     ds = xr.Dataset(
         {
             "s2": (("time", "band", "y", "x"), values.astype(np.float32)),
             "s2_valid": (("time", "y", "x"), (~gaps).astype(np.float32)),
+            "s1": (("time", "s1_band", "y", "x"), sar.astype(np.float32)),
+            "s1_valid": (("time", "y", "x"), np.ones((DATES, SIZE, SIZE), np.float32)),
         },
         coords={
             "time": times,
             "band": np.array(BANDS, dtype=object),
+            "s1_band": np.array(SAR_BANDS, dtype=object),
             "y": Y0 - 5 - 10 * np.arange(SIZE, dtype=np.float64),
             "x": X0 + 5 + 10 * np.arange(SIZE, dtype=np.float64),
             "doy": ("time", np.asarray(times.dayofyear + 5, dtype=np.int16)),
@@ -103,7 +111,9 @@ def write_synthetic_region(folder: Path, seed: int = 0) -> dict[str, Path]:
     cube = folder / "cube.zarr"
     with warnings.catch_warnings():  # consolidated metadata, as the cube builder writes it, is not in the v3 spec
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        ds.chunk({"time": -1, "band": -1, "y": 32, "x": 32}).to_zarr(cube, zarr_format=3, mode="w", consolidated=True)
+        ds.chunk({"time": -1, "band": -1, "s1_band": -1, "y": 32, "x": 32}).to_zarr(
+            cube, zarr_format=3, mode="w", consolidated=True
+        )
     records = [
         {
             "parcel_id": r * n + c + 1,
@@ -364,3 +374,121 @@ def test_task_in_a_flow_publishes_metrics_table(region, tmp_path):
     table = json.loads(artifacts[0].data)
     assert [row["epoch"] for row in table] == [1, 2]
     assert table[1]["val_miou"] == pytest.approx(result.history[1]["val_miou"])
+
+
+# Small configs: every registry model trains in a few seconds on 2 CPU cores.
+LTAE = {"embed_dims": [16], "d_model": 16, "n_head": 4, "d_k": 4, "mlp_dims": [16], "decoder_dims": [16]}
+STCLN = {"hidden": 8, "d_model": 16, "num_layers": 1, "num_heads": 2, "window": 16}
+SMALL = {
+    "ltae": LTAE,
+    "tempcnn": {"widths": [16, 16], "hidden": 32},
+    "utae": {"encoder_widths": [16, 16], "decoder_widths": [16, 16], "out_widths": [16], "n_head": 4, "d_model": 32},
+    "stcln": STCLN,
+    "joint_reconstruction": {"backbone": "ltae", "backbone_config": LTAE, "hidden_dim": 8, "heads": 2, "layers": 1},
+    "modality_distillation": {"optical_config": LTAE, "sar_config": LTAE, "embed_dim": 8},
+    "random_forest": {"n_estimators": 20, "max_depth": 8},
+}
+
+
+@pytest.fixture(autouse=True)
+def few_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_registry_model_trains(region, tmp_path, name):
+    kwargs = FAST | {"model_config": SMALL[name], "lr": 1e-2, "patches_per_epoch": 24}
+    result = train_model(region["cube"], region["labels"], region["classes"], tmp_path, name, epochs=6, **kwargs)
+    history = result.history
+    if name == "random_forest":
+        assert result.stop_reason == "fitted" and len(history) == 1
+    else:
+        assert history[-1]["loss"] < history[0]["loss"]
+    best = max(h["val_oa"] for h in history)
+    assert best > 0.5  # three balanced classes: chance is about 1/3
+    sar = SAR_BANDS if name == "modality_distillation" else None
+    _, ckpt = load_checkpoint(result.checkpoint, BANDS, read_classes(region["classes"]), sar_bands=sar)
+    assert ckpt["model_name"] == name and ("sar" in ckpt) == (sar is not None)
+
+
+def test_multimodal_checkpoint_needs_the_sar_bands(region, tmp_path):
+    kwargs = FAST | {"model_config": SMALL["modality_distillation"]}
+    result = train_model(
+        region["cube"], region["labels"], region["classes"], tmp_path, "modality_distillation", epochs=1, **kwargs
+    )
+    classes = read_classes(region["classes"])
+    with pytest.raises(CropflowError, match=r"needs SAR bands \['VV', 'VH'\] but the cube has no SAR series"):
+        load_checkpoint(result.checkpoint, BANDS, classes)
+    with pytest.raises(CropflowError, match=r"SAR bands .*\(missing \['VH'\]\)"):
+        load_checkpoint(result.checkpoint, BANDS, classes, sar_bands=["VV"])
+
+
+def test_flips_keep_inputs_and_labels_aligned(cube_arrays):
+    """A patch whose values, validity and target all hold the same asymmetric pattern stays consistent."""
+    pattern = np.zeros((SIZE, SIZE), dtype=bool)
+    pattern[2:5, 3:12] = True  # an L shape: no flip or rotation maps it onto itself
+    pattern[5:14, 3:6] = True
+    values = np.where(pattern, 1.0, 0.0).astype(np.float32)[None, None].repeat(DATES, 0).repeat(len(BANDS), 1)
+    values[:, :, ~pattern & (np.arange(SIZE)[None, :] % 2 == 0)] = np.nan  # invalid on half the background
+    target = np.where(pattern, 1, 0).astype(np.int16)
+    cube = CubeArrays(values, cube_arrays.doy, BANDS, target, np.ones_like(cube_arrays.split))
+    ds = PatchDataset(cube, np.zeros(4, np.float32), np.ones(4, np.float32), "train", "random", 16, 40, date_dropout=0)
+    seen = set()
+    for i in range(len(ds)):
+        x, _, valid, target = ds[i]
+        assert torch.equal(x[0, 0] == 1.0, target == 1) and torch.equal(x[3, 2] == 1.0, target == 1)
+        assert (valid[:, target == 1]).all()  # the pattern is valid everywhere, after any flip
+        seen.add(target.numpy().tobytes())
+    assert len(seen) > 4  # several orientations were drawn
+
+
+def test_cloud_gaps_and_random_crops(cube_arrays):
+    mean, std = split_statistics(cube_arrays, "train")
+    plain = PatchDataset(cube_arrays, mean, std, "train", "random", 16, 40, augment=False)
+    cloudy = PatchDataset(
+        cube_arrays, mean, std, "train", "random", 16, 40, date_dropout=0, cloud_gaps=(0.5, 0.5), flips=False
+    )
+    hidden = [int((~v.any(dim=(1, 2))).sum()) for _, _, v, _ in (cloudy[i] for i in range(40))]
+    assert min(hidden) >= DATES // 2  # half the dates hidden, besides any cloudy date of the cube
+    centred = PatchDataset(cube_arrays, mean, std, "train", "random", 16, 60, augment=False)
+    cropped = PatchDataset(cube_arrays, mean, std, "train", "random", 16, 60, random_crop=True, date_dropout=0)
+    # the same draws: the pixel is the same, but the crop puts it anywhere in the patch rather than at its centre
+    origins = [(ds._random_origin(np.random.default_rng([0, 0, i])) for ds in (centred, cropped)) for i in range(60)]
+    assert sum(a != b for a, b in origins) > 40
+    assert len(plain) == 40
+
+
+def test_workers_give_the_same_batches_and_cube_pickles(cube_arrays):
+    clone = pickle.loads(pickle.dumps(cube_arrays))
+    assert np.array_equal(clone.values, cube_arrays.values, equal_nan=True) and clone.bands == cube_arrays.bands
+    mean, std = split_statistics(cube_arrays, "train")
+    ds = PatchDataset(cube_arrays, mean, std, "train", "random", 16, 12, cloud_gaps=(0.0, 0.8), random_crop=True)
+    batches = {}
+    for workers in (0, 2):
+        loader = make_loader(ds, 4, num_workers=workers, seed=3)
+        batches[workers] = []
+        for epoch in (0, 1):  # persistent workers learn the epoch from the sampler
+            loader.sampler.set_epoch(epoch)
+            batches[workers].append([b for batch in loader for b in batch])
+    for a, b in zip(batches[0], batches[2], strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert not torch.equal(batches[2][0][0], batches[2][1][0])
+
+
+def test_label_options_read_points_without_split(region, tmp_path):
+    labels = gpd.read_parquet(region["labels"])
+    points = labels.assign(geometry=labels.geometry.centroid).drop(columns=["split"])
+    points.to_file(tmp_path / "points.gpkg")
+    result = train_model(
+        region["cube"],
+        tmp_path / "points.gpkg",
+        region["classes"],
+        tmp_path / "out",
+        epochs=1,
+        label_options={"split_block_m": 160, "point_buffer_px": 2},
+        **FAST,
+    )
+    assert result.epochs_run == 1 and (tmp_path / "out" / "model.pt").is_file()

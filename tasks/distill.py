@@ -1,0 +1,233 @@
+"""Teacher -> student distillation runs, through the shared epoch loop of `tasks.train`.
+
+- `distill_incomplete`: Wang, Belgiu et al. (2025), "Joint feature reconstruction and prediction for incomplete
+  satellite image time series" (arXiv 2505.19159). The teacher is a trained checkpoint of a temporal-encoder
+  model (e.g. ltae, stcln); the student is `joint_reconstruction` around the same backbone and config, trained on
+  the series with simulated cloud gaps (`models.masking.cloud_gap_mask`, 0-80 % of the dates) against the labels,
+  the teacher's logits and the teacher's features (`JointReconstruction.training_losses`).
+- `distill_modalities`: Wang et al., "Multi-modality transfer learning for cloudy remote sensing images with
+  knowledge distillation". (1) A teacher on nearly cloud-free optical patches (`min_valid_fraction`); (2) an
+  auxiliary optical student on the series with simulated cloud gaps and an auxiliary SAR student, both from the
+  teacher's pseudo-labels kept where it is confident (`pseudo_label_loss`); (3) the target `modality_distillation`
+  model on cloudy optical + SAR, with the label term and the three distillation terms weighted per pixel
+  (`ModalityDistillation.training_losses`).
+
+Students use their teacher's normalisation. Each stage writes its own folder (`model.pt`, `last.pt`,
+`train_metrics.csv`) and is validated on the labelled val split like `train_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from prefect import task
+from torch import nn
+
+from models.masking import cloud_gap_mask
+from models.modality_distillation import MultiModalBatch, hide_unobserved, pseudo_label_loss
+from models.registry import build_model
+from tasks.dataset import make_loader
+from tasks.train import (
+    SAR_SENSOR,
+    Batch,
+    BatchLoss,
+    Forward,
+    TrainData,
+    TrainOptions,
+    TrainResult,
+    _cpu_cores,
+    checkpoint_meta,
+    datasets,
+    default_forward,
+    fit_loop,
+    load_checkpoint,
+    load_training_data,
+    resolve_device,
+    step_generator,
+    train_model,
+    val_scores,
+)
+
+GAP_RATE = (0.0, 0.8)
+_SETTINGS = ("in_channels", "num_classes")
+
+
+def _gaps(batch: Batch, seed: int, step: int, rate: tuple[float, float]) -> torch.Tensor:
+    """Simulated cloud gaps (B, T) of one step (random or contiguous dates, a rate in `rate` per sample)."""
+    b, t = batch[1].shape
+    return cloud_gap_mask(b, t, step_generator(seed, step, batch[0].device), rate=rate)
+
+
+def _setup(
+    cube_path: Path, labels_path: Path, classes_path: Path, options: TrainOptions, sar: bool
+) -> tuple[TrainData, torch.device]:
+    torch.set_num_threads(_cpu_cores())
+    data = load_training_data(cube_path, labels_path, classes_path, sar, options.label_options, options.seed)
+    return data, resolve_device(options.device)
+
+
+def _frozen(model: nn.Module, device: torch.device) -> nn.Module:
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def distill_incomplete(
+    cube_path: Path,
+    labels_path: Path,
+    classes_path: Path,
+    out_dir: Path,
+    teacher: Path,
+    student_config: dict | None = None,
+    gap_rate: tuple[float, float] = GAP_RATE,
+    options: TrainOptions = TrainOptions(),  # noqa: B008 (frozen dataclass)
+) -> TrainResult:
+    """Train `joint_reconstruction` (backbone and config of the `teacher` checkpoint; other settings in
+    `student_config`) by joint reconstruction and distillation from the teacher; see the module docstring."""
+    started = time.monotonic()
+    data, dev = _setup(cube_path, labels_path, classes_path, options, sar=False)
+    teacher_model, ckpt = load_checkpoint(teacher, data.cube.bands, data.classes)
+    teacher_model = _frozen(teacher_model, dev)
+    data = data.with_norm(ckpt)
+    backbone = {k: v for k, v in ckpt["model_config"].items() if k not in _SETTINGS}
+    config = {"backbone": ckpt["model_name"], "backbone_config": backbone} | dict(student_config or {})
+    config |= {"in_channels": len(data.cube.bands), "num_classes": len(data.classes)}
+    torch.manual_seed(options.seed)
+    student = build_model("joint_reconstruction", **config)
+    meta = checkpoint_meta("joint_reconstruction", config, data) | {"distilled_from": str(teacher)}
+    train_ds, val_ds = datasets(data, options)
+    val_loader = make_loader(val_ds, options.batch_size)
+
+    def batch_loss(batch: Batch, step: int) -> torch.Tensor:
+        x, doy, valid, target = batch[:4]
+        gaps = _gaps(batch, options.seed, step, gap_rate)
+        return student.training_losses(x, doy, valid, target, teacher_model, gaps)["total"]
+
+    return fit_loop(
+        student,
+        batch_loss,
+        train_ds,
+        lambda: val_scores(student, val_loader, dev, data.classes),
+        meta,
+        out_dir,
+        options,
+        dev,
+        description=f"joint reconstruction distillation from {Path(teacher).name}",
+        started=started,
+    )
+
+
+def _load_best(model: nn.Module, result: TrainResult, device: torch.device) -> nn.Module:
+    """`model` with the weights of the best checkpoint of its run, frozen."""
+    model.load_state_dict(torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    return _frozen(model, device)
+
+
+def distill_modalities(
+    cube_path: Path,
+    labels_path: Path,
+    classes_path: Path,
+    out_dir: Path,
+    teacher: Path | None = None,
+    teacher_name: str = "ltae",
+    teacher_config: dict | None = None,
+    student_name: str = "ltae",
+    student_config: dict | None = None,
+    target_config: dict | None = None,
+    min_valid_fraction: float = 0.8,
+    threshold: float = 0.7,
+    gap_rate: tuple[float, float] = GAP_RATE,
+    options: TrainOptions = TrainOptions(),  # noqa: B008 (frozen dataclass)
+) -> dict[str, TrainResult]:
+    """The three stages of optical + SAR distillation, in `out_dir/teacher`, `optical_student`, `sar_student` and
+    `target`; returns their results by stage name.
+
+    `teacher`: a trained optical checkpoint, else one is trained (`teacher_name`, `teacher_config`) with
+    `train_model` on patches with at least `min_valid_fraction` observed pixel-dates. The auxiliary students and
+    the target's two backbones are `student_name` with `student_config`; `target_config` sets the target's other
+    arguments (`embed_dim`, `temperature`, `tau`, weights). `threshold`: confidence of the kept pseudo-labels.
+    """
+    out_dir = Path(out_dir)
+    results: dict[str, TrainResult] = {}
+    if teacher is None:
+        augment = {"min_valid_fraction": min_valid_fraction, "date_dropout": 0.0}
+        kwargs = dataclasses.asdict(options) | {"augment": augment, "model_config": teacher_config}
+        results["teacher"] = train_model(
+            cube_path, labels_path, classes_path, out_dir / "teacher", teacher_name, **kwargs
+        )
+        teacher = results["teacher"].checkpoint
+    data, dev = _setup(cube_path, labels_path, classes_path, options, sar=True)
+    teacher_model, ckpt = load_checkpoint(teacher, data.cube.bands, data.classes)
+    teacher_model = _frozen(teacher_model, dev)
+    data = data.with_norm(ckpt)
+    train_ds, val_ds = datasets(data, options)
+    val_loader = make_loader(val_ds, options.batch_size)
+    student_config = dict(student_config or {})
+    sizes = {"num_classes": len(data.classes)}
+
+    def teacher_logits(batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return teacher_model(*batch[:3])
+
+    def run(name: str, model: nn.Module, loss: BatchLoss, forward: Forward, meta: dict) -> nn.Module:
+        results[name] = fit_loop(
+            model,
+            loss,
+            train_ds,
+            lambda: val_scores(model, val_loader, dev, data.classes, forward),
+            meta,
+            out_dir / name,
+            options,
+            dev,
+            description=f"{name} of optical + SAR distillation",
+        )
+        return _load_best(model, results[name], dev)
+
+    def optical_loss(batch: Batch, step: int) -> torch.Tensor:
+        valid = batch[2] & ~_gaps(batch, options.seed, step, gap_rate)[..., None, None]
+        logits = optical(hide_unobserved(batch[0], valid), batch[1], valid)
+        return pseudo_label_loss(logits, teacher_logits(batch), threshold)
+
+    torch.manual_seed(options.seed)
+    optical_args = student_config | sizes | {"in_channels": len(data.cube.bands)}
+    optical = build_model(student_name, **optical_args)
+    meta = checkpoint_meta(student_name, optical_args, data)
+    optical = run("optical_student", optical, optical_loss, lambda m, b: m(*b[:3]), meta)
+
+    sar_args = student_config | sizes | {"in_channels": len(data.sar.bands)}
+    sar = build_model(student_name, **sar_args)
+    meta = checkpoint_meta(student_name, sar_args, data, sensor=SAR_SENSOR)
+    sar_loss = lambda b, s: pseudo_label_loss(sar(*b[4:7]), teacher_logits(b), threshold)  # noqa: E731
+    sar = run("sar_student", sar, sar_loss, lambda m, b: m(*b[4:7]), meta)
+
+    target_args = {"optical_backbone": student_name, "optical_config": student_config, "sar_backbone": student_name}
+    target_args |= {"sar_config": student_config} | dict(target_config or {}) | sizes
+    target_args |= {"in_channels": len(data.cube.bands), "sar_channels": len(data.sar.bands)}
+    target = build_model("modality_distillation", **target_args)
+
+    def target_loss(batch: Batch, step: int) -> torch.Tensor:
+        pair = MultiModalBatch(*batch[:3], *batch[4:7])
+        gaps = _gaps(batch, options.seed, step, gap_rate)
+        return target.training_losses(pair, batch[3], teacher_model, optical, sar, gaps)["total"]
+
+    meta = checkpoint_meta("modality_distillation", target_args, data, multimodal=True)
+    run("target", target, target_loss, default_forward, meta | {"distilled_from": str(teacher)})
+    return results
+
+
+@task(name="distill-incomplete", tags=["gpu"])
+def distill_incomplete_task(
+    cube_path: Path, labels_path: Path, classes_path: Path, out_dir: Path, teacher: Path, **kwargs: object
+) -> TrainResult:
+    """`distill_incomplete` as a Prefect task (tag `gpu`)."""
+    return distill_incomplete(cube_path, labels_path, classes_path, out_dir, teacher, **kwargs)
+
+
+@task(name="distill-modalities", tags=["gpu"])
+def distill_modalities_task(
+    cube_path: Path, labels_path: Path, classes_path: Path, out_dir: Path, **kwargs: object
+) -> dict[str, TrainResult]:
+    """`distill_modalities` as a Prefect task (tag `gpu`)."""
+    return distill_modalities(cube_path, labels_path, classes_path, out_dir, **kwargs)
