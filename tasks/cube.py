@@ -2,9 +2,11 @@
 
 For each block, every item's assets are decoded with rasterio in threads (GDAL releases the GIL) straight onto the
 cube grid (bilinear for reflectance, nearest for SCL/QA; `WarpedVRT` when an item is in another CRS), masked,
-scaled and composited per time bin in numpy, and written into the block's region of the store. Completed blocks
-are recorded beside the store (`<out>.partial/`), so an interrupted build resumes with the blocks still missing;
-the finished store is published atomically. Memory depends on the block size, not on the region's size.
+scaled and composited per time bin in numpy, and written into the block's region of the store (in the background,
+while the next block is read). Assets stay open from block to block, and blocks go in Z order, so the COG tiles
+that neighbouring blocks share are decoded once (GDAL's block cache, `GDAL_CACHE_BYTES`). Completed blocks are
+recorded beside the store (`<out>.partial/`), so an interrupted build resumes with the blocks still missing; the
+finished store is published atomically. Memory depends on the block size and the cache, not on the region's size.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ S1_ENL = 4.4  # equivalent number of looks of Sentinel-1 IW GRD, when the item d
 READ_RETRIES = 2  # retries of a failed asset read before the scene is recorded as no-data
 ORBITS = ("both", "ascending", "descending")
 GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
-GDAL_CACHE_BYTES = 256 * 2**20  # GDAL's block cache during a build: decoded tiles shared by neighbouring blocks
+GDAL_CACHE_BYTES = 128 * 2**20  # GDAL's block cache during a build: decoded tiles shared by neighbouring blocks
 
 
 def cropflow_version() -> str:
