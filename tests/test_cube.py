@@ -276,6 +276,38 @@ def test_landsat_qa_mask_and_bilinear_20m_band(tiny_region, tmp_path):
     assert np.allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], atol=1e-6)
 
 
+def test_blocks_cover_the_grid_once_in_z_order():
+    from tasks.cube import blocks_of
+
+    blocks = blocks_of((70, 100), 32)
+    covered = np.zeros((70, 100), dtype=int)
+    for blk in blocks:
+        covered[blk.r0 : blk.r1, blk.c0 : blk.c1] += 1
+    assert (covered == 1).all()
+    assert [(b.r0, b.c0) for b in blocks[:5]] == [(0, 0), (0, 32), (32, 0), (32, 32), (0, 64)]
+
+
+def test_open_assets_are_reused_and_a_failed_one_is_closed(tiny_region):
+    from tasks.cube import Datasets
+
+    s2 = _items(tiny_region, "sentinel-2-l2a")
+    href, other = s2[0]["assets"]["B04"]["href"], s2[0]["assets"]["B05"]["href"]
+    datasets = Datasets(limit=1)
+    with datasets.open(href) as first:
+        pass
+    with datasets.open(href) as again:
+        assert again is first and not first.closed
+    with pytest.raises(ValueError), datasets.open(href) as failed:
+        raise ValueError("read failed")
+    assert failed.closed
+    with datasets.open(href) as reopened:
+        assert reopened is not failed
+    with datasets.open(other):
+        pass
+    assert reopened.closed  # the least recently used one beyond `limit`
+    datasets.close()
+
+
 class Interrupted(Exception):
     pass
 
