@@ -22,7 +22,9 @@ import json
 import logging
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,18 +89,6 @@ def _extent(owned: np.ndarray, window: int, lo: int, hi: int) -> np.ndarray:
     if owned.size:
         lo, hi = min(lo, int(owned[0])), max(hi, int(owned[-1]) + window)
     return np.arange(lo, hi)
-
-
-def _read_padded(var: xr.DataArray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """`var[..., rows, cols]` for contiguous index ranges that may run past the region, mirrored back into it (edge
-    not repeated, as `np.pad(mode="reflect")`): the part inside is read by slices, the margins are reflected."""
-    h, w = var.sizes["y"], var.sizes["x"]
-    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    inside = var.isel(y=slice(max(r0, 0), min(r1, h)), x=slice(max(c0, 0), min(c1, w))).values
-    pad = ((max(-r0, 0), max(r1 - h, 0)), (max(-c0, 0), max(c1 - w, 0)))
-    if not any(any(p) for p in pad):
-        return inside
-    return np.pad(inside, ((0, 0),) * (inside.ndim - 2) + pad, mode="reflect")
 
 
 class _Progress:
@@ -182,6 +172,58 @@ def _model_inputs(ds: xr.Dataset, ckpt: dict, model: nn.Module) -> list[_Input]:
             )
         inputs.append(_sensor_input(ds, ckpt["sar"], ("x_sar", "doy_sar", "valid_sar")))
     return inputs
+
+
+class _ChunkReader:
+    """Model inputs `(x, valid)` of one sensor read by cube chunk: each chunk is decoded and prepared
+    (`prepare_window`, per pixel) when first needed and kept in a small LRU, so that a block's right and bottom
+    halo does not decode its neighbours again for every block (each chunk is decoded about twice, memory is fixed).
+    """
+
+    def __init__(self, inp: _Input, extents: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """`extents`: the `(rows, cols)` of every block to be read; the LRU holds the chunks of the largest."""
+        self.inp = inp
+        chunks = inp.var.encoding.get("chunks") or (256, 256)
+        self.cy, self.cx = (min(int(c), inp.var.sizes[d]) for c, d in zip(chunks[-2:], ("y", "x"), strict=True))
+        self.capacity = max((self._chunks_spanned(rows, cols) for rows, cols in extents), default=1)
+        self.cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def _chunks_spanned(self, rows: np.ndarray, cols: np.ndarray) -> int:
+        h, w = self.inp.var.sizes["y"], self.inp.var.sizes["x"]
+        ny = (min(int(rows[-1]), h - 1) // self.cy) - (max(int(rows[0]), 0) // self.cy) + 1
+        nx = (min(int(cols[-1]), w - 1) // self.cx) - (max(int(cols[0]), 0) // self.cx) + 1
+        return ny * nx
+
+    def _chunk(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        if (i, j) in self.cache:
+            self.cache.move_to_end((i, j))
+        else:
+            var = self.inp.var.isel(y=slice(i * self.cy, (i + 1) * self.cy), x=slice(j * self.cx, (j + 1) * self.cx))
+            self.cache[(i, j)] = _prepare(var.values, self.inp.mean, self.inp.std)
+            if len(self.cache) > self.capacity:
+                self.cache.popitem(last=False)
+        return self.cache[(i, j)]
+
+    def read(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs of the contiguous index ranges `rows` x `cols`, which may run past the region: mirrored back into
+        it (edge not repeated, as `np.pad(mode="reflect")`)."""
+        var = self.inp.var
+        h, w = var.sizes["y"], var.sizes["x"]
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        ya, yb, xa, xb = max(r0, 0), min(r1, h), max(c0, 0), min(c1, w)
+        x = np.empty((*var.shape[:2], yb - ya, xb - xa), dtype=np.float32)
+        valid = np.empty((var.shape[0], yb - ya, xb - xa), dtype=bool)
+        for i in range(ya // self.cy, (yb - 1) // self.cy + 1):
+            for j in range(xa // self.cx, (xb - 1) // self.cx + 1):
+                cx, cv = self._chunk(i, j)
+                oy, ox = i * self.cy, j * self.cx
+                y0, y1, x0, x1 = max(ya, oy), min(yb, oy + self.cy), max(xa, ox), min(xb, ox + self.cx)
+                x[..., y0 - ya : y1 - ya, x0 - xa : x1 - xa] = cx[..., y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+                valid[:, y0 - ya : y1 - ya, x0 - xa : x1 - xa] = cv[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+        pad = ((ya - r0, r1 - yb), (xa - c0, c1 - xb))
+        if any(any(p) for p in pad):
+            x, valid = np.pad(x, ((0, 0), (0, 0), *pad), mode="reflect"), np.pad(valid, ((0, 0), *pad), mode="reflect")
+        return x, valid
 
 
 def _create_store(path: Path, ds: xr.Dataset, classes: list[dict], chunks: tuple[int, int], model_name: str) -> None:
@@ -302,7 +344,7 @@ def predict_region(
     batch_size: int = 16,
     device: str = "auto",
     progress: bool = True,
-    block_chunks: int = 2,
+    block_chunks: int = 1,
 ) -> Path:
     """Class probabilities, class and confidence maps of the cube at `cube_path`, written atomically to Zarr v3.
 
@@ -328,7 +370,7 @@ def predict_region(
     ds = xr.open_zarr(cube_path, chunks=None)
     inputs = _model_inputs(ds, ckpt, model)
     h, w = ds.sizes["y"], ds.sizes["x"]
-    chunks = ds[inputs[0].var.name].encoding.get("chunks") or (256, 256)
+    chunks = inputs[0].var.encoding.get("chunks") or (256, 256)
     cy, cx = (min(int(c), s) for c, s in zip(chunks[-2:], (h, w), strict=True))
     ys, xs = window_starts(h, window, ov), window_starts(w, window, ov)
     weights = ramp_weights(window, ov)
@@ -340,14 +382,28 @@ def predict_region(
         _create_store(tmp, ds, classes, (cy, cx), str(ckpt.get("model_name", type(model).__name__)))
         store = zarr.open_group(tmp, mode="r+", zarr_format=3)
         tiler = _Tiler(model, [i.keys for i in inputs], weights, doy, batch_size, len(classes), prog)
+        plan = []
         for y0, y1 in blocks_y:
             ty, oy = _touching(ys, window, y0, y1), _owned(ys, y0, y1)
-            rows = _extent(oy, window, y0, y1)
             for x0, x1 in blocks_x:
                 tx, ox = _touching(xs, window, x0, x1), _owned(xs, x0, x1)
-                cols = _extent(ox, window, x0, x1)
-                block = [_prepare(_read_padded(i.var, rows, cols), i.mean, i.std) for i in inputs]
-                probs = tiler.block(block, (rows[0], cols[0]), (ty, tx), (oy, ox), (y0, y1, x0, x1))
+                extent = (_extent(oy, window, y0, y1), _extent(ox, window, x0, x1))
+                plan.append(((y0, y1, x0, x1), (ty, tx), (oy, ox), extent))
+
+        readers = [_ChunkReader(i, [extent for *_, extent in plan]) for i in inputs]
+
+        def load(extent: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+            return [reader.read(*extent) for reader in readers]
+
+        with ThreadPoolExecutor(1) as prefetch:  # reads and prepares the next block while the model runs
+            pending = prefetch.submit(load, plan[0][3])
+            for n, (core, touching, owned, (rows, cols)) in enumerate(plan):
+                block = pending.result()
+                if n + 1 < len(plan):
+                    pending = prefetch.submit(load, plan[n + 1][3])
+                probs = tiler.block(block, (rows[0], cols[0]), touching, owned, core)
+                del block
+                y0, y1, x0, x1 = core
                 mapped = ~np.isnan(probs[0])
                 store["probabilities"][:, y0:y1, x0:x1] = probs
                 store["class"][y0:y1, x0:x1] = np.where(mapped, ids[np.argmax(np.nan_to_num(probs), axis=0)], NODATA)

@@ -32,7 +32,7 @@ from tasks.export import (
     write_map_item,
     write_preview_png,
 )
-from tasks.predict import _read_padded, predict_region, ramp_weights, window_starts
+from tasks.predict import _ChunkReader, _Input, predict_region, ramp_weights, window_starts
 from tasks.preprocess import band_statistics, prepare_window
 
 H, W, T = 150, 187, 6  # neither a multiple of the windows nor of the 64 px cube chunks
@@ -176,9 +176,12 @@ def test_ramp_weights_partition_unity_and_window_grid():
     starts = window_starts(100, 32, 8)
     assert starts[0] == -4 and np.all(np.diff(starts) == 24) and starts[-1] + 32 >= 104
     assert window_starts(10, 64, 16).tolist() == [-8]
-    column = xr.DataArray(np.arange(5.0)[None, :, None].repeat(2, axis=2), dims=("time", "y", "x"))
-    mirrored = _read_padded(column, np.arange(-3, 8), np.arange(-1, 2))[0, :, 0]
-    assert mirrored.tolist() == [3, 2, 1, 0, 1, 2, 3, 4, 3, 2, 1]
+    column = xr.DataArray(np.arange(5.0).reshape(1, 1, 5, 1).repeat(2, axis=3), dims=("time", "band", "y", "x"))
+    column.encoding["chunks"] = (1, 1, 2, 1)
+    rows, cols = np.arange(-3, 8), np.arange(-1, 2)
+    reader = _ChunkReader(_Input(column, np.zeros(1, np.float32), np.ones(1, np.float32), ("x", "doy", "valid")), [])
+    x, valid = reader.read(rows, cols)  # from six chunks, mirrored at the edges
+    assert x[0, 0, :, 0].tolist() == [3, 2, 1, 0, 1, 2, 3, 4, 3, 2, 1] and valid.all() and x.shape == (1, 1, 11, 3)
 
 
 def test_tiled_prediction_matches_one_piece(cube, trained, tiled, tmp_path):
