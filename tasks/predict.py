@@ -6,10 +6,14 @@ and averaged, then turned into probabilities by one softmax per pixel: neighbour
 the mosaic has no seams. Averaging logits (rather than probabilities) is a normalised weighted geometric mean of the
 windows' probabilities, in which a window sure of its class outweighs an unsure neighbour; it costs one
 softmax per pixel instead of one per window pixel, and for the random forest (log class frequencies) it averages
-log-frequencies. The region is processed one block (a few cube chunks) at a time, read with a halo holding every
-window that touches the block: a pixel's result does not depend on the block size, and memory does not grow with
-the region's area. Each window runs once: the logits of windows reaching into later blocks are kept until used
-(about two rows of windows along the region's width).
+log-frequencies.
+
+The region is processed one block (`block_chunks` cube chunks a side) at a time in row-major order. A block runs
+the windows whose first pixel in the region lies in it (read with their right and bottom halo) and blends every
+window touching it; the logits of windows reaching into later blocks are kept until used (one or two rows of
+windows along the region's width), so each window runs once and a pixel's result does not depend on the block
+size. Inputs are decoded and prepared per cube chunk, kept in an LRU of the few chunks a block spans, and the next
+block is read in a background thread while the model runs: memory does not grow with the region's area.
 
 Inputs follow `tasks.preprocess.prepare_window` (gaps filled in time, standardised, `valid` marks real
 observations), as in training. A model with SAR input (`sar_channels`, e.g. `modality_distillation`) also gets the
@@ -43,7 +47,7 @@ from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from tasks.labels import read_classes
 from tasks.preprocess import prepare_window
-from tasks.train import SENSOR, autocast, load_checkpoint, resolve_device
+from tasks.train import SAR_SENSOR, SENSOR, autocast, load_checkpoint, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +268,7 @@ class _Tiler:
 
     Each window is computed once, by the block holding its first pixel inside the region; its logits stay in
     `cache` until the last block it touches (to the right or below) has used them, so windows across block borders
-    are not recomputed. The cache holds about one row of windows along the block-row border.
+    are not recomputed. The cache holds one or two rows of windows along the block-row border.
     """
 
     model: nn.Module
@@ -425,14 +429,16 @@ def predict_region_task(
     device: str = "auto",
     progress: bool = True,
 ) -> Path:
-    """Load the checkpoint (checked against the cube's bands and, if given, the class map) and predict the cube."""
+    """Load the checkpoint (checked against the cube's bands, SAR bands and, if given, the class map) and predict
+    the cube."""
     ds = xr.open_zarr(cube_path)
     if SENSOR not in ds:
         raise CropflowError(f"the cube {cube_path} has no {SENSOR!r} variable; rebuild it with that sensor.")
     bands = [str(b) for b in ds[SENSOR][ds[SENSOR].dims[1]].values]
+    sar_bands = [str(b) for b in ds[SAR_SENSOR][ds[SAR_SENSOR].dims[1]].values] if SAR_SENSOR in ds else None
     if classes_path:
         classes = read_classes(classes_path)
     else:  # the checkpoint's own classes: only the bands are checked
         classes = torch.load(checkpoint, weights_only=True)["classes"] if Path(checkpoint).is_file() else []
-    model, ckpt = load_checkpoint(checkpoint, bands, classes)
+    model, ckpt = load_checkpoint(checkpoint, bands, classes, sar_bands)
     return predict_region(cube_path, model, ckpt, out_path, window, overlap, batch_size, device, progress)

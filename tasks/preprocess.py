@@ -16,6 +16,10 @@ def fill_time_gaps(values: np.ndarray) -> np.ndarray:
     previous and next valid value and date, so the cost is a few operations per value.
     """
     t = values.shape[0]
+    if values.ndim > 2:
+        gaps = np.isnan(values)
+        if (gaps == gaps[:, :1]).all():
+            return _fill_shared_gaps(values, ~gaps[:, 0])
     flat = values.reshape(t, -1)
     valid = ~np.isnan(flat)
     if valid.all():
@@ -39,6 +43,26 @@ def fill_time_gaps(values: np.ndarray) -> np.ndarray:
     filled = np.where(valid, flat, np.where(prev_idx >= 0, prev_val, next_val))
     filled = np.where(both, prev_val + (next_val - prev_val) * weight.astype(flat.dtype), filled)
     return filled.reshape(values.shape).astype(values.dtype, copy=False)
+
+
+def _fill_shared_gaps(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """`fill_time_gaps` of `values` `(T, C, ...)` whose gaps are the same in every `C` (`valid` `(T, ...)`, as cube
+    masks per pixel-date give): the neighbouring dates and weights are found once per pixel, not once per band."""
+    t = values.shape[0]
+    flat, ok = values.reshape(t, values.shape[1], -1), valid.reshape(t, -1)
+    steps = np.arange(t, dtype=np.int32)[:, None]
+    prev_idx = np.maximum.accumulate(np.where(ok, steps, -1), axis=0)
+    next_idx = np.minimum.accumulate(np.where(ok, steps, t)[::-1], axis=0)[::-1]
+    # before the first and after the last valid date both neighbours are the nearest valid date
+    prev_src, next_src = np.where(prev_idx >= 0, prev_idx, next_idx), np.where(next_idx < t, next_idx, prev_idx)
+    prev_src, next_src = np.clip(prev_src, 0, t - 1), np.clip(next_src, 0, t - 1)  # all-gap pixels stay NaN
+    weight = ((steps - prev_idx) / np.maximum(next_idx - prev_idx, 1)).astype(values.dtype)
+    pixels = np.arange(flat.shape[2])
+    out = np.empty_like(flat)
+    for c in range(flat.shape[1]):
+        prev_val, next_val = flat[:, c][prev_src, pixels], flat[:, c][next_src, pixels]
+        out[:, c] = prev_val + (next_val - prev_val) * weight
+    return out.reshape(values.shape)
 
 
 def band_statistics(values: np.ndarray, sample: int = 200_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

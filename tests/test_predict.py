@@ -352,6 +352,7 @@ def test_optical_and_sar_model_reads_both_series(cube, trained, tmp_path):
     backbones the map equals one forward over the whole region, and pixels only the radar saw are mapped."""
     from infra.errors import CropflowError
     from models.registry import build_model
+    from tasks.predict import predict_region_task
     from tasks.train import autocast
 
     ltae = {"embed_dims": [16], "d_model": 16, "n_head": 2, "d_k": 4, "mlp_dims": [16], "dropout": 0.0}
@@ -378,6 +379,10 @@ def test_optical_and_sar_model_reads_both_series(cube, trained, tmp_path):
     result = xr.open_zarr(out)
     np.testing.assert_allclose(result["probabilities"].values, expected, atol=0.02)
     assert (result["class"].values[NO_OBS] != 255).all()
+    # the task loads the checkpoint, checking its SAR bands against the cube's
+    torch.save(ckpt | {"model_config": config, "state_dict": model.state_dict()}, tmp_path / "model.pt")
+    again = predict_region_task.fn(cube, tmp_path / "model.pt", tmp_path / "t.zarr", window=48, progress=False)
+    np.testing.assert_allclose(xr.open_zarr(again)["probabilities"].values, result["probabilities"].values, atol=1e-5)
 
 
 def test_random_forest_map(cube, trained, tmp_path):
