@@ -88,5 +88,6 @@ def bench_train(
         f"{reached[1]:.0f}" if reached else "",
     )
     console.print(table)
-    console.print(f"setup (data loading, statistics) {wall - epoch_s:.1f} s; load average: {os.getloadavg()}")
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    console.print(f"setup (data loading, statistics) {wall - epoch_s:.1f} s; load average: {load}")
     console.print("val mIoU per epoch: " + " ".join(f"{row['val_miou']:.2f}" for row in history))
