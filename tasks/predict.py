@@ -8,12 +8,14 @@ windows' probabilities, in which a window sure of its class outweighs an unsure 
 softmax per pixel instead of one per window pixel, and for the random forest (log class frequencies) it averages
 log-frequencies.
 
-The region is processed one block (`block_chunks` cube chunks a side) at a time in row-major order. A block runs
+The region is processed one block (`block_chunks` cube chunks a side) at a time, in vertical strips of
+`STRIP_BLOCKS` blocks, row-major inside a strip (a block's left and upper neighbours come before it). A block runs
 the windows whose first pixel in the region lies in it (read with their right and bottom halo) and blends every
 window touching it; the logits of windows reaching into later blocks are kept until used (one or two rows of
-windows along the region's width), so each window runs once and a pixel's result does not depend on the block
-size. Inputs are decoded and prepared per cube chunk, kept in an LRU of the few chunks a block spans, and the next
-block is read in a background thread while the model runs: memory does not grow with the region's area.
+windows along a strip and one column along the region's height), so each window runs once and a pixel's result
+does not depend on the block size. Inputs are decoded and prepared per cube chunk, kept in an LRU of the chunks of a
+strip's row of blocks and its halo, and the next block is read in a background thread while the model runs: memory
+does not grow with the region's area.
 
 Inputs follow `tasks.preprocess.prepare_window` (gaps filled in time, standardised, `valid` marks real
 observations), as in training. A model with SAR input (`sar_channels`, e.g. `modality_distillation`) also gets the
@@ -52,6 +54,7 @@ from tasks.train import SAR_SENSOR, SENSOR, autocast, load_checkpoint, resolve_d
 log = logging.getLogger(__name__)
 
 NODATA = 255
+STRIP_BLOCKS = 2  # blocks are visited in vertical strips this many blocks wide, row-major inside a strip
 
 
 def ramp_weights(window: int, overlap: int) -> np.ndarray:
@@ -180,12 +183,13 @@ def _model_inputs(ds: xr.Dataset, ckpt: dict, model: nn.Module) -> list[_Input]:
 
 class _ChunkReader:
     """Model inputs `(x, valid)` of one sensor read by cube chunk: each chunk is decoded and prepared
-    (`prepare_window`, per pixel) when first needed and kept in a small LRU, so that a block's right and bottom
-    halo does not decode its neighbours again for every block (each chunk is decoded about twice, memory is fixed).
+    (`prepare_window`, per pixel) when first needed and kept in an LRU holding a strip's row of blocks with its
+    halo, so that a chunk is decoded about `(STRIP_BLOCKS + 1) / STRIP_BLOCKS` times (once more as the right halo of
+    the strip before), with memory independent of the region's size.
     """
 
     def __init__(self, inp: _Input, extents: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        """`extents`: the `(rows, cols)` of every block to be read; the LRU holds the chunks of the largest."""
+        """`extents`: the `(rows, cols)` of each strip's row of blocks; the LRU holds the chunks of the largest."""
         self.inp = inp
         chunks = inp.var.encoding.get("chunks") or (256, 256)
         self.cy, self.cx = (min(int(c), inp.var.sizes[d]) for c, d in zip(chunks[-2:], ("y", "x"), strict=True))
@@ -264,11 +268,11 @@ def _create_store(path: Path, ds: xr.Dataset, classes: list[dict], chunks: tuple
 
 @dataclass
 class _Tiler:
-    """Runs the model on windows and blends their logits, block by block in row-major order.
+    """Runs the model on windows and blends their logits, block by block (left and upper neighbours first).
 
     Each window is computed once, by the block holding its first pixel inside the region; its logits stay in
     `cache` until the last block it touches (to the right or below) has used them, so windows across block borders
-    are not recomputed. The cache holds one or two rows of windows along the block-row border.
+    are not recomputed.
     """
 
     model: nn.Module
@@ -386,15 +390,18 @@ def predict_region(
         _create_store(tmp, ds, classes, (cy, cx), str(ckpt.get("model_name", type(model).__name__)))
         store = zarr.open_group(tmp, mode="r+", zarr_format=3)
         tiler = _Tiler(model, [i.keys for i in inputs], weights, doy, batch_size, len(classes), prog)
-        plan = []
-        for y0, y1 in blocks_y:
-            ty, oy = _touching(ys, window, y0, y1), _owned(ys, y0, y1)
-            for x0, x1 in blocks_x:
-                tx, ox = _touching(xs, window, x0, x1), _owned(xs, x0, x1)
-                extent = (_extent(oy, window, y0, y1), _extent(ox, window, x0, x1))
-                plan.append(((y0, y1, x0, x1), (ty, tx), (oy, ox), extent))
+        plan, strip_rows = [], []  # blocks in visiting order; the extent of each strip's row of blocks
+        for s0 in range(0, len(blocks_x), STRIP_BLOCKS):
+            for y0, y1 in blocks_y:
+                ty, oy = _touching(ys, window, y0, y1), _owned(ys, y0, y1)
+                rows = _extent(oy, window, y0, y1)
+                for x0, x1 in blocks_x[s0 : s0 + STRIP_BLOCKS]:
+                    tx, ox = _touching(xs, window, x0, x1), _owned(xs, x0, x1)
+                    plan.append(((y0, y1, x0, x1), (ty, tx), (oy, ox), (rows, _extent(ox, window, x0, x1))))
+                first_col = plan[-min(STRIP_BLOCKS, len(blocks_x) - s0)][3][1][0]
+                strip_rows.append((rows, np.arange(first_col, plan[-1][3][1][-1] + 1)))
 
-        readers = [_ChunkReader(i, [extent for *_, extent in plan]) for i in inputs]
+        readers = [_ChunkReader(i, strip_rows) for i in inputs]
 
         def load(extent: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
             return [reader.read(*extent) for reader in readers]
