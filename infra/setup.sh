@@ -23,13 +23,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 stamp=.venv/.cropflow-installed
-want=$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements.lock infra/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || $PY -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -c requirements.lock -e ".[dev]"
+.venv/bin/python -m pip install -q -c requirements.lock -e ".[dev,bench]"
 echo "$want" > "$stamp"
 echo "cropflow setup: environment ready in .venv"
