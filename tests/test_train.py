@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import itertools
 import json
 import pickle
@@ -473,6 +474,8 @@ def test_workers_give_the_same_batches_and_cube_pickles(cube_arrays):
         for epoch in (0, 1):  # persistent workers learn the epoch from the sampler
             loader.sampler.set_epoch(epoch)
             batches[workers].append([b for batch in loader for b in batch])
+        del loader  # stop the persistent workers now, not whenever the garbage collector gets to them
+        gc.collect()
     for a, b in zip(batches[0], batches[2], strict=True):
         assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     assert not torch.equal(batches[2][0][0], batches[2][1][0])
