@@ -276,13 +276,15 @@ def make_loader(
     dataset: PatchDataset, batch_size: int, num_workers: int = 0, seed: int = 0, pin_memory: bool = False
 ) -> DataLoader:
     """DataLoader over `dataset` in order: random-mode datasets through an `EpochSampler` (`loader.sampler`),
-    `num_workers` persistent worker processes seeded from `seed`."""
+    `num_workers` persistent worker processes seeded from `seed`. Workers are spawned, not forked: a flow run
+    holds threads (Prefect, GDAL) that a forked child would inherit in an undefined state."""
     sampler = EpochSampler(len(dataset)) if dataset.mode == "random" else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
+        multiprocessing_context="spawn" if num_workers > 0 else None,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory,
