@@ -23,6 +23,7 @@ from pyproj import CRS
 
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
+from tasks.figures import png_figure
 from tasks.labels import SPLITS, cube_grid, rasterize_labels, read_classes, read_labels
 
 NODATA = 255
@@ -220,18 +221,12 @@ def write_confusion_csv(cm: np.ndarray, class_names: list[str], out_csv: Path) -
 
 def write_confusion_png(cm: np.ndarray, class_names: list[str], out_png: Path, title: str = "") -> Path:
     """Heatmap coloured by row-normalised share (recall per truth class), annotated with counts (atomic write)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cm = np.asarray(cm)
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
     k = len(class_names)
     size = max(4.0, 0.6 * k + 2.5)
-    fig, ax = plt.subplots(figsize=(size + 1.2, size), dpi=100)
-    try:
+    with png_figure(out_png, figsize=(size + 1.2, size), dpi=100) as (fig, ax):
         im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the truth class (row)")
         for i in range(k):
@@ -244,10 +239,6 @@ def write_confusion_png(cm: np.ndarray, class_names: list[str], out_png: Path, t
         ax.set_ylabel("truth")
         ax.set_title(title or "confusion matrix (pixels)")
         fig.tight_layout()
-        with atomic_path(Path(out_png)) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
     return Path(out_png)
 
 

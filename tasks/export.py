@@ -29,6 +29,7 @@ from rasterio.warp import transform_bounds, transform_geom
 from rasterio.windows import Window
 
 from infra.atomic import atomic_path
+from tasks.figures import png_figure
 from tasks.labels import cube_grid, read_classes
 
 NODATA = 255
@@ -130,10 +131,6 @@ def write_preview_png(
     `class_map` is a class COG (its grid is read from it) or a `(H, W)` array with an optional `transform`/`crs`.
     No-data pixels are left white.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.patches import Patch
 
@@ -152,8 +149,9 @@ def write_preview_png(
         x0, y0 = transform @ (0, 0)
         x1, y1 = transform @ (w, h)
         extent = (x0 / 1000, x1 / 1000, y1 / 1000, y0 / 1000)
-    fig, ax = plt.subplots(figsize=(8, float(np.clip(8 * h / w, 3, 16))), dpi=110, facecolor="white")
-    try:
+    savefig = {"bbox_inches": "tight", "facecolor": "white"}
+    size = (8, float(np.clip(8 * h / w, 3, 16)))
+    with png_figure(out_png, savefig, figsize=size, dpi=110, facecolor="white") as (_, ax):
         ax.imshow(np.ma.masked_equal(data, NODATA), cmap=cmap, norm=norm, interpolation="nearest", extent=extent)
         ax.ticklabel_format(useOffset=False, style="plain")
         unit = f"km, {crs}" if crs else "km"
@@ -164,10 +162,6 @@ def write_preview_png(
         if (data == NODATA).any():
             handles.append(Patch(facecolor="white", edgecolor="0.3", label="no data"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, title="class")
-        with atomic_path(Path(out_png)) as tmp:
-            fig.savefig(tmp, format="png", bbox_inches="tight", facecolor="white")
-    finally:
-        plt.close(fig)
     return Path(out_png)
 
 

@@ -25,6 +25,7 @@ from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from models.masking import cloud_gap_mask
 from tasks.dataset import PatchDataset, load_cube_arrays
+from tasks.figures import png_figure
 from tasks.labels import cube_grid, rasterize_labels, read_classes, read_labels
 from tasks.train import SENSOR, evaluate_patches, load_checkpoint, resolve_device
 
@@ -35,13 +36,7 @@ COLUMNS = ("gap_mode", "missing_fraction", "dates_hidden", "overall_accuracy", "
 
 def write_robustness_png(rows: list[dict], out_png: Path) -> Path:
     """Overall accuracy and mIoU against the fraction of missing dates, one line per gap mode (atomic write)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100, sharex=True)
-    try:
+    with png_figure(out_png, nrows=1, ncols=2, figsize=(9, 3.6), dpi=100, sharex=True) as (fig, axes):
         for ax, key, label in zip(axes, ("overall_accuracy", "miou"), ("overall accuracy", "mIoU"), strict=True):
             for mode in dict.fromkeys(r["gap_mode"] for r in rows):
                 pts = [(100 * r["missing_fraction"], r[key]) for r in rows if r["gap_mode"] == mode]
@@ -53,10 +48,6 @@ def write_robustness_png(rows: list[dict], out_png: Path) -> Path:
         axes[0].legend()
         fig.suptitle("test parcels: accuracy against missing dates")
         fig.tight_layout()
-        with atomic_path(Path(out_png)) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
     return Path(out_png)
 
 
