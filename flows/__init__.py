@@ -5,12 +5,12 @@ Importing this package sets privacy defaults for Prefect (no telemetry) before P
 
 import os
 
+from infra.settings import home_dir
+
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # the ephemeral API server starts in a subprocess; on a busy 2-core machine it needs more than the default 20 s
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault(
-    "PREFECT_HOME", os.path.abspath(os.path.join(os.environ.get("CROPFLOW_HOME", ".cropflow"), "prefect"))
-)
+os.environ.setdefault("PREFECT_HOME", str(home_dir() / "prefect"))
 # Prefect creates only the last folder of its home: make the whole path, or its database cannot be opened
 os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)

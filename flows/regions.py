@@ -12,7 +12,7 @@ import yaml
 
 from infra.errors import CropflowError
 from infra.settings import Settings
-from tasks.grid import check_bbox, projected_bounds, utm_epsg
+from tasks.grid import check_bbox, region_grid
 
 CATALOG = Path(__file__).with_name("regions.yaml")
 
@@ -90,12 +90,12 @@ def resolve_region(name: str, settings: Settings, catalog: Path | None = None) -
     if missing:
         raise CropflowError(f"region {name!r} in {catalog.name} is missing field(s): {', '.join(missing)}.")
     bbox = check_bbox(entry["bbox"], f"region {name!r}: bbox")
-    epsg = int(entry.get("epsg") or utm_epsg(bbox))
+    grid = region_grid(bbox, float(entry.get("resolution", 10.0)), int(entry["epsg"]) if entry.get("epsg") else None)
     base = catalog.parent
     return Region(
         name=name,
-        epsg=epsg,
-        bounds=projected_bounds(bbox, epsg, float(entry.get("resolution", 10.0))),
+        epsg=grid.epsg,
+        bounds=grid.bounds,
         bbox=bbox,
         season=(start, end),
         labels=(base / entry["labels"]).resolve(),

@@ -1,25 +1,10 @@
-"""Retry policies for Prefect tasks and HTTP requests: retry what can succeed on retry, never a user's mistake."""
+"""Retry policy for HTTP requests: retry what can succeed on retry, never a user's mistake."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from urllib3 import Retry
-
-from infra.errors import CropflowError
-
-
-def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
-    """`retry_condition_fn`: False when the task failed with a `CropflowError` (bad input), True otherwise."""
-    try:
-        state.result()
-    except CropflowError:
-        return False
-    except Exception:
-        return True
-    return False
-
 
 # HTTP statuses worth another try: too many requests, and server-side errors.
 RETRY_STATUSES = frozenset({429, *range(500, 600)})

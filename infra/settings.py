@@ -67,11 +67,15 @@ def _port(name: str, default: int) -> int:
     return port
 
 
+def home_dir() -> Path:
+    """`CROPFLOW_HOME` (default `./.cropflow`), absolute."""
+    return Path(os.environ.get("CROPFLOW_HOME", Path.cwd() / ".cropflow")).expanduser().resolve()
+
+
 def get_settings() -> Settings:
     """Settings from the environment (`CROPFLOW_HOME`, `CROPFLOW_STAC_PORT`, `CROPFLOW_PG_PORT`)."""
-    home = Path(os.environ.get("CROPFLOW_HOME", Path.cwd() / ".cropflow")).expanduser().resolve()
     return Settings(
-        home=home,
+        home=home_dir(),
         stac_port=_port("CROPFLOW_STAC_PORT", 8082),
         pg_port=_port("CROPFLOW_PG_PORT", 5439),
     )

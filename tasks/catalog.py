@@ -25,7 +25,7 @@ from pystac_client.exceptions import APIError
 from pystac_client.stac_api_io import StacApiIO
 
 from infra.errors import CropflowError
-from infra.retry import RETRY_STATUSES, HttpRetry, retry_unless_user_error
+from infra.retry import RETRY_STATUSES, HttpRetry
 from infra.settings import get_settings
 from tasks.sensors import AssetKeys, Sensor, get_sensor, s2_processing_baseline
 
@@ -348,13 +348,7 @@ def search_items(
     return items
 
 
-@task(
-    name="search-items",
-    retries=3,
-    retry_delay_seconds=[2, 8, 30],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_unless_user_error,
-)
+@task(name="search-items")  # HTTP retries with backoff happen inside (`HttpRetry`); what is left is final
 def search_items_task(
     catalog: Catalog,
     sensor: str,

@@ -49,7 +49,7 @@ from zarr.codecs import BloscCodec
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from tasks.catalog import Catalog, sign_href
-from tasks.grid import Bounds, Grid, check_bounds, snap_bounds
+from tasks.grid import Bounds, Grid, snap_bounds
 from tasks.preprocess import fill_time_gaps
 from tasks.sensors import SENSORS, Sensor, scale_offset
 
@@ -532,9 +532,8 @@ def _create_store(
 
 def _write_json(path: Path, obj: object) -> None:
     """Write JSON atomically (a reader sees the old file or the new one, never half of one)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj))
 
 
 def partial_path(out_path: Path) -> Path:
@@ -579,9 +578,6 @@ def build_cube(
     arguments resumes an interrupted build; with other arguments it starts over.
     """
     out_path = Path(out_path)
-    bounds = check_bounds(bounds)
-    if resolution <= 0:
-        raise CropflowError(f"resolution={resolution} must be a positive number of metres.")
     grid = Grid(int(epsg), snap_bounds(bounds, resolution), float(resolution))
     bins = time_bins(start, end, bin_days)
     if not items_by_sensor:

@@ -18,15 +18,15 @@ import rasterio
 import xarray as xr
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.context import FlowRunContext, TaskRunContext
 from pyproj import CRS
 
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
+from infra.runs import in_prefect_run
 from tasks.figures import png_figure
-from tasks.labels import SPLITS, cube_grid, rasterize_labels, read_classes, read_labels
+from tasks.labels import CLASS_NODATA, SPLITS, cube_grid, rasterize_labels, read_classes, read_labels
 
-NODATA = 255
+NODATA = CLASS_NODATA
 Z95 = 1.959964  # standard normal quantile of a two-sided 95 % confidence interval
 
 
@@ -203,7 +203,7 @@ def metrics_markdown(metrics: dict) -> str:
 
 def publish_metrics_markdown(metrics: dict, key: str = "crop-map-accuracy") -> bool:
     """`metrics_markdown` as a Prefect markdown artifact when inside a flow or task run; False (nothing) outside."""
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+    if not in_prefect_run():
         return False
     create_markdown_artifact(markdown=metrics_markdown(metrics), key=key, description="crop map accuracy")
     return True

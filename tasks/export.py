@@ -30,9 +30,9 @@ from rasterio.windows import Window
 
 from infra.atomic import atomic_path
 from tasks.figures import png_figure
-from tasks.labels import cube_grid, read_classes
+from tasks.labels import CLASS_NODATA, cube_grid, read_classes
 
-NODATA = 255
+NODATA = CLASS_NODATA
 COG_BLOCK = 512
 THUMBNAIL = 256  # overviews go down until the smallest fits in this many pixels
 MAP_COLLECTION = "cropflow-crop-maps"  # STAC collection of the maps loaded into a STAC API

@@ -27,6 +27,8 @@ from scipy import ndimage
 
 from infra.errors import CropflowError
 
+CLASS_NODATA = 255  # class rasters (labels, maps): the value of pixels without a class
+
 SPLITS = {"train": 1, "val": 2, "test": 3}
 _COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
 

@@ -41,19 +41,19 @@ import xarray as xr
 import zarr
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.context import FlowRunContext, TaskRunContext
 from rich.progress import Progress
 from torch import nn
 
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
-from tasks.labels import read_classes
+from infra.runs import in_prefect_run
+from tasks.labels import CLASS_NODATA, read_classes
 from tasks.preprocess import prepare_window
 from tasks.train import SAR_SENSOR, SENSOR, autocast, load_checkpoint, resolve_device
 
 log = logging.getLogger(__name__)
 
-NODATA = 255
+NODATA = CLASS_NODATA
 STRIP_BLOCKS = 2  # blocks are visited in vertical strips this many blocks wide, row-major inside a strip
 
 
@@ -105,8 +105,7 @@ class _Progress:
         self.total, self.done = max(total, 1), 0
         self.bar = Progress(disable=not show)
         self.job = self.bar.add_task(label, total=total)
-        in_run = FlowRunContext.get() is not None or TaskRunContext.get() is not None
-        self.artifact = create_progress_artifact(0.0, description=label) if in_run else None
+        self.artifact = create_progress_artifact(0.0, description=label) if in_prefect_run() else None
 
     def __enter__(self) -> _Progress:
         self.bar.start()
@@ -443,9 +442,6 @@ def predict_region_task(
         raise CropflowError(f"the cube {cube_path} has no {SENSOR!r} variable; rebuild it with that sensor.")
     bands = [str(b) for b in ds[SENSOR][ds[SENSOR].dims[1]].values]
     sar_bands = [str(b) for b in ds[SAR_SENSOR][ds[SAR_SENSOR].dims[1]].values] if SAR_SENSOR in ds else None
-    if classes_path:
-        classes = read_classes(classes_path)
-    else:  # the checkpoint's own classes: only the bands are checked
-        classes = torch.load(checkpoint, weights_only=True)["classes"] if Path(checkpoint).is_file() else []
+    classes = read_classes(classes_path) if classes_path else None  # None: the checkpoint's own classes
     model, ckpt = load_checkpoint(checkpoint, bands, classes, sar_bands)
     return predict_region(cube_path, model, ckpt, out_path, window, overlap, batch_size, device, progress)

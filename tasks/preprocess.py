@@ -12,8 +12,9 @@ def fill_time_gaps(values: np.ndarray) -> np.ndarray:
     """Linearly interpolate NaNs along axis 0 (time), per pixel and band.
 
     Leading and trailing gaps take the nearest valid value; series with no valid value stay NaN.
-    `values` has shape `(T, ...)`; the result has the same shape and dtype. Two sweeps over time carry the
-    previous and next valid value and date, so the cost is a few operations per value.
+    `values` has shape `(T, ...)`; the result has the same shape and dtype. Running maxima/minima over time give
+    each value its previous and next valid date, so the cost is a few operations per value; when every band has
+    the same gaps (cube masks), the dates are found once per pixel.
     """
     t = values.shape[0]
     if values.ndim > 2:
@@ -24,25 +25,7 @@ def fill_time_gaps(values: np.ndarray) -> np.ndarray:
     valid = ~np.isnan(flat)
     if valid.all():
         return values.copy()
-    prev_val, next_val = np.empty_like(flat), np.empty_like(flat)
-    prev_idx, next_idx = np.empty(flat.shape, np.int32), np.empty(flat.shape, np.int32)
-    last_val, last_idx = np.full(flat.shape[1], np.nan, flat.dtype), np.full(flat.shape[1], -1, np.int32)
-    for i in range(t):
-        np.copyto(last_val, flat[i], where=valid[i])
-        last_idx[valid[i]] = i
-        prev_val[i], prev_idx[i] = last_val, last_idx
-    last_val.fill(np.nan)
-    last_idx.fill(-1)
-    for i in range(t - 1, -1, -1):
-        np.copyto(last_val, flat[i], where=valid[i])
-        last_idx[valid[i]] = i
-        next_val[i], next_idx[i] = last_val, last_idx
-    both = (prev_idx >= 0) & (next_idx >= 0) & ~valid
-    steps = np.arange(t, dtype=np.int32)[:, None]
-    weight = (steps - prev_idx) / np.maximum(next_idx - prev_idx, 1)
-    filled = np.where(valid, flat, np.where(prev_idx >= 0, prev_val, next_val))
-    filled = np.where(both, prev_val + (next_val - prev_val) * weight.astype(flat.dtype), filled)
-    return filled.reshape(values.shape).astype(values.dtype, copy=False)
+    return _fill_shared_gaps(flat[:, None], valid).reshape(values.shape)
 
 
 def _fill_shared_gaps(values: np.ndarray, valid: np.ndarray) -> np.ndarray:

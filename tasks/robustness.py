@@ -18,11 +18,11 @@ import torch
 import xarray as xr
 from prefect import task
 from prefect.artifacts import create_table_artifact
-from prefect.context import FlowRunContext, TaskRunContext
 from torch.utils.data import ConcatDataset, DataLoader
 
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
+from infra.runs import in_prefect_run
 from models.masking import cloud_gap_mask
 from tasks.dataset import PatchDataset, load_cube_arrays
 from tasks.figures import png_figure
@@ -129,7 +129,7 @@ def robustness_report(
         writer.writeheader()
         writer.writerows(rows)
     write_robustness_png(rows, out_dir / "robustness.png")
-    if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+    if in_prefect_run():
         table = [{k: r[k] for k in COLUMNS} for r in rows]
         create_table_artifact(table=table, key="robustness", description="test metrics against missing dates")
     return report

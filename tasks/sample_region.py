@@ -30,6 +30,7 @@ from scipy import ndimage
 from infra.errors import CropflowError
 from tasks import sample_phenology as ph
 from tasks import sample_stac as st
+from tasks.labels import CLASS_NODATA
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ MIN_SIZE = 32
 PIXELS_PER_PARCEL = 2000
 MIN_PARCELS_PER_CLASS = 4
 SPLIT_SHARES = (("train", 0.6), ("val", 0.2), ("test", 0.2))
-CLASSES_NODATA = 255
+CLASSES_NODATA = CLASS_NODATA
 
 S2_EVERY, LANDSAT_EVERY, S1_EVERY = 5, 8, 6
 S2_TIME, LANDSAT_TIME = time(10, 46, 19, 24000), time(10, 33, 41, 512000)

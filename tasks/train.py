@@ -33,13 +33,14 @@ import torch
 import xarray as xr
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.utils.data import DataLoader
 
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
+from infra.runs import in_prefect_run
 from models.losses import IoULoss
 from models.random_forest import RandomForest
 from models.registry import MODELS, build_model
@@ -350,15 +351,17 @@ def _check_bands(theirs: list[str], ours: list[str] | None, what: str, path: Pat
 
 
 def check_compatible(
-    ckpt: dict, bands: list[str], classes: list[dict], path: Path, sar_bands: list[str] | None = None
+    ckpt: dict, bands: list[str], classes: list[dict] | None, path: Path, sar_bands: list[str] | None = None
 ) -> None:
     """Raise `CropflowError` naming the mismatch if the checkpoint's bands (optical, and SAR for a multi-modal
-    model) or classes differ from the given ones."""
+    model) or classes (unless None: the checkpoint's own classes are used) differ from the given ones."""
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CropflowError(f"checkpoint {path} has format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT}.")
     _check_bands(ckpt["bands"], bands, "", path)
     if "sar" in ckpt:
         _check_bands(ckpt["sar"]["bands"], sar_bands, "SAR ", path)
+    if classes is None:
+        return
     want = [(c["id"], c["name"]) for c in sorted(classes, key=lambda c: c["id"])]
     have = [(c["id"], c["name"]) for c in sorted(ckpt["classes"], key=lambda c: c["id"])]
     if want != have:
@@ -377,10 +380,10 @@ def _read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
 
 
 def load_checkpoint(
-    path: Path, bands: list[str], classes: list[dict], sar_bands: list[str] | None = None
+    path: Path, bands: list[str], classes: list[dict] | None, sar_bands: list[str] | None = None
 ) -> tuple[nn.Module, dict]:
     """Model (eval mode, on CPU) and checkpoint dict from `path`, refused if its bands (`sar_bands` for a
-    multi-modal model; None = the cube has no SAR) or classes differ."""
+    multi-modal model; None = the cube has no SAR) or classes (None: not checked) differ."""
     ckpt = _read_checkpoint(path)
     check_compatible(ckpt, bands, classes, Path(path), sar_bands)
     model = build_model(ckpt["model_name"], **ckpt["model_config"])
@@ -422,9 +425,7 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 def publish_metrics_artifact(history: list[dict], description: str) -> bool:
     """Per-epoch metrics as a Prefect table artifact when inside a flow or task run; False (nothing) outside."""
-    try:
-        get_run_context()
-    except MissingContextError:
+    if not in_prefect_run():
         return False
     create_table_artifact(table=history, key="train-metrics", description=description)
     return True
@@ -461,30 +462,6 @@ def train_epoch(
         losses.append(float(loss.detach()))
         on_step(losses[-1])
     return float(np.mean(losses)), lr
-
-
-class _Bar:
-    """Rich progress bar over training steps, or nothing."""
-
-    def __init__(self, show: bool, total: int) -> None:
-        self.bar: AbstractContextManager = nullcontext()
-        self.job = None
-        if show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            self.bar, self.job = bar, bar.add_task("training", total=total)
-
-    def __enter__(self) -> _Bar:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
-
-    def update(self, **kwargs: object) -> None:
-        if self.job is not None:
-            self.bar.update(self.job, **kwargs)
 
 
 def val_miou(row: dict) -> float:
@@ -555,8 +532,15 @@ def fit_loop(
     stop_reason = "epochs" if epoch >= options.epochs else None
     with (
         reproducible(options.seed, options.deterministic),
-        _Bar(options.progress, (options.epochs - epoch) * steps) as bar,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not options.progress,
+        ) as bar,
     ):
+        job = bar.add_task("training", total=(options.epochs - epoch) * steps)
         while stop_reason is None:
             t0 = time.monotonic()
             if isinstance(loader.sampler, EpochSampler):
@@ -568,7 +552,7 @@ def fit_loop(
                 batch_loss,
                 device,
                 lambda i, e=epoch, h=horizon: lr * lr_factor(e * steps + i, h * steps),
-                lambda value, e=epoch: bar.update(advance=1, description=f"epoch {e + 1} loss {value:.3f}"),
+                lambda value, e=epoch: bar.update(job, advance=1, description=f"epoch {e + 1} loss {value:.3f}"),
                 scaler,
                 epoch * steps,
             )
@@ -604,7 +588,7 @@ def fit_loop(
                 elapsed, per_epoch = time.monotonic() - started, float(np.mean(call_seconds))
                 if epoch == first_epoch + 1:  # fit the learning-rate schedule to the epochs the budget has room for
                     horizon = min(options.epochs, epoch + int((options.time_budget_s - elapsed) / per_epoch))
-                    bar.update(total=(max(horizon, epoch) - first_epoch) * steps)
+                    bar.update(job, total=(max(horizon, epoch) - first_epoch) * steps)
                 if epoch >= horizon or elapsed + per_epoch > options.time_budget_s:
                     stop_reason = "time_budget"
     return _finish(history, state["best_epoch"], stop_reason, epoch, out_dir, f"{description}: per-epoch metrics")
