@@ -35,12 +35,11 @@ L-TAE backbone a CPU training step takes about 4x the bare L-TAE's time and 2.4x
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from infra.errors import CropflowError
 from models.base import TemporalEncoderModel
-from models.losses import distillation_kl, masked_mse
+from models.losses import distillation_kl, labelled_cross_entropy, masked_mse
 from models.ltae import doy_encoding
 
 
@@ -158,9 +157,7 @@ class JointReconstruction(nn.Module):
         gap = gap_mask.view(*gap_mask.shape, *(1,) * (valid.dim() - gap_mask.dim())).expand_as(valid)
         features = self.features(x, doy, valid & ~gap)
         logits = self.head(features, doy)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            ce = F.cross_entropy(logits.float(), target.long(), ignore_index=-1, reduction="sum")
-            ce = ce / (target >= 0).sum().clamp(min=1)
+        ce = labelled_cross_entropy(logits, target)
         aligned = (gap & valid).unsqueeze(2)  # removed from the student, observed by the teacher
         losses = {
             "ce": ce,

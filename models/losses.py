@@ -48,6 +48,14 @@ class IoULoss(nn.Module):
             return loss
 
 
+def labelled_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+    """Cross-entropy of logits `(B, K, H, W)` with integer targets `(B, H, W)`, averaged over the labelled pixels
+    (0 when there is none); computed in float32, also under autocast."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        ce = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="sum")
+        return ce / (target != ignore_index).sum().clamp(min=1)
+
+
 def pixel_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-pixel `KL(softmax(teacher / T) || softmax(student / T))` over the class axis: (B, K, H, W) -> (B, H, W).
 

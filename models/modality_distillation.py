@@ -37,10 +37,9 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.losses import distillation_kl, pixel_kl
+from models.losses import distillation_kl, labelled_cross_entropy, pixel_kl
 
 SOURCES = ("teacher", "optical", "sar")
 
@@ -81,10 +80,7 @@ def filter_pseudo_labels(teacher_logits: torch.Tensor, threshold: float, ignore_
 
 def pseudo_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """Cross-entropy of an auxiliary student with the teacher's filtered pseudo-labels (0 if none is confident)."""
-    labels = filter_pseudo_labels(teacher_logits, threshold)
-    with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        ce = F.cross_entropy(student_logits.float(), labels, ignore_index=-1, reduction="sum")
-        return ce / (labels >= 0).sum().clamp(min=1)
+    return labelled_cross_entropy(student_logits, filter_pseudo_labels(teacher_logits, threshold))
 
 
 def information_weights(
@@ -187,12 +183,9 @@ class ModalityDistillation(nn.Module):
             ]
         weights = information_weights(sources[0], sources[1:], self.temperature, self.tau)
         logits = self(**cloudy.inputs())
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            ce = F.cross_entropy(logits.float(), target.long(), ignore_index=-1, reduction="sum")
-            ce = ce / (target >= 0).sum().clamp(min=1)
-        losses = {"ce": ce}
+        losses = {"ce": labelled_cross_entropy(logits, target)}
         for i, (name, source) in enumerate(zip(SOURCES, sources, strict=True)):
             losses[f"distill_{name}"] = distillation_kl(logits, source, self.temperature, weight=weights[:, i])
         distill = sum(losses[f"distill_{name}"] for name in SOURCES)
-        losses["total"] = self.ce_weight * ce + self.distill_weight * distill
+        losses["total"] = self.ce_weight * losses["ce"] + self.distill_weight * distill
         return losses
