@@ -61,6 +61,58 @@ def _gaps(batch: Batch, seed: int, step: int, rate: tuple[float, float]) -> torc
     return cloud_gap_mask(b, t, step_generator(seed, step, batch[0].device), rate=rate)
 
 
+def incomplete_loss(student: nn.Module, teacher: nn.Module, seed: int, gap_rate: tuple[float, float]) -> BatchLoss:
+    """Batch loss of a `joint_reconstruction` student: its `training_losses` total with the step's simulated gaps."""
+
+    def batch_loss(batch: Batch, step: int) -> torch.Tensor:
+        gaps = _gaps(batch, seed, step, gap_rate)
+        return student.training_losses(*batch[:4], teacher, gaps)["total"]
+
+    return batch_loss
+
+
+def optical_student_loss(
+    optical: nn.Module, teacher: nn.Module, seed: int, gap_rate: tuple[float, float], threshold: float
+) -> BatchLoss:
+    """Batch loss of the auxiliary optical student: the teacher's confident pseudo-labels, the optical series with
+    the step's simulated gaps hidden."""
+
+    def batch_loss(batch: Batch, step: int) -> torch.Tensor:
+        valid = batch[2] & ~_gaps(batch, seed, step, gap_rate)[..., None, None]
+        logits = optical(hide_unobserved(batch[0], valid), batch[1], valid)
+        return pseudo_label_loss(logits, _logits(teacher, batch), threshold)
+
+    return batch_loss
+
+
+def sar_student_loss(sar: nn.Module, teacher: nn.Module, threshold: float) -> BatchLoss:
+    """Batch loss of the auxiliary SAR student: the teacher's confident pseudo-labels from the SAR series."""
+    return lambda batch, step: pseudo_label_loss(sar(*batch[4:7]), _logits(teacher, batch), threshold)
+
+
+def modality_target_loss(
+    target: nn.Module,
+    teacher: nn.Module,
+    optical: nn.Module,
+    sar: nn.Module,
+    seed: int,
+    gap_rate: tuple[float, float],
+) -> BatchLoss:
+    """Batch loss of the `modality_distillation` target: its `training_losses` total with the step's gaps."""
+
+    def batch_loss(batch: Batch, step: int) -> torch.Tensor:
+        pair = MultiModalBatch(*batch[:3], *batch[4:7])
+        gaps = _gaps(batch, seed, step, gap_rate)
+        return target.training_losses(pair, batch[3], teacher, optical, sar, gaps)["total"]
+
+    return batch_loss
+
+
+def _logits(teacher: nn.Module, batch: Batch) -> torch.Tensor:
+    with torch.no_grad():
+        return teacher(*batch[:3])
+
+
 def _setup(
     cube_path: Path, labels_path: Path, classes_path: Path, options: TrainOptions, sar: bool
 ) -> tuple[TrainData, torch.device]:
@@ -69,7 +121,8 @@ def _setup(
     return data, resolve_device(options.device)
 
 
-def _frozen(model: nn.Module, device: torch.device) -> nn.Module:
+def frozen(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device` in eval mode without gradients (a teacher or auxiliary source)."""
     model.requires_grad_(False)
     return model.to(device).eval()
 
@@ -89,7 +142,7 @@ def distill_incomplete(
     started = time.monotonic()
     data, dev = _setup(cube_path, labels_path, classes_path, options, sar=False)
     teacher_model, ckpt = load_checkpoint(teacher, data.cube.bands, data.classes)
-    teacher_model = _frozen(teacher_model, dev)
+    teacher_model = frozen(teacher_model, dev)
     data = data.with_norm(ckpt)
     backbone = {k: v for k, v in ckpt["model_config"].items() if k not in _SETTINGS}
     config = {"backbone": ckpt["model_name"], "backbone_config": backbone} | dict(student_config or {})
@@ -100,14 +153,9 @@ def distill_incomplete(
     train_ds, val_ds = datasets(data, options)
     val_loader = make_loader(val_ds, options.batch_size)
 
-    def batch_loss(batch: Batch, step: int) -> torch.Tensor:
-        x, doy, valid, target = batch[:4]
-        gaps = _gaps(batch, options.seed, step, gap_rate)
-        return student.training_losses(x, doy, valid, target, teacher_model, gaps)["total"]
-
     return fit_loop(
         student,
-        batch_loss,
+        incomplete_loss(student, teacher_model, options.seed, gap_rate),
         train_ds,
         lambda: val_scores(student, val_loader, dev, data.classes),
         meta,
@@ -122,7 +170,7 @@ def distill_incomplete(
 def _load_best(model: nn.Module, result: TrainResult, device: torch.device) -> nn.Module:
     """`model` with the weights of the best checkpoint of its run, frozen."""
     model.load_state_dict(torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"])
-    return _frozen(model, device)
+    return frozen(model, device)
 
 
 def distill_modalities(
@@ -160,16 +208,12 @@ def distill_modalities(
         teacher = results["teacher"].checkpoint
     data, dev = _setup(cube_path, labels_path, classes_path, options, sar=True)
     teacher_model, ckpt = load_checkpoint(teacher, data.cube.bands, data.classes)
-    teacher_model = _frozen(teacher_model, dev)
+    teacher_model = frozen(teacher_model, dev)
     data = data.with_norm(ckpt)
     train_ds, val_ds = datasets(data, options)
     val_loader = make_loader(val_ds, options.batch_size)
     student_config = dict(student_config or {})
     sizes = {"num_classes": len(data.classes)}
-
-    def teacher_logits(batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            return teacher_model(*batch[:3])
 
     def run(name: str, model: nn.Module, loss: BatchLoss, forward: Forward, meta: dict) -> nn.Module:
         results[name] = fit_loop(
@@ -185,33 +229,24 @@ def distill_modalities(
         )
         return _load_best(model, results[name], dev)
 
-    def optical_loss(batch: Batch, step: int) -> torch.Tensor:
-        valid = batch[2] & ~_gaps(batch, options.seed, step, gap_rate)[..., None, None]
-        logits = optical(hide_unobserved(batch[0], valid), batch[1], valid)
-        return pseudo_label_loss(logits, teacher_logits(batch), threshold)
-
     torch.manual_seed(options.seed)
     optical_args = student_config | sizes | {"in_channels": len(data.cube.bands)}
     optical = build_model(student_name, **optical_args)
     meta = checkpoint_meta(student_name, optical_args, data)
+    optical_loss = optical_student_loss(optical, teacher_model, options.seed, gap_rate, threshold)
     optical = run("optical_student", optical, optical_loss, lambda m, b: m(*b[:3]), meta)
 
     sar_args = student_config | sizes | {"in_channels": len(data.sar.bands)}
     sar = build_model(student_name, **sar_args)
     meta = checkpoint_meta(student_name, sar_args, data, sensor=SAR_SENSOR)
-    sar_loss = lambda b, s: pseudo_label_loss(sar(*b[4:7]), teacher_logits(b), threshold)  # noqa: E731
-    sar = run("sar_student", sar, sar_loss, lambda m, b: m(*b[4:7]), meta)
+    sar = run("sar_student", sar, sar_student_loss(sar, teacher_model, threshold), lambda m, b: m(*b[4:7]), meta)
 
     target_args = {"optical_backbone": student_name, "optical_config": student_config, "sar_backbone": student_name}
     target_args |= {"sar_config": student_config} | dict(target_config or {}) | sizes
     target_args |= {"in_channels": len(data.cube.bands), "sar_channels": len(data.sar.bands)}
     target = build_model("modality_distillation", **target_args)
 
-    def target_loss(batch: Batch, step: int) -> torch.Tensor:
-        pair = MultiModalBatch(*batch[:3], *batch[4:7])
-        gaps = _gaps(batch, options.seed, step, gap_rate)
-        return target.training_losses(pair, batch[3], teacher_model, optical, sar, gaps)["total"]
-
+    target_loss = modality_target_loss(target, teacher_model, optical, sar, options.seed, gap_rate)
     meta = checkpoint_meta("modality_distillation", target_args, data, multimodal=True)
     run("target", target, target_loss, default_forward, meta | {"distilled_from": str(teacher)})
     return results
