@@ -115,3 +115,42 @@ def tiny_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
     from models.registry import MODELS
 
     monkeypatch.setitem(MODELS, "tiny", TinyTemporalEncoder)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Object storage (infra/storage.py): a real S3-compatible server (moto's) on 127.0.0.1, credentials from the env.
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[object]:
+    """moto's S3 server on a free port of 127.0.0.1 for the session; `AWS_*` point every S3 client at it.
+
+    Yields the `ThreadedMotoServer` (tests may stop and start it: its buckets live in this process).
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "cropflow-test")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "cropflow-test-secret")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        mp.setenv("AWS_MAX_ATTEMPTS", "2")  # botocore's own retries; cropflow's uploads retry on top
+        mp.delenv("AWS_PROFILE", raising=False)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, request: pytest.FixtureRequest) -> str:
+    """A new empty bucket on the test S3 server; returns its `s3://` URL."""
+    import fsspec
+
+    name = "cropflow-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(name)
+    return f"s3://{name}"

@@ -1,0 +1,224 @@
+"""Where cropflow reads and writes: local paths and object-store URLs (`s3://`, `gs://`, `az://`) through fsspec.
+
+A location is a `upath.UPath`: a local path is a `pathlib.Path` (local code runs exactly as before), a URL is a path
+on its fsspec filesystem (s3fs, gcsfs, adlfs). Credentials come from the environment of each store's own client
+(`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_ENDPOINT_URL`/`AWS_PROFILE`, `GOOGLE_APPLICATION_CREDENTIALS`,
+`AZURE_STORAGE_ACCOUNT_NAME`/`AZURE_STORAGE_ACCOUNT_KEY`, or the machine's role); cropflow never takes, keeps nor
+logs them. Zarr stores are read and written in place (zarr's `FsspecStore`); files that need a local path (COGs,
+PNGs, checkpoints) are written to a local temporary file and uploaded in one request per file, which object stores
+publish atomically, retried with backoff while the store is unreachable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import fsspec
+import rasterio
+import xarray as xr
+from upath import UPath
+from zarr.storage import FsspecStore
+
+from infra.atomic import atomic_path
+from infra.errors import CropflowError
+from infra.retry import HttpRetry
+from infra.settings import home_dir
+
+log = logging.getLogger(__name__)
+
+# protocols cropflow is tested or documented with, and the package each needs
+PROTOCOLS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+UPLOAD_RETRY = HttpRetry(retries=8, backoff=1.0, backoff_max=30.0)
+
+
+def location(url: str | os.PathLike) -> UPath:
+    """The location of `url`: a local path (`/data/x`, `x`, `file:///data/x`) or an object-store URL (`s3://b/k`).
+
+    Raises `CropflowError` for an unknown protocol or a missing filesystem package.
+    """
+    if isinstance(url, UPath):
+        return url
+    text = os.fspath(url)
+    if "://" not in text or text.startswith("file://"):
+        return UPath(Path(text.removeprefix("file://")).expanduser())
+    protocol = text.split("://", 1)[0]
+    if protocol not in PROTOCOLS:
+        raise CropflowError(
+            f"location {text!r}: unknown protocol {protocol!r}; use a local path or one of "
+            f"{', '.join(p + '://' for p in PROTOCOLS)}."
+        )
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError:
+        raise CropflowError(
+            f"location {text!r} needs the Python package {PROTOCOLS[protocol]}; "
+            f"install it (pip install {PROTOCOLS[protocol]}, or cropflow[cloud])."
+        ) from None
+    return UPath(text)
+
+
+def is_local(loc: str | os.PathLike) -> bool:
+    """True when `loc` is a path on this machine's file system."""
+    return isinstance(location(loc), Path)
+
+
+def zarr_store(loc: str | os.PathLike, read_only: bool = False) -> Path | FsspecStore:
+    """What zarr and xarray open for `loc`: the path itself when local, else an fsspec store on the bucket."""
+    loc = location(loc)
+    if isinstance(loc, Path):
+        return loc
+    return FsspecStore.from_url(str(loc), storage_options=dict(loc.storage_options), read_only=read_only)
+
+
+def open_zarr(loc: str | os.PathLike, **kwargs) -> xr.Dataset:
+    """`xarray.open_zarr` of the store at `loc` (keyword arguments passed on)."""
+    return xr.open_zarr(zarr_store(loc, read_only=True), **kwargs)
+
+
+def open_raster(loc: str | os.PathLike) -> rasterio.DatasetReader:
+    """A raster (e.g. a COG) opened for reading with rasterio; remote files are read through fsspec."""
+    loc = location(loc)
+    if isinstance(loc, Path):
+        return rasterio.open(loc)
+    return rasterio.open(loc.path, opener=loc.fs)
+
+
+def _scratch(loc: UPath) -> UPath:
+    return loc.with_name(f".{loc.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove(loc: str | os.PathLike) -> None:
+    """Delete the file or folder (or object prefix) at `loc`, if any."""
+    loc = location(loc)
+    if isinstance(loc, Path):
+        if loc.is_dir():
+            shutil.rmtree(loc)
+        else:
+            loc.unlink(missing_ok=True)
+    elif loc.exists():
+        loc.fs.rm(loc.path, recursive=True)
+
+
+def replace(src: str | os.PathLike, dst: str | os.PathLike) -> UPath:
+    """Move the folder or file `src` onto `dst` of the same store, replacing what was there.
+
+    Locally a rename (readers see the old or the new, never a mixture). On an object store each object is copied
+    server-side then deleted, after the old `dst` was removed: readers may find nothing at `dst` meanwhile.
+    """
+    src, dst = location(src), location(dst)
+    if isinstance(dst, Path):
+        with atomic_path(dst) as tmp:
+            Path(src).rename(tmp)
+        return dst
+    remove(dst)
+    fs, root = src.fs, src.path.rstrip("/")
+    files = fs.find(root) or [root]
+    # objects in sub-folders first, the top level (a Zarr store's root zarr.json) last: it makes the store openable
+    for batch in ([f for f in files if "/" in f[len(root) + 1 :]], [f for f in files if "/" not in f[len(root) + 1 :]]):
+        if batch:
+            fs.copy(batch, [dst.path.rstrip("/") + f[len(root) :] for f in batch])
+    remove(src)
+    return dst
+
+
+@contextmanager
+def output_store(loc: str | os.PathLike) -> Iterator[Path | FsspecStore]:
+    """A Zarr store to write, beside `loc`; published at `loc` when the block ends without error, else deleted."""
+    loc = location(loc)
+    if isinstance(loc, Path):
+        with atomic_path(loc) as tmp:
+            yield tmp
+        return
+    tmp = _scratch(loc)
+    try:
+        yield zarr_store(tmp)
+    except BaseException:
+        remove(tmp)
+        raise
+    replace(tmp, loc)
+
+
+@contextmanager
+def output_file(loc: str | os.PathLike) -> Iterator[Path]:
+    """A local path to write the file of `loc` to; published at `loc` (atomically) when the block ends without error.
+
+    Locally the scratch file lies beside `loc` and is renamed; remotely it is a temporary file, uploaded (`upload`).
+    """
+    loc = location(loc)
+    if isinstance(loc, Path):
+        with atomic_path(loc) as tmp:
+            yield tmp
+        return
+    with tempfile.TemporaryDirectory(prefix="cropflow-upload-") as folder:
+        tmp = Path(folder) / loc.name
+        yield tmp
+        upload(tmp, loc)
+
+
+def put(src: Path, dst: str | os.PathLike) -> UPath:
+    """Publish the local file `src` at `dst` (atomically, uploads retried); nothing to do when it is already there."""
+    dst = location(dst)
+    if isinstance(dst, Path):
+        if dst.resolve() != Path(src).resolve():
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
+        return dst
+    upload(Path(src), dst)
+    return dst
+
+
+def _transient(exc: BaseException) -> bool:
+    """True for store errors that can go away on their own: an unreachable endpoint, a timeout, a dropped stream."""
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return False
+    if isinstance(exc, OSError | TimeoutError):
+        return True
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:
+        return False
+    return isinstance(exc, BotoConnectionError | HTTPClientError)
+
+
+def upload(src: Path, dst: str | os.PathLike, retry: HttpRetry = UPLOAD_RETRY) -> UPath:
+    """Copy the local file or folder `src` to the remote location `dst`, one request per file.
+
+    Each file's upload is retried on transient errors (`retry.retries` times, exponential backoff with jitter), so a
+    store that goes away for a while loses nothing; an object appears whole or not at all. Other errors (no such
+    bucket, access denied) raise `CropflowError` naming `dst`.
+    """
+    dst = location(dst)
+    src = Path(src)
+    files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
+    for path in files:
+        target = dst / path.relative_to(src).as_posix() if src.is_dir() else dst
+        for attempt in range(retry.retries + 1):
+            try:
+                target.fs.put_file(str(path), target.path)
+                break
+            except Exception as exc:
+                if not _transient(exc) or attempt == retry.retries:
+                    raise CropflowError(f"could not upload {path.name} to {target}: {exc}") from exc
+                delay = min(retry.backoff_max, retry.backoff * 2**attempt + random.uniform(0, retry.jitter))
+                log.warning("upload to %s failed (%s); retry %d in %.1f s", target, exc, attempt + 1, delay)
+                time.sleep(delay)
+    return dst
+
+
+def working_dir(loc: str | os.PathLike) -> Path:
+    """A local folder for the work behind `loc` (training checkpoints): `loc` itself when local, else a folder of
+    `CROPFLOW_HOME/work/` named after the URL, so an interrupted run resumes there."""
+    loc = location(loc)
+    if isinstance(loc, Path):
+        return loc
+    return home_dir() / "work" / loc.protocol / loc.path
