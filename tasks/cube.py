@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import resource
-import shutil
 import threading
 import time
 import warnings
@@ -27,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
-from functools import partial
+from functools import lru_cache, partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 from zarr.codecs import BloscCodec
 
-from infra.atomic import atomic_path
+from infra import storage
 from infra.errors import CropflowError
 from tasks.catalog import Catalog, sign_href
 from tasks.grid import Bounds, Grid, snap_bounds
@@ -217,29 +216,110 @@ class Datasets:
             src.close()
 
 
+def _source_axis(n_out: int, start: int, factor: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Target pixels `start..start+n_out` of a grid `factor` times finer than the source (pixel edges aligned) in
+    source pixels: for each, the source pixel before its centre (`i0`, relative to `lo`) and the centre's distance
+    past it (`t`, 0..1), and the source range `lo..hi` that bilinear interpolation reads."""
+    centre = (np.arange(start, start + n_out) + 0.5) / factor - 0.5
+    i0 = np.floor(centre).astype(np.int64)
+    lo = int(i0[0])
+    return i0 - lo, (centre - i0).astype(np.float32), lo, int(i0[-1]) + 2
+
+
+def _interpolate(values: np.ndarray, axis: int, i0: np.ndarray, t: np.ndarray, factor: int) -> np.ndarray:
+    """Linear interpolation along `axis` (0 or 1) between `i0` and `i0 + 1` with weight `t` on the second.
+
+    Output positions `p, p + factor, ...` share one weight and read consecutive sources, so each of the `factor`
+    phases is two slices, one multiply and one multiply-add (no gathers).
+    """
+    n = len(i0)
+    out = np.empty((n, values.shape[1]) if axis == 0 else (values.shape[0], n), dtype=np.float32)
+
+    def along(a: int | None, b: int | None, step: int | None = None) -> tuple[slice, ...]:
+        return (slice(a, b, step),) if axis == 0 else (slice(None), slice(a, b, step))
+
+    for p in range(min(factor, n)):
+        k, w, m = int(i0[p]), np.float32(t[p]), len(range(p, n, factor))
+        phase = out[along(p, None, factor)]
+        np.multiply(values[along(k, k + m)], 1 - w, out=phase)
+        if w:
+            phase += w * values[along(k + 1, k + 1 + m)]
+    return out
+
+
+def _upsample(
+    src: DatasetReader, block: Block, offset: tuple[int, int], factor: int, resampling: Resampling, nodata: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """`block` of a grid `factor` times finer than `src` whose pixel edges fall on the source's (the grid's origin is
+    `offset` target pixels (rows, columns) from the source's), decoded at the source's resolution and resampled here.
+
+    Nearest repeats source pixels; bilinear interpolates between the two nearest source centres along each axis, in
+    float32 without rounding to the source's integers. As in GDAL's warper, a pixel has no data where the source
+    pixel holding its centre has none, and the weights of invalid or outside neighbours go to the valid ones.
+    """
+    ri, rt, r_lo, r_hi = _source_axis(block.shape[0], block.r0 + offset[0], factor)
+    ci, ct, c_lo, c_hi = _source_axis(block.shape[1], block.c0 + offset[1], factor)
+    inside = Block(max(r_lo, 0), min(r_hi, src.height), max(c_lo, 0), min(c_hi, src.width))
+    raw = np.full((r_hi - r_lo, c_hi - c_lo), nodata, dtype=src.dtypes[0])
+    if inside.r1 > inside.r0 and inside.c1 > inside.c0:
+        window = Window(inside.c0, inside.r0, inside.shape[1], inside.shape[0])
+        raw[inside.r0 - r_lo : inside.r1 - r_lo, inside.c0 - c_lo : inside.c1 - c_lo] = src.read(1, window=window)
+    nearest = raw[ri + (rt >= 0.5)][:, ci + (ct >= 0.5)]  # the source pixel holding each target pixel's centre
+    invalid = nearest == nodata
+    if resampling == Resampling.nearest:
+        return nearest, invalid
+
+    def interpolate(image: np.ndarray) -> np.ndarray:
+        return _interpolate(_interpolate(image, 0, ri, rt, factor), 1, ci, ct, factor)
+
+    valid = raw != nodata
+    values = raw.astype(np.float32)
+    if valid.all():
+        return interpolate(values), invalid
+    weight = valid.astype(np.float32)
+    values *= weight
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = interpolate(values) / interpolate(weight)
+    out[invalid] = nodata
+    return out, invalid
+
+
+@lru_cache(maxsize=64)
+def _epsg(wkt: str) -> int | None:
+    """The EPSG code of a CRS (identifying one is slow, and every asset of a build repeats a few CRSs)."""
+    return rasterio.crs.CRS.from_wkt(wkt).to_epsg()
+
+
 def read_window(
     src: DatasetReader, grid: Grid, block: Block, resampling: Resampling, nodata: float
-) -> tuple[np.ndarray, float]:
-    """One band of `src` on `block` of the cube grid (which may reach outside the grid), in the source's dtype.
+) -> tuple[np.ndarray, np.ndarray]:
+    """One band of `src` on `block` of the cube grid (which may reach outside the grid), and where it has no data.
 
-    Returns the pixels and the no-data value marking where the source has none (its own, else `nodata`). Sources in
-    the grid's CRS are read with a (fractional) window and GDAL's resampling on decode, which gives the same values
-    as warping; sources in another CRS go through a `WarpedVRT` of the block. When resampling, a margin around the
-    block keeps the kernel the same whatever the block.
+    Sources aligned with the grid at an integer multiple of its resolution (Sentinel-2's 20 m, Landsat's 30 m on a
+    10 m grid) are decoded at their own resolution and resampled in numpy (`_upsample`); other sources in the grid's
+    CRS are read with a (fractional) window and GDAL's resampling on decode, which gives the same values as warping;
+    sources in another CRS go through a `WarpedVRT` of the block. When GDAL resamples, a margin around the block
+    keeps the kernel the same whatever the block. Pixels are in the source's dtype, or float32 when interpolated;
+    no-data is the source's own value, else `nodata`, and everything outside the source.
     """
     h, w = block.shape
     res = grid.resolution
     nodata = src.nodata if src.nodata is not None else nodata
     a, b, c, d, e, f = src.transform[:6]
-    same_crs = src.crs is not None and src.crs.to_epsg() == grid.epsg
+    same_crs = src.crs is not None and _epsg(src.crs.to_wkt()) == grid.epsg
     if not same_crs or b != 0 or d != 0:
         x0, y1 = grid.bounds[0] + block.c0 * res, grid.bounds[3] - block.r0 * res
         transform = Affine(res, 0.0, x0, 0.0, -res, y1)
         with WarpedVRT(
             src, crs=grid.crs, transform=transform, width=w, height=h, resampling=resampling, nodata=nodata
         ) as vrt:
-            return vrt.read(1), nodata
+            out = vrt.read(1)
+            return out, out == nodata
     col0, row0 = (grid.bounds[0] - c) / a, (grid.bounds[3] - f) / e  # grid origin in source pixels
+    factor = a / res
+    offset = (row0 * factor, col0 * factor)  # ... in grid pixels
+    if factor > 1 and factor == round(factor) and -e == a and all(o == round(o) for o in offset):
+        return _upsample(src, block, (round(offset[0]), round(offset[1])), round(factor), resampling, nodata)
     aligned = a == res and -e == res and col0 == round(col0) and row0 == round(row0)
     margin = 0 if aligned or resampling == Resampling.nearest else math.ceil(max(a, -e) / res) + 1
     outer = block.grown(margin)
@@ -248,7 +328,7 @@ def read_window(
     row_lo, row_hi = math.ceil(round(-row0 * -e / res, 6)), math.floor(round((src.height - row0) * -e / res, 6))
     inner = Block(max(outer.r0, row_lo), min(outer.r1, row_hi), max(outer.c0, col_lo), min(outer.c1, col_hi))
     if inner.r1 <= inner.r0 or inner.c1 <= inner.c0:
-        return np.full(block.shape, nodata, dtype=src.dtypes[0]), nodata
+        return np.full(block.shape, nodata, dtype=src.dtypes[0]), np.ones(block.shape, dtype=bool)
     window = Window(
         col0 + inner.c0 * res / a, row0 + inner.r0 * res / -e, inner.shape[1] * res / a, inner.shape[0] * res / -e
     )
@@ -256,7 +336,8 @@ def read_window(
     if inner != outer:
         data, out = out, np.full(outer.shape, nodata, dtype=src.dtypes[0])
         out[inner.r0 - outer.r0 : inner.r1 - outer.r0, inner.c0 - outer.c0 : inner.c1 - outer.c0] = data
-    return out[margin : margin + h, margin : margin + w], nodata
+    out = out[margin : margin + h, margin : margin + w]
+    return out, out == nodata
 
 
 @dataclass(frozen=True)
@@ -336,7 +417,7 @@ def read_source(
             try:
                 readable = plan.sign(href) if plan.sign else href
                 with datasets.open(readable) as src:
-                    raw, nodata = read_window(src, grid, outer, resampling, nodata)
+                    raw, invalid = read_window(src, grid, outer, resampling, nodata)
                 break
             except (RasterioError, OSError, ValueError) as exc:
                 if attempt == READ_RETRIES:
@@ -345,11 +426,11 @@ def read_source(
                     return None
                 time.sleep(retry_delay * 2**attempt)
         if is_mask:
-            missing |= ~np.asarray(sensor.mask_fn(xr.DataArray(raw)))
+            missing |= ~np.asarray(sensor.mask_fn(raw))
             if plan.scl_dilation and sensor.name == "s2":
                 missing |= dilate(np.isin(raw, SCL_CLOUDS), plan.scl_dilation)
         else:
-            missing |= raw == nodata
+            missing |= invalid
             np.multiply(raw, source.scale[j], out=values[j], casting="unsafe")
             values[j] += source.offset[j]
     if not sensor.mask_asset:  # SAR: no-data, border noise and speckle
@@ -527,12 +608,14 @@ def _create_store(
     with warnings.catch_warnings():
         # consolidated metadata is a zarr-python convention for v3 stores; it spares readers one request per array
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        ds.to_zarr(path, zarr_format=3, mode="w", compute=False, consolidated=True, encoding=encoding)
+        ds.to_zarr(
+            storage.zarr_store(path), zarr_format=3, mode="w", compute=False, consolidated=True, encoding=encoding
+        )
 
 
 def _write_json(path: Path, obj: object) -> None:
     """Write JSON atomically (a reader sees the old file or the new one, never half of one)."""
-    with atomic_path(path) as tmp:
+    with storage.output_file(path) as tmp:
         tmp.write_text(json.dumps(obj))
 
 
@@ -577,7 +660,7 @@ def build_cube(
     tokens expire during long builds). `on_block` is called after each completed block. A rerun with the same
     arguments resumes an interrupted build; with other arguments it starts over.
     """
-    out_path = Path(out_path)
+    out_path = storage.location(out_path)
     grid = Grid(int(epsg), snap_bounds(bounds, resolution), float(resolution))
     bins = time_bins(start, end, bin_days)
     if not items_by_sensor:
@@ -628,18 +711,16 @@ def build_cube(
     record = partial / "params.json"
     if partial.exists() and (not record.exists() or json.loads(record.read_text()).get("digest") != digest):
         log.info("%s: parameters changed since the interrupted build; starting over", partial)
-        shutil.rmtree(partial)
+        storage.remove(partial)
     if not record.exists():
-        partial.mkdir(parents=True, exist_ok=True)
         _create_store(store, grid, bins, bin_days, plans, chunk, store_attrs)
-        done_dir.mkdir()
         _write_json(record, {"digest": digest})
     done = {p.stem: json.loads(p.read_text()) for p in done_dir.glob("*.json")}
     bad = BadAssets({k: v for rec in done.values() for k, v in rec["bad"].items()})
     todo = [b for b in blocks_of(grid.shape, block) if f"{b.r0}_{b.c0}" not in done]
     log.info("cube %s: %d of %d blocks to build", out_path.name, len(todo), len(todo) + len(done))
 
-    group = zarr.open_group(store, mode="r+", zarr_format=3)
+    group = zarr.open_group(storage.zarr_store(store), mode="r+", zarr_format=3)
 
     def write(blk: Block, composites: dict[str, tuple[np.ndarray, np.ndarray]], new_bad: dict[str, dict]) -> Block:
         """Write a block's composites, then its record (so a resumed build never skips an unwritten block)."""
@@ -654,6 +735,8 @@ def build_cube(
     try:  # each block is written in the background while the next one is read
         with (
             rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES),
+            # cube chunks are rarely all no-data: writing every one spares comparing each with the fill value
+            zarr.config.set({"array.write_empty_chunks": True}),
             ThreadPoolExecutor(readers, thread_name_prefix="cube-read") as pool,
             ThreadPoolExecutor(1, thread_name_prefix="cube-write") as writer,
         ):
@@ -684,10 +767,9 @@ def build_cube(
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(store, zarr_format=3)
-    with atomic_path(out_path) as tmp:
-        store.rename(tmp)
-    shutil.rmtree(partial)
+        zarr.consolidate_metadata(storage.zarr_store(store), zarr_format=3)
+    storage.replace(store, out_path)
+    storage.remove(partial)
     log.info("cube written to %s", out_path)
     return out_path
 
@@ -698,7 +780,7 @@ def fill_cube_gaps(cube_path: Path, out_path: Path) -> Path:
     The `*_valid` fractions are copied unchanged, so models still see which bins were observed; the store's attrs
     gain `gap_filled: true`. Written chunk by chunk (all time steps of a spatial chunk at once), atomically.
     """
-    ds = xr.open_zarr(cube_path)
+    ds = storage.open_zarr(cube_path)
     sensors = [name for name in ds.data_vars if f"{name}_valid" in ds.data_vars]
     filled = ds.copy()
     for name in sensors:
@@ -709,10 +791,10 @@ def fill_cube_gaps(cube_path: Path, out_path: Path) -> Path:
     filled.attrs = {**ds.attrs, "gap_filled": True}
     for var in filled.variables.values():
         var.encoding = {k: v for k, v in var.encoding.items() if k in ("chunks", "_FillValue")}
-    with atomic_path(Path(out_path)) as tmp, warnings.catch_warnings():
+    with storage.output_store(out_path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         filled.to_zarr(tmp, zarr_format=3, mode="w", consolidated=True)
-    return Path(out_path)
+    return storage.location(out_path)
 
 
 @task(name="build-cube")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import xarray as xr
@@ -21,14 +22,15 @@ from infra.errors import CropflowError
 SCL_INVALID = (0, 1, 3, 8, 9, 10, 11)
 # Landsat Collection 2 QA_PIXEL bits that invalidate a pixel: fill, dilated cloud, cirrus, cloud, shadow, snow.
 QA_PIXEL_INVALID_BITS = (0, 1, 2, 3, 4, 5)
+Pixels = TypeVar("Pixels", np.ndarray, xr.DataArray)
 
 
-def scl_valid(scl: xr.DataArray) -> xr.DataArray:
-    """True where the Sentinel-2 SCL code is a clear observation."""
-    return ~scl.isin(SCL_INVALID)
+def scl_valid(scl: Pixels) -> Pixels:
+    """True where the Sentinel-2 SCL code is a clear observation (numpy, or xarray and lazy with dask)."""
+    return ~scl.isin(SCL_INVALID) if isinstance(scl, xr.DataArray) else ~np.isin(scl, SCL_INVALID)
 
 
-def qa_pixel_valid(qa: xr.DataArray) -> xr.DataArray:
+def qa_pixel_valid(qa: Pixels) -> Pixels:
     """True where no invalidating Landsat C2 QA_PIXEL bit is set."""
     mask = sum(1 << b for b in QA_PIXEL_INVALID_BITS)
     return (qa.astype("uint16") & mask) == 0
@@ -60,7 +62,7 @@ class Sensor:
     name: str
     collection: str
     assets: dict[str, str]
-    mask_fn: Callable[[xr.DataArray], xr.DataArray]
+    mask_fn: Callable[[Pixels], Pixels]
     mask_asset: str | None = None
     mask_dtype: str = "uint8"
     composite: str = "median"
