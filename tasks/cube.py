@@ -20,13 +20,14 @@ import resource
 import threading
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
-from functools import lru_cache, partial
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -167,6 +168,10 @@ class Block:
     c0: int
     c1: int
 
+    @property
+    def name(self) -> str:
+        return f"{self.r0}_{self.c0}"
+
     def grown(self, px: int) -> Block:
         return Block(self.r0 - px, self.r1 + px, self.c0 - px, self.c1 + px)
 
@@ -284,10 +289,14 @@ def _upsample(
     return out, invalid
 
 
-@lru_cache(maxsize=64)
-def _epsg(wkt: str) -> int | None:
-    """The EPSG code of a CRS (identifying one is slow, and every asset of a build repeats a few CRSs)."""
-    return rasterio.crs.CRS.from_wkt(wkt).to_epsg()
+_EPSG: weakref.WeakKeyDictionary[DatasetReader, int | None] = weakref.WeakKeyDictionary()
+
+
+def _epsg(src: DatasetReader) -> int | None:
+    """The EPSG code of an open dataset's CRS, identified once per dataset (it is slow, and datasets are reused)."""
+    if src not in _EPSG:
+        _EPSG[src] = src.crs.to_epsg() if src.crs is not None else None
+    return _EPSG[src]
 
 
 def read_window(
@@ -306,7 +315,7 @@ def read_window(
     res = grid.resolution
     nodata = src.nodata if src.nodata is not None else nodata
     a, b, c, d, e, f = src.transform[:6]
-    same_crs = src.crs is not None and _epsg(src.crs.to_wkt()) == grid.epsg
+    same_crs = _epsg(src) == grid.epsg
     if not same_crs or b != 0 or d != 0:
         x0, y1 = grid.bounds[0] + block.c0 * res, grid.bounds[3] - block.r0 * res
         transform = Affine(res, 0.0, x0, 0.0, -res, y1)
@@ -624,12 +633,36 @@ def partial_path(out_path: Path) -> Path:
     return out_path.with_name(f"{out_path.name}.partial")
 
 
-def _completed(blk: Block, on_block: Callable[[Block], None] | None) -> None:
-    if on_block is not None:
-        on_block(blk)
+@dataclass(frozen=True)
+class CubeJob:
+    """A prepared build: its grid, bins and sensor plans, and the unfinished store that block builders write into.
+
+    Blocks are independent (each reads its own margin), so any set of them can be built by any process that sees
+    the store, in any order: in one process (`build_cube`) or as tiles on Dask workers (`flows/cube.py`).
+    """
+
+    out_path: Path
+    grid: Grid
+    plans: dict[str, SensorPlan]
+    blocks: list[Block]  # every block, in Z order
+    done: frozenset[str]  # blocks completed by an earlier, interrupted build
+
+    @property
+    def partial(self) -> Path:
+        return partial_path(self.out_path)
+
+    @property
+    def todo(self) -> list[Block]:
+        return [b for b in self.blocks if b.name not in self.done]
+
+    def tiles(self, n: int) -> list[list[Block]]:
+        """The blocks still to build in at most `n` runs of neighbouring blocks (Z order keeps a run compact)."""
+        todo = self.todo
+        size = max(1, math.ceil(len(todo) / max(1, n)))
+        return [todo[i : i + size] for i in range(0, len(todo), size)]
 
 
-def build_cube(
+def prepare_cube(
     items_by_sensor: dict[str, list[dict]],
     epsg: int,
     bounds: Bounds,
@@ -646,19 +679,13 @@ def build_cube(
     s1_orbit: str = "both",
     speckle_window: int = 5,
     block: int = 256,
-    threads: int | None = None,
     query: dict | None = None,
     catalog: Catalog | None = None,
-    on_block: Callable[[Block], None] | None = None,
-) -> Path:
-    """Build the cube of every sensor in `items_by_sensor` on one grid and publish it atomically at `out_path`.
+) -> CubeJob:
+    """Plan a build and create its unfinished store beside `out_path` (or find the one an interrupted build left).
 
-    `bounds` (in `epsg`) are snapped outward to `resolution`. Bins of `bin_days` from `start`; S2 masks by SCL with
-    cloud/shadow/cirrus grown by `scl_dilation` pixels; S1 of `s1_orbit` ("both", "ascending", "descending"),
-    Lee-filtered over `speckle_window` pixels (0: none). Blocks of `block` pixels (a multiple of `chunk`) are built
-    in turn with `threads` readers; hrefs are signed for `catalog` right before each read (Planetary Computer
-    tokens expire during long builds). `on_block` is called after each completed block. A rerun with the same
-    arguments resumes an interrupted build; with other arguments it starts over.
+    Arguments as `build_cube`. With the same arguments as the interrupted build, its completed blocks are kept;
+    with others, it starts over.
     """
     out_path = storage.location(out_path)
     grid = Grid(int(epsg), snap_bounds(bounds, resolution), float(resolution))
@@ -707,32 +734,49 @@ def build_cube(
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
 
     partial = partial_path(out_path)
-    store, done_dir = partial / "cube.zarr", partial / "blocks"
     record = partial / "params.json"
     if partial.exists() and (not record.exists() or json.loads(record.read_text()).get("digest") != digest):
         log.info("%s: parameters changed since the interrupted build; starting over", partial)
         storage.remove(partial)
     if not record.exists():
-        _create_store(store, grid, bins, bin_days, plans, chunk, store_attrs)
+        partial.mkdir(parents=True, exist_ok=True)
+        _create_store(partial / "cube.zarr", grid, bins, bin_days, plans, chunk, store_attrs)
+        (partial / "blocks").mkdir()
         _write_json(record, {"digest": digest})
-    done = {p.stem: json.loads(p.read_text()) for p in done_dir.glob("*.json")}
-    bad = BadAssets({k: v for rec in done.values() for k, v in rec["bad"].items()})
-    todo = [b for b in blocks_of(grid.shape, block) if f"{b.r0}_{b.c0}" not in done]
-    log.info("cube %s: %d of %d blocks to build", out_path.name, len(todo), len(todo) + len(done))
+    done = frozenset(p.stem for p in (partial / "blocks").glob("*.json"))
+    job = CubeJob(out_path, grid, plans, blocks_of(grid.shape, block), done)
+    log.info("cube %s: %d of %d blocks to build", out_path.name, len(job.todo), len(job.blocks))
+    return job
 
-    group = zarr.open_group(storage.zarr_store(store), mode="r+", zarr_format=3)
+
+def build_blocks(
+    job: CubeJob,
+    blocks: list[Block],
+    threads: int | None = None,
+    on_block: Callable[[Block], None] | None = None,
+) -> None:
+    """Build `blocks` of a prepared cube into its store, each recorded once written (so a rerun skips it).
+
+    `threads` read and composite a block's scenes (GDAL releases the GIL); each block is written in the background
+    while the next one is read. `on_block` is called after each completed block.
+    """
+    done_dir = job.partial / "blocks"
+    group = zarr.open_group(storage.zarr_store(job.partial / "cube.zarr"), mode="r+", zarr_format=3)
+    bad = BadAssets()
 
     def write(blk: Block, composites: dict[str, tuple[np.ndarray, np.ndarray]], new_bad: dict[str, dict]) -> Block:
         """Write a block's composites, then its record (so a resumed build never skips an unwritten block)."""
         for name, (values, fraction) in composites.items():
             group[name][:, :, blk.r0 : blk.r1, blk.c0 : blk.c1] = values
             group[f"{name}_valid"][:, blk.r0 : blk.r1, blk.c0 : blk.c1] = fraction
-        _write_json(done_dir / f"{blk.r0}_{blk.c0}.json", {"bad": new_bad})
+        _write_json(done_dir / f"{blk.name}.json", {"bad": new_bad})
+        if on_block is not None:
+            on_block(blk)
         return blk
 
     datasets = Datasets()
     readers = threads or min(16, 2 * (os.cpu_count() or 1))
-    try:  # each block is written in the background while the next one is read
+    try:
         with (
             rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES),
             # cube chunks are rarely all no-data: writing every one spares comparing each with the fill value
@@ -741,23 +785,37 @@ def build_cube(
             ThreadPoolExecutor(1, thread_name_prefix="cube-write") as writer,
         ):
             pending = None
-            for blk in todo:
+            for blk in blocks:
                 before = set(bad.found)
                 composites = {
-                    name: composite_block(plan, grid, blk, pool, bad, datasets) for name, plan in plans.items()
+                    name: composite_block(plan, job.grid, blk, pool, bad, datasets) for name, plan in job.plans.items()
                 }
                 new_bad = {k: bad.found[k] for k in set(bad.found) - before}
                 if pending is not None:
-                    _completed(pending.result(), on_block)
+                    pending.result()
                 pending = writer.submit(write, blk, composites, new_bad)
             if pending is not None:
-                _completed(pending.result(), on_block)
+                pending.result()
     finally:
         datasets.close()
 
-    bad_list = sorted(bad.found.values(), key=lambda r: (r["item"], r["asset"]))
+
+def publish_cube(job: CubeJob) -> Path:
+    """Publish a cube whose blocks are all built: record unreadable assets in its attrs, then move it into place."""
+    store, done_dir = job.partial / "cube.zarr", job.partial / "blocks"
+    records = {p.stem: json.loads(p.read_text()) for p in done_dir.glob("*.json")}
+    missing = [b.name for b in job.blocks if b.name not in records]
+    if missing:
+        raise CropflowError(
+            f"cube {job.out_path}: {len(missing)} block(s) not built yet ({missing[:3]}...); build them first."
+        )
+    found = {k: v for rec in records.values() for k, v in rec["bad"].items()}
+    bad_list = sorted(found.values(), key=lambda r: (r["item"], r["asset"]))
     if bad_list:
-        log.warning("cube %s: %d unreadable asset(s) counted as no-data: %s", out_path.name, len(bad_list), bad_list)
+        log.warning(
+            "cube %s: %d unreadable asset(s) counted as no-data: %s", job.out_path.name, len(bad_list), bad_list
+        )
+    group = zarr.open_group(storage.zarr_store(store), mode="r+", zarr_format=3)
     group.attrs.update(
         {
             "bad_assets": json.dumps(bad_list),
@@ -768,10 +826,64 @@ def build_cube(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(storage.zarr_store(store), zarr_format=3)
-    storage.replace(store, out_path)
-    storage.remove(partial)
-    log.info("cube written to %s", out_path)
-    return out_path
+    storage.replace(store, job.out_path)
+    storage.remove(job.partial)
+    log.info("cube written to %s", job.out_path)
+    return job.out_path
+
+
+def build_cube(
+    items_by_sensor: dict[str, list[dict]],
+    epsg: int,
+    bounds: Bounds,
+    start: date,
+    end: date,
+    out_path: Path,
+    resolution: float = 10.0,
+    bin_days: int = 10,
+    chunk: int = 256,
+    attrs: dict | None = None,
+    *,
+    bands: dict[str, list[str]] | None = None,
+    scl_dilation: int = 0,
+    s1_orbit: str = "both",
+    speckle_window: int = 5,
+    block: int = 256,
+    threads: int | None = None,
+    query: dict | None = None,
+    catalog: Catalog | None = None,
+    on_block: Callable[[Block], None] | None = None,
+) -> Path:
+    """Build the cube of every sensor in `items_by_sensor` on one grid, in this process, and publish it atomically.
+
+    `bounds` (in `epsg`) are snapped outward to `resolution`. Bins of `bin_days` from `start`; S2 masks by SCL with
+    cloud/shadow/cirrus grown by `scl_dilation` pixels; S1 of `s1_orbit` ("both", "ascending", "descending"),
+    Lee-filtered over `speckle_window` pixels (0: none). Blocks of `block` pixels (a multiple of `chunk`) are built
+    in turn with `threads` readers; hrefs are signed for `catalog` right before each read (Planetary Computer
+    tokens expire during long builds). `on_block` is called after each completed block. A rerun with the same
+    arguments resumes an interrupted build; with other arguments it starts over.
+    """
+    job = prepare_cube(
+        items_by_sensor,
+        epsg,
+        bounds,
+        start,
+        end,
+        out_path,
+        resolution,
+        bin_days,
+        chunk,
+        attrs,
+        bands=bands,
+        scl_dilation=scl_dilation,
+        s1_orbit=s1_orbit,
+        speckle_window=speckle_window,
+        block=block,
+        query=query,
+        catalog=catalog,
+    )
+    build_blocks(job, job.todo, threads, on_block)
+    return publish_cube(job)
 
 
 def fill_cube_gaps(cube_path: Path, out_path: Path) -> Path:
