@@ -14,15 +14,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import rasterio
-import xarray as xr
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from pyproj import CRS
 
-from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from infra.runs import in_prefect_run
+from infra.storage import location, open_raster, open_zarr, output_file
 from tasks.figures import png_figure
 from tasks.labels import CLASS_NODATA, SPLITS, cube_grid, rasterize_labels, read_classes, read_labels
 
@@ -211,12 +209,12 @@ def publish_metrics_markdown(metrics: dict, key: str = "crop-map-accuracy") -> b
 
 def write_confusion_csv(cm: np.ndarray, class_names: list[str], out_csv: Path) -> Path:
     """Counts as CSV: header `truth \\ prediction, <names>`, one row per truth class (atomic write)."""
-    with atomic_path(Path(out_csv)) as tmp, open(tmp, "w", newline="") as f:
+    with output_file(out_csv) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["truth \\ prediction", *class_names])
         for name, row in zip(class_names, np.asarray(cm), strict=True):
             writer.writerow([name, *(int(v) for v in row)])
-    return Path(out_csv)
+    return location(out_csv)
 
 
 def write_confusion_png(cm: np.ndarray, class_names: list[str], out_png: Path, title: str = "") -> Path:
@@ -239,7 +237,7 @@ def write_confusion_png(cm: np.ndarray, class_names: list[str], out_png: Path, t
         ax.set_ylabel("truth")
         ax.set_title(title or "confusion matrix (pixels)")
         fig.tight_layout()
-    return Path(out_png)
+    return location(out_png)
 
 
 def evaluate_map(
@@ -295,8 +293,8 @@ def evaluate_map(
         "confusion_matrix": cm.tolist(),
         "area_adjusted": area,
     }
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir / "metrics.json") as tmp:
+    out_dir = location(out_dir)
+    with output_file(out_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     write_confusion_csv(cm, names, out_dir / "confusion_matrix.csv")
     write_confusion_png(cm, names, out_dir / "confusion_matrix.png", title=f"confusion matrix, {split_name} split")
@@ -312,8 +310,8 @@ def evaluate_map_task(class_tif: Path, cube_path: Path, labels_path: Path, class
     """
     classes = read_classes(classes_path)
     labels = read_labels(labels_path, classes)
-    transform, shape, crs = cube_grid(xr.open_zarr(cube_path))
-    with rasterio.open(class_tif) as src:
+    transform, shape, crs = cube_grid(open_zarr(cube_path))
+    with open_raster(class_tif) as src:
         if src.shape != shape or not src.transform.almost_equals(transform) or CRS(src.crs) != CRS(crs):
             raise CropflowError(
                 f"the map {class_tif} ({src.shape}, {src.crs}) is not on the grid of the cube {cube_path} "

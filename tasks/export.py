@@ -28,7 +28,7 @@ from rasterio.enums import Resampling
 from rasterio.warp import transform_bounds, transform_geom
 from rasterio.windows import Window
 
-from infra.atomic import atomic_path
+from infra.storage import location, open_raster, open_zarr, output_file
 from tasks.figures import png_figure
 from tasks.labels import CLASS_NODATA, cube_grid, read_classes
 
@@ -78,8 +78,8 @@ def _write_cog(
         "transform": transform, "nodata": nodata, "tiled": True, "blockxsize": COG_BLOCK, "blockysize": COG_BLOCK,
         "compress": "deflate", "BIGTIFF": "IF_SAFER",
     }  # fmt: skip
-    out_tif = Path(out_tif)
-    with atomic_path(out_tif) as tmp, tempfile.TemporaryDirectory(dir=out_tif.parent, prefix=".stage-") as stage_dir:
+    out_tif = location(out_tif)
+    with output_file(out_tif) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".stage-") as stage_dir:
         stage = Path(stage_dir) / "stage.tif"
         with rasterio.open(stage, "w", **profile) as dst:
             for y0 in range(0, h, strip):
@@ -97,19 +97,19 @@ def _write_cog(
 
 def write_class_cog(probs_zarr: Path, classes: list[dict], out_tif: Path) -> Path:
     """The class map as a uint8 COG: colour table from the class colours, no-data 255, mode-resampled overviews."""
-    ds = xr.open_zarr(probs_zarr, chunks=None)
+    ds = open_zarr(probs_zarr, chunks=None)
     return _write_cog(ds, "class", out_tif, NODATA, "MODE", class_colormap(classes), "crop class id")
 
 
 def write_confidence_cog(probs_zarr: Path, out_tif: Path) -> Path:
     """The confidence (probability of the mapped class) as a float32 COG, no-data NaN, averaged overviews."""
-    ds = xr.open_zarr(probs_zarr, chunks=None)
+    ds = open_zarr(probs_zarr, chunks=None)
     return _write_cog(ds, "confidence", out_tif, float("nan"), "AVERAGE", description="confidence")
 
 
 def _read_preview(path: Path, max_size: int) -> tuple[np.ndarray, Affine, str]:
     """The class map decimated (mode, from the COG overviews) to at most `max_size` pixels on its long side."""
-    with rasterio.open(path) as src:
+    with open_raster(path) as src:
         f = max(1, math.ceil(max(src.height, src.width) / max_size))
         shape = (math.ceil(src.height / f), math.ceil(src.width / f))
         data = src.read(1, out_shape=shape, resampling=Resampling.mode)
@@ -134,10 +134,10 @@ def write_preview_png(
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.patches import Patch
 
-    if isinstance(class_map, (str, Path)):
-        data, transform, crs = _read_preview(Path(class_map), max_size)
+    if isinstance(class_map, np.ndarray):
+        data = class_map
     else:
-        data = np.asarray(class_map)
+        data, transform, crs = _read_preview(class_map, max_size)
     ids = sorted(int(c["id"]) for c in classes)
     colours = {int(c["id"]): np.array(hex_to_rgb(c["color"])) / 255 for c in classes}
     lut = [colours.get(i, (0.5, 0.5, 0.5)) for i in range(ids[-1] + 1)]
@@ -162,7 +162,7 @@ def write_preview_png(
         if (data == NODATA).any():
             handles.append(Patch(facecolor="white", edgecolor="0.3", label="no data"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, title="class")
-    return Path(out_png)
+    return location(out_png)
 
 
 def _slug(name: str) -> str:
@@ -185,9 +185,9 @@ def write_map_item(
     (key -> path, e.g. confidence, preview); `derived_from` adds links to the inputs. Asset hrefs are relative to
     `out_json`, which is written atomically.
     """
-    cog_path, out_json = Path(cog_path).resolve(), Path(out_json).resolve()
+    cog_path, out_json = location(cog_path).resolve(), location(out_json).resolve()
     start, end = (date.fromisoformat(str(d)) for d in season)
-    with rasterio.open(cog_path) as src:
+    with open_raster(cog_path) as src:
         crs, bounds, shape, transform = src.crs, src.bounds, src.shape, src.transform
     corners = [(bounds.left, bounds.bottom), (bounds.right, bounds.bottom), (bounds.right, bounds.top),
                (bounds.left, bounds.top), (bounds.left, bounds.bottom)]  # fmt: skip
@@ -219,14 +219,14 @@ def write_map_item(
         RasterBand.create(nodata=NODATA, data_type=DataType.UINT8, spatial_resolution=abs(transform.a))
     ]
     for key, path in (assets or {}).items():
-        path = Path(path).resolve()
+        path = location(path).resolve()
         roles = ["overview"] if path.suffix == ".png" else ["data"]
         item.add_asset(key, pystac.Asset(href=str(path), media_type=MEDIA_TYPES.get(path.suffix), roles=roles))
     for href in derived_from:
         item.add_link(pystac.Link("derived_from", href, media_type=pystac.MediaType.GEOJSON))
     item.set_self_href(str(out_json))
     item.make_asset_hrefs_relative()
-    with atomic_path(out_json) as tmp:
+    with output_file(out_json) as tmp:
         tmp.write_text(json.dumps(item.to_dict(include_self_link=False), indent=2) + "\n")
     return item
 
@@ -238,10 +238,12 @@ def write_map_catalog(item_json: Path, out_dir: Path, collection_id: str = MAP_C
     asset hrefs as absolute `file://` URLs like the sample regions'), atomically, and returns `out_dir`. Loading
     another map's folder upserts the same collection with that map's extent.
     """
-    item = pystac.Item.from_file(str(Path(item_json).resolve()))
+    item_json = location(item_json).resolve()
+    item = pystac.Item.from_dict(json.loads(item_json.read_text()))
+    item.set_self_href(str(item_json))
     for asset in item.assets.values():
-        asset.href = Path(asset.get_absolute_href()).as_uri()
-    out_dir = Path(out_dir)
+        asset.href = location(asset.get_absolute_href()).as_uri()
+    out_dir = location(out_dir)
     collection_json = out_dir / "collections" / f"{collection_id}.json"
     collection = pystac.Collection(
         id=collection_id,
@@ -259,8 +261,7 @@ def write_map_catalog(item_json: Path, out_dir: Path, collection_id: str = MAP_C
         (collection_json, json.dumps(collection.to_dict(include_self_link=False), indent=2) + "\n"),
         (out_dir / "items" / f"{collection_id}.ndjson", json.dumps(item.to_dict(include_self_link=False)) + "\n"),
     ):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
+        with output_file(path) as tmp:
             tmp.write_text(text)
     return out_dir
 
@@ -277,7 +278,7 @@ def export_map_task(
     """Class and confidence COGs, PNG preview and STAC item of a probabilities store, written into `out_dir`; the
     item also as a folder `out_dir/stac` loadable into the local STAC API (`cropflow stac load OUT_DIR/stac`)."""
     classes = read_classes(classes_path)
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)
     start, end = season
     outputs = {
         "crop_map": write_class_cog(probs_zarr, classes, out_dir / "crop_map.tif"),
@@ -288,7 +289,7 @@ def export_map_task(
     )
     write_map_item(
         outputs["crop_map"], classes, region, season, out_dir / "crop_map.stac.json",
-        assets={"confidence": outputs["confidence"], "preview": outputs["preview"], "probabilities": Path(probs_zarr)},
+        assets={"confidence": outputs["confidence"], "preview": outputs["preview"], "probabilities": probs_zarr},
         derived_from=derived_from,
     )  # fmt: skip
     outputs["stac_item"] = out_dir / "crop_map.stac.json"

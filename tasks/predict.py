@@ -44,9 +44,9 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from rich.progress import Progress
 from torch import nn
 
-from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from infra.runs import in_prefect_run
+from infra.storage import location, open_zarr, output_store
 from tasks.labels import CLASS_NODATA, read_classes
 from tasks.preprocess import prepare_window
 from tasks.train import SAR_SENSOR, SENSOR, autocast, load_checkpoint, resolve_device
@@ -374,7 +374,7 @@ def predict_region(
     dev = resolve_device(device)
     model = model.to(dev).eval()
 
-    ds = xr.open_zarr(cube_path, chunks=None)
+    ds = open_zarr(cube_path, chunks=None)
     inputs = _model_inputs(ds, ckpt, model)
     h, w = ds.sizes["y"], ds.sizes["x"]
     chunks = inputs[0].var.encoding.get("chunks") or (256, 256)
@@ -384,8 +384,8 @@ def predict_region(
     blocks_y, blocks_x = _blocks(h, cy * block_chunks), _blocks(w, cx * block_chunks)
     doy = torch.from_numpy(ds["doy"].values.astype(np.int64))[None].to(dev)
 
-    label = f"predict {Path(cube_path).name}"
-    with atomic_path(Path(out_path)) as tmp, _Progress(ys.size * xs.size, progress, label) as prog:
+    label = f"predict {location(cube_path).name}"
+    with output_store(out_path) as tmp, _Progress(ys.size * xs.size, progress, label) as prog:
         _create_store(tmp, ds, classes, (cy, cx), str(ckpt.get("model_name", type(model).__name__)))
         store = zarr.open_group(tmp, mode="r+", zarr_format=3)
         tiler = _Tiler(model, [i.keys for i in inputs], weights, doy, batch_size, len(classes), prog)
@@ -420,7 +420,7 @@ def predict_region(
                 store["confidence"][y0:y1, x0:x1] = np.max(probs, axis=0)
                 prog.flush()
     log.info("probabilities of %d x %d px written to %s", h, w, out_path)
-    return Path(out_path)
+    return location(out_path)
 
 
 @task(name="predict-region", tags=["gpu"])
@@ -437,7 +437,7 @@ def predict_region_task(
 ) -> Path:
     """Load the checkpoint (checked against the cube's bands, SAR bands and, if given, the class map) and predict
     the cube."""
-    ds = xr.open_zarr(cube_path)
+    ds = open_zarr(cube_path)
     if SENSOR not in ds:
         raise CropflowError(f"the cube {cube_path} has no {SENSOR!r} variable; rebuild it with that sensor.")
     bands = [str(b) for b in ds[SENSOR][ds[SENSOR].dims[1]].values]

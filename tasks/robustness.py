@@ -15,14 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import xarray as xr
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from torch.utils.data import ConcatDataset, DataLoader
 
-from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from infra.runs import in_prefect_run
+from infra.storage import location, open_zarr, output_file
 from models.masking import cloud_gap_mask
 from tasks.dataset import PatchDataset, load_cube_arrays
 from tasks.figures import png_figure
@@ -48,7 +47,7 @@ def write_robustness_png(rows: list[dict], out_png: Path) -> Path:
         axes[0].legend()
         fig.suptitle("test parcels: accuracy against missing dates")
         fig.tight_layout()
-    return Path(out_png)
+    return location(out_png)
 
 
 def robustness_report(
@@ -76,7 +75,7 @@ def robustness_report(
             f"need repeats >= 1, gap modes and fractions in [0, 1]; got {repeats}, {gap_modes}, {fractions}"
         )
     classes = read_classes(classes_path)
-    ds = xr.open_zarr(cube_path, chunks=None)
+    ds = open_zarr(cube_path, chunks=None)
     if SENSOR not in ds:
         raise CropflowError(f"the cube {cube_path} has no {SENSOR!r} variable; rebuild it with that sensor.")
     var = ds[SENSOR]
@@ -121,10 +120,10 @@ def robustness_report(
         "seed": seed,
         "rows": rows,
     }
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir / "robustness.json") as tmp:
+    out_dir = location(out_dir)
+    with output_file(out_dir / "robustness.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
-    with atomic_path(out_dir / "robustness.csv") as tmp, open(tmp, "w", newline="") as f:
+    with output_file(out_dir / "robustness.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import xarray as xr
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.exceptions import MissingContextError
@@ -38,9 +37,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader
 
-from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from infra.runs import in_prefect_run
+from infra.storage import location, open_zarr, output_file
 from models.losses import IoULoss
 from models.random_forest import RandomForest
 from models.registry import MODELS, build_model
@@ -176,9 +175,9 @@ def load_training_data(
     buffer = options.pop("point_buffer_px", 0.0)
     classes = read_classes(classes_path)
     labels = read_labels(labels_path, classes, **options)
-    if not Path(cube_path).exists():
+    if not location(cube_path).exists():
         raise CropflowError(f"cube {cube_path} not found; build the cube first.")
-    ds = xr.open_zarr(cube_path, chunks=None)
+    ds = open_zarr(cube_path, chunks=None)
     target, split = rasterize_labels(labels, *cube_grid(ds), point_buffer_px=buffer)
     cube = load_cube_arrays(ds, target, split, SENSOR)
     norm = split_statistics(cube, "train", seed=seed)
@@ -320,13 +319,13 @@ def checkpoint_meta(
 
 def save_checkpoint(ckpt: dict, path: Path) -> Path:
     """`torch.save` to a temporary file beside `path`, then rename over it (readers never see a partial file)."""
-    with atomic_path(Path(path)) as tmp:
+    with output_file(path) as tmp:
         torch.save(ckpt, tmp)
-    return Path(path)
+    return location(path)
 
 
 def _write_metrics_csv(history: list[dict], path: Path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with output_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
@@ -373,10 +372,11 @@ def check_compatible(
 
 
 def _read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
-    path = Path(path)
+    path = location(path)
     if not path.is_file():
         raise CropflowError(f"{what} {path} not found; train a model first (or give the path of model.pt).")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with path.open("rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(
@@ -385,7 +385,7 @@ def load_checkpoint(
     """Model (eval mode, on CPU) and checkpoint dict from `path`, refused if its bands (`sar_bands` for a
     multi-modal model; None = the cube has no SAR) or classes (None: not checked) differ."""
     ckpt = _read_checkpoint(path)
-    check_compatible(ckpt, bands, classes, Path(path), sar_bands)
+    check_compatible(ckpt, bands, classes, location(path), sar_bands)
     model = build_model(ckpt["model_name"], **ckpt["model_config"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
@@ -471,7 +471,8 @@ def val_miou(row: dict) -> float:
 
 def _resume(path: Path, meta: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, int]:
     """Training state and epoch of `path` loaded into `model` and `optimizer`, refused if the run differs."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    with location(path).open("rb") as f:
+        ckpt = torch.load(f, map_location="cpu", weights_only=True)
     for key in ("model_name", "model_config", "bands", "sensor", "classes", "norm", "sar", "kind"):
         if ckpt.get(key) != meta.get(key):
             raise CropflowError(
@@ -506,7 +507,7 @@ def fit_loop(
     epoch to the epochs the budget fits).
     """
     started = time.monotonic() if started is None else started
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     best_path, last_path, csv_path = out_dir / "model.pt", out_dir / "last.pt", out_dir / "train_metrics.csv"
     logger = _run_logger()
@@ -631,7 +632,7 @@ def fit_forest(
     """Fit the random forest once (Breiman 2001) on labelled training pixels (at most `model.max_samples`, drawn
     with the run's seed), validate it like the gradient models and write the same checkpoint files (epoch 1)."""
     t0 = time.monotonic()
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, cols = np.nonzero((data.cube.split == SPLITS["train"]) & (data.cube.target >= 0))
     if rows.size > model.max_samples:
@@ -761,7 +762,7 @@ def train_model(
         out_dir,
         options,
         dev,
-        description=f"{model_name} training on {Path(cube_path).name}",
+        description=f"{model_name} training on {location(cube_path).name}",
         started=started,
     )
 
