@@ -28,12 +28,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.bench_accuracy import bench_accuracy
 from flows.bench_infer import bench_infer
 from flows.bench_train import bench_train
 from infra.errors import CropflowError
 from infra.settings import get_settings
 
 app = typer.Typer(help="Benchmarks: programs that print tables (not timed tests).", no_args_is_help=True)
+app.command("accuracy")(bench_accuracy)
 app.command("infer")(bench_infer)
 app.command("train")(bench_train)
 console = Console()

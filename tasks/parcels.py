@@ -191,8 +191,12 @@ def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> list[tuple[
 def inner_split(labels: np.ndarray, idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """`idx` split into (train, validation) samples, stratified, `fraction` of them for validation (early stopping:
     the test samples are never looked at while training)."""
-    train, val = train_test_split(idx, test_size=fraction, stratify=labels[idx], random_state=seed)
-    return np.sort(train), np.sort(val)
+    counts = np.bincount(labels[idx])
+    single = counts[labels[idx]] < 2  # a class with one sample cannot be split: it stays in training
+    pool = idx[~single]
+    size = max(round(fraction * len(pool)), int(np.count_nonzero(counts >= 2)))
+    train, val = train_test_split(pool, test_size=size, stratify=labels[pool], random_state=seed)
+    return np.sort(np.concatenate([train, idx[single]])), np.sort(val)
 
 
 def hide_observed_dates(valid: np.ndarray, fraction: float, mode: str, seed: int) -> np.ndarray:

@@ -1,0 +1,235 @@
+"""Protocol 5 of `cropflow bench accuracy`: real multi-sensor patches through the full path, leave-one-patch-out.
+
+Every WorldCereal patch folder is imported (`tasks.worldcereal.import_patches`: COGs + STAC items), loaded into a
+private local STAC API (`infra.stac_api`, PostgreSQL + pgstac on free ports, stopped afterwards), its items found
+again by lon/lat box and season (`tasks.catalog.search_items`) and built into a cube (`tasks.cube.build_cube`:
+S2 with SCL masking, S1, Landsat where the patch has it). Labels are the patch's `OUTPUT_POLY` raster: `CT` crop
+types (0 = no label) where any patch has them, else `LC` land cover (0 and 99 = no label); classes are the codes.
+
+For each patch in turn, the models are trained on the other patches (placed side by side on one grid, separated by
+unlabelled columns so that no convolution sees two patches at once; the last quarter of each patch's columns is
+the validation split for early stopping) and score every labelled pixel of the held-out patch: pixel OA, macro-F1
+and per-class IoU, pooled over the held-out patches. The models use the S2 bands common to every patch (the 20 m
+bands alone when a patch has no 10 m file).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from rich.progress import Progress
+
+from infra import stac_api
+from infra.errors import CropflowError
+from infra.settings import Settings
+from models.losses import IoULoss
+from models.registry import build_model
+from tasks.catalog import get_catalog, search_items
+from tasks.cube import build_cube
+from tasks.dataset import CubeArrays, PatchDataset, load_cube_arrays, make_loader, split_statistics
+from tasks.evaluate import accuracy_metrics, confusion_matrix
+from tasks.labels import SPLITS
+from tasks.sample_stac import lonlat_footprint
+from tasks.train import (
+    DEFAULT_MODEL_CONFIG,
+    TrainData,
+    TrainOptions,
+    datasets,
+    fit_loop,
+    model_inputs,
+    val_scores,
+)
+from tasks.worldcereal import Patch, import_patches, open_product
+
+S2_20M = ["B05", "B06", "B07", "B8A", "B11", "B12"]
+SENSORS = {"s2": "sentinel-2-l2a", "s1": "sentinel-1-rtc", "landsat": "landsat-c2-l2"}
+NO_LABEL = {"CT": (0,), "LC": (0, 99)}
+SEAM = 8  # unlabelled columns between training patches
+MODELS = {"fcn3d": DEFAULT_MODEL_CONFIG["cpu"]["fcn3d"], "ltae": {}}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def label_layer(folders: list[Path]) -> str:
+    """`CT` when any patch has a crop-type label, else `LC`."""
+    for folder in folders:
+        labels = open_product(folder, "OUTPUT_POLY-110_10m")
+        if labels is not None and "CT" in labels and (labels["CT"].values > 0).any():
+            return "CT"
+    return "LC"
+
+
+def patch_cubes(src: Path, work: Path) -> list[tuple[Patch, Path]]:
+    """Every patch of `src` imported, served by a private local STAC API, searched and built into a cube."""
+    patches = import_patches(src, work / "imported")
+    home = work / "stac-home"
+    home.mkdir(mode=0o711, parents=True, exist_ok=True)
+    for folder in (work, home):
+        folder.chmod(0o711)  # PostgreSQL, run as its own user under root, must traverse them
+    ports = {_free_port(), _free_port()}
+    while len(ports) < 2:
+        ports.add(_free_port())
+    settings = Settings(home=home, stac_port=ports.pop(), pg_port=ports.pop())
+    only_20m = any(not any(Path(src, p.location_id).glob("S2_L2A_10m_*.nc")) for p in patches)
+    cubes = []
+    stac_api.up(settings)
+    try:
+        catalog = get_catalog("local", settings.stac_url)
+        for patch in patches:
+            stac_api.load(settings, patch.folder)
+            start, end = (date.fromisoformat(d) for d in patch.season)
+            bbox = tuple(lonlat_footprint(patch.bounds, patch.epsg)[0])
+            items = {s: search_items(catalog, s, start, end, bbox=bbox) for s in SENSORS}
+            items = {s: found for s, found in items.items() if found}
+            bands = {"s2": S2_20M} if only_20m else {}
+            out = work / "cubes" / f"{patch.location_id}.zarr"
+            cubes.append((patch, build_cube(items, patch.epsg, patch.bounds, start, end, out, bands=bands)))
+    finally:
+        stac_api.down(settings)
+    return cubes
+
+
+def patch_arrays(src: Path, patch: Patch, cube: Path, layer: str) -> tuple[CubeArrays, np.ndarray]:
+    """The cube's S2 arrays and the label codes (H, W) of the patch on the cube grid (0 = no label)."""
+    ds = xr.open_zarr(cube, chunks=None)
+    labels = open_product(Path(src, patch.location_id), "OUTPUT_POLY-110_10m")
+    if labels is None or layer not in labels:
+        raise CropflowError(f"patch {patch.location_id} has no OUTPUT_POLY-110_10m file with a {layer} layer.")
+    codes = labels[layer].sel(x=ds["x"], y=ds["y"], method="nearest").values.astype(np.int64)
+    codes[np.isin(codes, NO_LABEL[layer])] = 0
+    return load_cube_arrays(ds), codes
+
+
+def stitch(parts: list[tuple[CubeArrays, np.ndarray]], classes: list[int]) -> CubeArrays:
+    """Training patches side by side (`SEAM` unlabelled NaN columns between them), train / val splits per patch."""
+    t = min(a.values.shape[0] for a, _ in parts)
+    values, target, split = [], [], []
+    for arrays, codes in parts:
+        h, w = codes.shape
+        tgt = np.where(codes > 0, np.searchsorted(classes, codes), -1).astype(np.int16)
+        spl = np.full((h, w), SPLITS["train"], np.uint8)
+        spl[:, w - w // 4 :] = SPLITS["val"]
+        values += [arrays.values[:t], np.full((t, arrays.values.shape[1], h, SEAM), np.nan, np.float32)]
+        target += [tgt, np.full((h, SEAM), -1, np.int16)]
+        split += [spl, np.zeros((h, SEAM), np.uint8)]
+    first = parts[0][0]
+    return CubeArrays(
+        np.concatenate(values[:-1], axis=3), first.doy[:t], first.bands, np.hstack(target[:-1]), np.hstack(split[:-1])
+    )
+
+
+def run_patches(src: Path, quick: bool, seed: int, patience: int, progress: Progress) -> dict:
+    """Leave-one-patch-out pixel accuracy of `MODELS` on the patches of `src` (module docstring)."""
+    folders = sorted(p.parent for p in Path(src).glob("*/S2_L2A_20m_*.nc"))
+    if len(folders) < 2:
+        raise CropflowError(
+            f"--patches {src}: leave-one-patch-out needs at least 2 patch folders, found {len(folders)}."
+        )
+    layer = label_layer(folders)
+    options = TrainOptions(
+        epochs=3 if quick else 30,
+        patches_per_epoch=16 if quick else 64,
+        patch_size=32,
+        batch_size=8,
+        seed=seed,
+        device="cpu",
+        progress=False,
+        patience=patience,
+    )
+    with tempfile.TemporaryDirectory(prefix="cropflow-bench-patches-") as tmp:
+        cubes = patch_cubes(Path(src), Path(tmp))
+        arrays = [patch_arrays(Path(src), patch, cube, layer) for patch, cube in cubes]
+        classes = sorted({int(c) for _, codes in arrays for c in np.unique(codes) if c > 0})
+        names = [f"{layer} {c}" for c in classes]
+        cms = {name: np.zeros((len(classes), len(classes)), np.int64) for name in MODELS}
+        job = progress.add_task("patches (leave one out)", total=len(arrays) * len(MODELS))
+        for held in range(len(arrays)):
+            train = stitch([a for i, a in enumerate(arrays) if i != held], classes)
+            test_arrays, test_codes = arrays[held]
+            test = CubeArrays(
+                test_arrays.values,
+                test_arrays.doy,
+                test_arrays.bands,
+                np.where(test_codes > 0, np.searchsorted(classes, test_codes), -1).astype(np.int16),
+                np.full(test_codes.shape, SPLITS["test"], np.uint8),
+            )
+            data = TrainData(train, [{"id": i, "name": n} for i, n in enumerate(names)], split_statistics(train))
+            for name, config in MODELS.items():
+                cms[name] += _train_and_score(name, config, data, test, options, os.path.join(tmp, f"{name}-{held}"))
+                progress.advance(job)
+    metrics = {name: accuracy_metrics(cm, names) for name, cm in cms.items()}
+    summary = {
+        name: {
+            "overall_accuracy": m["overall_accuracy"],
+            "macro_f1": m["macro_f1"],
+            "miou": m["miou"],
+            "iou": {c: m["per_class"][c]["iou"] for c in names},
+            "support": {c: m["per_class"][c]["support"] for c in names},
+        }
+        for name, m in metrics.items()
+    }
+    return {
+        "patches": [p.location_id for p, _ in cubes],
+        "label_layer": layer,
+        "classes": names,
+        "models": summary,
+        "markdown": _markdown(summary, names, len(cubes), layer),
+    }
+
+
+def _train_and_score(
+    name: str, config: dict, data: TrainData, test: CubeArrays, options: TrainOptions, out: str
+) -> np.ndarray:
+    """Train `name` on `data` (soft IoU + cross-entropy, early stopping on the val split) and return the confusion
+    matrix of the labelled pixels of `test` (whole-patch windows)."""
+    torch.manual_seed(options.seed)
+    k = len(data.classes)
+    model = build_model(name, **config, in_channels=len(data.cube.bands), num_classes=k)
+    train_ds, val_ds = datasets(data, options)
+    val_loader = make_loader(val_ds, options.batch_size)
+    loss_fn = IoULoss(ce_weight=0.5)
+    dev = torch.device("cpu")
+    result = fit_loop(
+        model,
+        lambda batch, step: loss_fn(model(*model_inputs(batch)), batch[3]),
+        train_ds,
+        lambda: val_scores(model, val_loader, dev, data.classes),
+        {"format": 1, "model_name": name, "classes": data.classes},
+        Path(out),
+        options,
+        dev,
+        description=f"{name} on patches",
+    )
+    model.load_state_dict(torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    test_ds = PatchDataset(test, *data.norm, "test", "grid", max(test.target.shape))
+    cm = np.zeros((k, k), np.int64)
+    model.eval()
+    with torch.inference_mode():
+        for batch in make_loader(test_ds, 1):
+            cm += confusion_matrix(batch[3].numpy(), model(*model_inputs(batch)).argmax(dim=1).numpy(), k)
+    return cm
+
+
+def _markdown(summary: dict, names: list[str], n: int, layer: str) -> str:
+    lines = [
+        f"## 5. Real multi-sensor patches ({n} patches, leave-one-patch-out, {layer} labels, pixels pooled)\n",
+        "| model | pixel OA % | macro-F1 % | mIoU % | " + " | ".join(f"IoU {c} %" for c in names) + " |",
+        "| --- | --- | --- | --- |" + " --- |" * len(names),
+    ]
+    for model, m in summary.items():
+        ious = " | ".join("-" if m["iou"][c] is None else f"{100 * m['iou'][c]:.1f}" for c in names)
+        scores = " | ".join(f"{100 * m[key]:.1f}" for key in ("overall_accuracy", "macro_f1", "miou"))
+        lines.append(f"| {model} | {scores} | {ious} |")
+    support = ", ".join(f"{c}: {next(iter(summary.values()))['support'][c]}" for c in names)
+    return "\n".join([*lines, f"\nLabelled pixels per class: {support}.\n"])
