@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 from datetime import date
 from pathlib import Path
 
@@ -148,7 +149,11 @@ def run_patches(src: Path, quick: bool, seed: int, patience: int, progress: Prog
         patience=patience,
     )
     with tempfile.TemporaryDirectory(prefix="cropflow-bench-patches-") as tmp:
+        t0 = time.monotonic()
         cubes = patch_cubes(Path(src), Path(tmp))
+        progress.console.log(
+            f"{len(cubes)} patches imported, served and built into cubes ({time.monotonic() - t0:.0f} s)"
+        )
         arrays = [patch_arrays(Path(src), patch, cube, layer) for patch, cube in cubes]
         classes = sorted({int(c) for _, codes in arrays for c in np.unique(codes) if c > 0})
         names = [f"{layer} {c}" for c in classes]
@@ -166,8 +171,12 @@ def run_patches(src: Path, quick: bool, seed: int, patience: int, progress: Prog
             )
             data = TrainData(train, [{"id": i, "name": n} for i, n in enumerate(names)], split_statistics(train))
             for name, config in MODELS.items():
-                cms[name] += _train_and_score(name, config, data, test, options, os.path.join(tmp, f"{name}-{held}"))
+                t0 = time.monotonic()
+                cm = _train_and_score(name, config, data, test, options, os.path.join(tmp, f"{name}-{held}"))
+                cms[name] += cm
                 progress.advance(job)
+                oa = np.trace(cm) / max(cm.sum(), 1)
+                progress.console.log(f"{name} without patch {held + 1}: OA {oa:.3f} ({time.monotonic() - t0:.0f} s)")
     metrics = {name: accuracy_metrics(cm, names) for name, cm in cms.items()}
     summary = {
         name: {
