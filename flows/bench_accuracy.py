@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
-from infra.settings import real_data_dir
+from infra.settings import home_dir, real_data_dir
 from models.losses import IoULoss
 from models.registry import build_model
 from tasks.distill import (
@@ -391,7 +391,10 @@ def markdown(results: dict) -> str:
             for option, m in options.items():
                 lines.append(f"| {scene} | {option} | {m['kappa_3class']:.3f} | {m['kappa_invalid_valid']:.3f} |")
         lines.append("")
-    lines.append(f"Run time {results['seconds'] / 60:.1f} min; load average at the end {results['load_end']}.\n")
+    lines.append(
+        f"Run time {results['seconds'] / 60:.1f} min; load average (1, 5, 15 min) at the start "
+        f"{results['load_start']}, at the end {results['load_end']}.\n"
+    )
     return "\n".join(lines)
 
 
@@ -407,9 +410,10 @@ def bench_accuracy(
     patches: Annotated[
         Path | None, typer.Option(help="folder of WorldCereal patches (default: DATA/worldcereal-patches)")
     ] = None,
-    out: Annotated[Path, typer.Option(help="folder of accuracy.json, accuracy.md, robustness.png")] = Path(
-        "accuracy-bench"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(help="folder of accuracy.json, accuracy.md, robustness.png (CROPFLOW_HOME/bench/accuracy)"),
+    ] = None,
     protocols: Annotated[str, typer.Option(help=f"comma-separated: {', '.join(PROTOCOLS)}")] = ",".join(PROTOCOLS),
     folds: Annotated[int, typer.Option(help="cross-validation folds of the parcels")] = 5,
     epochs: Annotated[int, typer.Option(help="maximum epochs of every deep model")] = 40,
@@ -431,12 +435,15 @@ def bench_accuracy(
     if root is None and (parcels is None or patches is None):
         raise CropflowError("no real-data folder: give --data DIR (or set CROPFLOW_REAL_DATA).")
     parcels_file = parcels or root / PARCELS_FILE
+    out = out or home_dir() / "bench" / "accuracy"
+    out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the run
     torch.set_num_threads(threads)
     if quick:
         folds, epochs, patience = 2, 2, 2
     results: dict = {
         "command": "cropflow bench accuracy " + " ".join(_argv()),
         "environment": f"torch {torch.__version__}, {threads} thread(s), {os.cpu_count()} CPUs, seed {seed}",
+        "load_start": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
         "settings": {"folds": folds, "epochs": epochs, "patience": patience, "legend": legend, "quick": quick},
     }
     progress = Progress(
@@ -465,7 +472,6 @@ def bench_accuracy(
             results["cloudmasks"] = run_cloudmasks(_need(root, "cloudmask-reference"))
     results["seconds"] = time.monotonic() - started
     results["load_end"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    out.mkdir(parents=True, exist_ok=True)
     if "robustness" in results:
         write_robustness_plot(results["robustness"], out / "robustness.png")
     text = markdown(results)
