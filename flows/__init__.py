@@ -1,11 +1,16 @@
 """Prefect flows of cropflow and its command line.
 
-Importing this package sets privacy defaults for Prefect (no telemetry) before Prefect is imported.
+Importing this package sets privacy defaults for Prefect (no telemetry) before Prefect is imported, and, unless
+PREFECT_HOME or PREFECT_API_URL are set, points Prefect at the local server of `cropflow server up` while it runs.
 """
 
 import os
 
+from infra.prefect_server import running_state
 from infra.settings import home_dir
+
+if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ and (state := running_state(home_dir())):
+    os.environ["PREFECT_API_URL"] = state["url"]
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import date
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from flows import commands
 from flows.bench import app as bench_app
+from flows.commands import print_outputs
 from infra.errors import CropflowError
 from infra.settings import get_settings
 
@@ -20,16 +20,8 @@ app = typer.Typer(help="Regional crop maps from satellite image time series.", n
 stac_app = typer.Typer(help="The local STAC API (PostgreSQL + pgstac + stac-fastapi) on 127.0.0.1.")
 app.add_typer(stac_app, name="stac")
 app.add_typer(bench_app, name="bench")
+commands.register(app)
 console = Console()
-
-
-def _parse_date(value: str | None, option: str) -> date | None:
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise CropflowError(f"{option} {value!r} is not a date; use YYYY-MM-DD, e.g. 2024-03-01.") from None
 
 
 @stac_app.command("up")
@@ -98,47 +90,6 @@ def import_worldcereal(
         console.print(f"{patch.location_id}: {counts} in {patch.folder}")
 
 
-@app.command("crop-map")
-def crop_map_cmd(
-    region: Annotated[str, typer.Option(help="region name from flows/regions.yaml")] = "sample",
-    start: Annotated[str | None, typer.Option(help="season start YYYY-MM-DD (default: region's)")] = None,
-    end: Annotated[str | None, typer.Option(help="season end YYYY-MM-DD (default: region's)")] = None,
-    sensors: Annotated[str, typer.Option(help="comma-separated: s2,s1,landsat")] = "s2,s1,landsat",
-    catalog: Annotated[
-        str, typer.Option(help="STAC catalog: local, planetary-computer, earth-search, one from CROPFLOW_CATALOGS")
-    ] = "local",
-    stac_url: Annotated[str | None, typer.Option(help="STAC API URL of the catalog (default: the catalog's)")] = None,
-    max_cloud_cover: Annotated[float | None, typer.Option(help="keep items with eo:cloud_cover <= this")] = None,
-    model: Annotated[str, typer.Option(help="model name")] = "fcn3d",
-    epochs: Annotated[int, typer.Option(help="maximum training epochs")] = 40,
-    time_budget: Annotated[float, typer.Option(help="training time budget in seconds")] = 480.0,
-    out_dir: Annotated[Path | None, typer.Option(help="output folder")] = None,
-    robustness: Annotated[bool, typer.Option(help="also report test metrics against 0-80 % missing dates")] = False,
-) -> None:
-    """Run the crop_map flow: search, cube, train, predict, export, evaluate."""
-    from flows.crop_map import check_request, crop_map
-
-    sensor_list = [s.strip() for s in sensors.split(",") if s.strip()]
-    start_d, end_d = _parse_date(start, "--start"), _parse_date(end, "--end")
-    check_request(region, start_d, end_d, sensor_list, catalog)
-    t0 = time.perf_counter()
-    outputs = crop_map(
-        region=region,
-        start=start_d,
-        end=end_d,
-        sensors=sensor_list,
-        catalog=catalog,
-        stac_url=stac_url,
-        max_cloud_cover=max_cloud_cover,
-        model=model,
-        epochs=epochs,
-        time_budget_s=time_budget,
-        out_dir=out_dir,
-        robustness=robustness,
-    )
-    _print_outputs(outputs, time.perf_counter() - t0)
-
-
 @app.command()
 def demo(
     region: Annotated[str, typer.Option(help="sample region to map")] = "sample",
@@ -147,29 +98,14 @@ def demo(
     """Everything on the embedded sample region: STAC API up, region generated and loaded, crop_map run."""
     from flows.crop_map import crop_map
     from flows.demo import ensure_sample
+    from flows.params import ModelSpec
     from infra import stac_api
 
     t0 = time.perf_counter()
     stac_api.up(get_settings())
     ensure_sample(region)
-    outputs = crop_map(region=region, time_budget_s=time_budget)
-    _print_outputs(outputs, time.perf_counter() - t0)
-
-
-def _print_outputs(outputs: dict[str, str], seconds: float) -> None:
-    import json
-
-    table = Table(title=f"crop_map outputs ({seconds / 60:.1f} min)")
-    table.add_column("output")
-    table.add_column("path", overflow="fold")
-    for key, path in outputs.items():
-        table.add_row(key, path)
-    console.print(table)
-    metrics = json.loads(Path(outputs["metrics"]).read_text())
-    console.print(
-        "test parcels: overall accuracy {overall_accuracy:.3f}, kappa {kappa:.3f}, macro-F1 {macro_f1:.3f}, "
-        "mIoU {miou:.3f}".format(**metrics)
-    )
+    outputs = crop_map(region=region, model=ModelSpec(time_budget_s=time_budget))
+    print_outputs(outputs, time.perf_counter() - t0)
 
 
 def main() -> None:

@@ -1,136 +1,78 @@
 """The `crop_map` flow: STAC search -> cloud-masked cube in Zarr -> train -> tiled inference -> map, report.
 
-It reads like the process it runs; every step is a task from `tasks/` that can be found by its name.
+It reads like the process it runs: the subflows `build_cube`, `train` and `predict` (flows/steps.py), whose tasks
+keep the names of the steps (search-items, build-cube, train-model, predict-region, export-map, evaluate-map), then
+the optional robustness report and the run's artifacts (flows/report.py).
 """
 
 from __future__ import annotations
 
 import json
-from datetime import date
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
-from flows.regions import Region, resolve_region
-from infra.errors import CropflowError
-from infra.settings import get_settings
-from tasks.catalog import get_catalog, search_items_task
-from tasks.cube import build_cube_task
-from tasks.evaluate import evaluate_map_task
-from tasks.export import export_map_task
+from flows.params import DEFAULT_SENSORS, ModelSpec, Run, Season, labelled, resolve_run
+from flows.policy import cached, step_key
+from flows.report import publish_report
+from flows.steps import build_cube, check_sensors, file_digest, predict, train
 from tasks.labels import read_classes, read_labels
-from tasks.predict import predict_region_task
 from tasks.robustness import robustness_report_task
-from tasks.sensors import get_sensor
-from tasks.train import train_model_task
-
-DEFAULT_SENSORS = ("s2", "s1", "landsat")
 
 
 def check_request(
     region: str,
-    start: date | None,
-    end: date | None,
-    sensors: tuple[str, ...] | list[str],
+    season: int | str | None,
+    sensors: list[str],
     catalog: str = "local",
-) -> tuple[Region, date, date]:
+    labels: Path | None = None,
+    classes: Path | None = None,
+    outputs: Path | None = None,
+) -> Run:
     """Validate a request before any long work: region, season, catalog and sensors, labels and class map."""
-    settings = get_settings()
-    reg = resolve_region(region, settings)
-    start = start or reg.season[0]
-    end = end or reg.season[1]
-    if end < start:
-        raise CropflowError(f"the season ends ({end}) before it starts ({start}); give --start before --end.")
-    if not sensors or "s2" not in sensors:
-        raise CropflowError("sensors must include 's2' (the model input); e.g. --sensors s2,s1,landsat.")
-    for s in sensors:
-        try:
-            get_sensor(s)
-        except ValueError as exc:
-            raise CropflowError(str(exc)) from None
-    stac = get_catalog(catalog)
-    for s in sensors:
-        stac.sensor(s)
-    classes = read_classes(reg.classes)
-    read_labels(reg.labels, classes)
-    return reg, start, end
+    run = resolve_run(region, season, outputs, labels, classes)
+    check_sensors(sensors, catalog)
+    labels_path, classes_path = labelled(run)
+    read_labels(labels_path, read_classes(classes_path))
+    return run
 
 
 @flow(name="crop_map", log_prints=True)
 def crop_map(
     region: str = "sample",
-    start: date | None = None,
-    end: date | None = None,
+    season: Season = None,
     sensors: list[str] = list(DEFAULT_SENSORS),  # noqa: B006 (Prefect parameters are copied per run)
     catalog: str = "local",
     stac_url: str | None = None,
     max_cloud_cover: float | None = None,
-    model: str = "fcn3d",
-    model_params: dict | None = None,
-    epochs: int = 40,
-    time_budget_s: float | None = 480.0,
-    seed: int = 0,
-    out_dir: Path | None = None,
+    model: ModelSpec = ModelSpec(),  # noqa: B008 (frozen)
+    labels: Path | None = None,
+    classes: Path | None = None,
+    outputs: Path | None = None,
     robustness: bool = False,
 ) -> dict[str, str]:
     """Make the crop map of `region` for one season and return the paths of every output.
 
-    `catalog` names a STAC catalog (tasks/catalogs.yaml, CROPFLOW_CATALOGS) or is a STAC API URL; `stac_url`
-    points the catalog at another address. `robustness` adds the report of test metrics against missing dates.
+    `region`: a name of the region catalog, a GeoJSON file or a bbox `west,south,east,north` (then give `labels`
+    and `classes`); `season`: a year (by the region's crop calendar), `START..END`, `current` (the season so far)
+    or `last` (the latest season ended), default the catalog's; `catalog` names a STAC catalog (tasks/catalogs.yaml,
+    CROPFLOW_CATALOGS) or is a STAC API URL, `stac_url` points it at another address; outputs go to
+    `<outputs>/<region>/<start>_<end>/` (default `$CROPFLOW_HOME/outputs`). `robustness` adds the report of test
+    metrics against missing dates.
     """
-    logger = get_run_logger()
-    reg, start, end = check_request(region, start, end, sensors, catalog)
-    settings = get_settings()
-    stac = get_catalog(catalog, url=stac_url)
-    out = Path(out_dir) if out_dir else settings.outputs_dir / reg.name / f"{start}_{end}"
-
-    items = {s: search_items_task(stac, s, reg.bbox, start, end, max_cloud_cover) for s in sensors}
-    if not items["s2"]:
-        raise CropflowError(
-            f"no Sentinel-2 items for region {reg.name!r} between {start} and {end} in catalog {stac.name!r} "
-            f"({stac.url}); "
-            "check the season, the region, or load the region into the catalog (cropflow stac load)."
-        )
-    items = {s: found for s, found in items.items() if found}
-    logger.info("items per sensor: %s", {s: len(v) for s, v in items.items()})
-
-    query = {"catalog": stac.name, "url": stac.url, "bbox": reg.bbox, "season": [start, end]}
-    query |= {"sensors": list(items), "max_cloud_cover": max_cloud_cover}
-    cube = build_cube_task(
-        items,
-        reg.epsg,
-        reg.bounds,
-        start,
-        end,
-        out / "cube.zarr",
-        attrs={"region": reg.name},
-        catalog=stac,
-        query=query,
-    )
-    trained = train_model_task(
-        cube,
-        reg.labels,
-        reg.classes,
-        out,
-        model_name=model,
-        model_config=model_params,
-        epochs=epochs,
-        seed=seed,
-        time_budget_s=time_budget_s,
-    )
-    probabilities = predict_region_task(cube, trained.checkpoint, out / "probabilities.zarr", reg.classes)
-    exported = export_map_task(probabilities, reg.classes, reg.name, (start, end), out)
-    metrics = evaluate_map_task(out / "crop_map.tif", cube, reg.labels, reg.classes, out)
-
-    outputs = {
-        "cube": str(cube),
-        "model": str(trained.checkpoint),
-        "probabilities": str(probabilities),
-        **{k: str(v) for k, v in exported.items()},
-        "metrics": str(out / "metrics.json"),
-    }
+    run = check_request(region, season, sensors, catalog, labels, classes, outputs)
+    dates = f"{run.start}..{run.end}"  # the subflows get the dates: `current` moves with the clock
+    common = {"region": region, "season": dates, "outputs": outputs}
+    cube = build_cube(**common, sensors=sensors, catalog=catalog, stac_url=stac_url, max_cloud_cover=max_cloud_cover)
+    trained = train(**common, model=model, labels=labels, classes=classes)
+    paths = predict(**common, labels=labels, classes=classes)
     if robustness:
-        robustness_report_task(cube, trained.checkpoint, reg.labels, reg.classes, out, seed=seed)
-        outputs["robustness"] = str(out / "robustness.json")
-    logger.info("metrics: %s", json.dumps({k: metrics[k] for k in ("overall_accuracy", "kappa", "macro_f1", "miou")}))
-    return outputs
+        labels_path, classes_path = labelled(run)
+        key = step_key("robustness", run, cube=cube.fingerprint, model=file_digest(trained.checkpoint))
+        cached(robustness_report_task, key, [run.out / "robustness.json"])(
+            cube.path, trained.checkpoint, labels_path, classes_path, run.out, seed=model.seed
+        )
+        paths["robustness"] = str(run.out / "robustness.json")
+    metrics = json.loads(Path(paths["metrics"]).read_text())
+    publish_report(run, cube, model, metrics, paths)
+    return paths

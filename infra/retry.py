@@ -36,3 +36,30 @@ class HttpRetry:
             backoff_jitter=self.jitter,
             raise_on_status=False,  # the last response comes back, so its status and body reach the error message
         )
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for errors that can go away on their own: timeouts, dropped connections, HTTP 429 and 5xx.
+
+    A `CropflowError` (a bad parameter, missing data) and every other error are final: retrying cannot fix them.
+    """
+    import httpx
+    import requests
+
+    from infra.errors import CropflowError
+
+    if isinstance(exc, CropflowError):
+        return False
+    if isinstance(exc, TimeoutError | ConnectionError | httpx.TransportError):
+        return True
+    if isinstance(exc, requests.ConnectionError | requests.Timeout):
+        return True
+    response = getattr(exc, "response", None)
+    status = getattr(exc, "status_code", None) or getattr(response, "status_code", None)
+    return status in RETRY_STATUSES
+
+
+def retry_condition(task: object, task_run: object, state: object) -> bool:
+    """Prefect `retry_condition_fn`: retry a failed task run only when its exception `is_retryable`."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, BaseException) and is_retryable(exc)

@@ -23,6 +23,7 @@ class Settings:
     home: Path
     stac_port: int
     pg_port: int
+    prefect_port: int = 4200
 
     @property
     def stac_dir(self) -> Path:
@@ -73,11 +74,13 @@ def home_dir() -> Path:
 
 
 def get_settings() -> Settings:
-    """Settings from the environment (`CROPFLOW_HOME`, `CROPFLOW_STAC_PORT`, `CROPFLOW_PG_PORT`)."""
+    """Settings from the environment (`CROPFLOW_HOME`, `CROPFLOW_STAC_PORT`, `CROPFLOW_PG_PORT`,
+    `CROPFLOW_PREFECT_PORT`)."""
     return Settings(
         home=home_dir(),
         stac_port=_port("CROPFLOW_STAC_PORT", 8082),
         pg_port=_port("CROPFLOW_PG_PORT", 5439),
+        prefect_port=_port("CROPFLOW_PREFECT_PORT", 4200),
     )
 
 

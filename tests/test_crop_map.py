@@ -37,9 +37,11 @@ def tiny_sample(stac_api: Settings) -> Path:
 def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_harness, tmp_path):
     """Search -> cube -> train -> tiled inference -> map: georeferenced like the cube, far better than chance."""
     from flows.crop_map import crop_map
+    from flows.params import ModelSpec
 
     out = tmp_path / "out"
-    outputs = crop_map(region="sample-tiny", time_budget_s=None, epochs=15, out_dir=out, robustness=True)
+    model = ModelSpec(epochs=15, time_budget_s=None)
+    outputs = crop_map(region="sample-tiny", model=model, outputs=out, robustness=True)
     keys = ("cube", "model", "probabilities", "crop_map", "confidence", "preview", "stac_item", "metrics", "robustness")
     for key in keys:
         assert Path(outputs[key]).exists(), key
@@ -103,10 +105,11 @@ def custom_regions(tmp_path_factory, tiny_sample: Path) -> Path:
 
 BAD_INPUT = [
     (["crop-map", "--region", "atlantis"], "unknown region 'atlantis'"),
-    (["crop-map", "--region", "sample-tiny", "--start", "2024-13-01"], "is not a date"),
-    (["crop-map", "--region", "sample-tiny", "--start", "2024-08-01", "--end", "2024-05-01"], "before it starts"),
+    (["crop-map", "--region", "sample-tiny", "--season", "2024-13-01..2024-10-31"], "is not a date"),
+    (["crop-map", "--region", "sample-tiny", "--season", "2024-08-01..2024-05-01"], "ends before it starts"),
+    (["crop-map", "--region", "sample-tiny", "--season", "summer"], "is not a season"),
     (["crop-map", "--region", "sample-tiny", "--sensors", "s2,modis"], "unknown sensor 'modis'"),
-    (["crop-map", "--region", "sample-tiny", "--start", "2019-03-01", "--end", "2019-10-31"], "no Sentinel-2 items"),
+    (["crop-map", "--region", "sample-tiny", "--season", "2019"], "no Sentinel-2 items"),
     (["crop-map", "--region", "far-away"], "no Sentinel-2 items"),
     (["crop-map", "--region", "no-labels"], "missing.parquet"),
     (["crop-map", "--region", "inverted"], "inverted"),

@@ -1,0 +1,101 @@
+"""Typed parameters shared by the flows (Prefect validates them with pydantic and shows them as forms in the UI),
+and their resolution into one run's region, season and output folder."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+from flows.regions import Region, resolve_region
+from infra.errors import CropflowError
+from infra.settings import get_settings
+
+DEFAULT_SENSORS = ("s2", "s1", "landsat")
+SEASON_FORMS = "a year (2024), a date range (2024-03-01..2024-10-31), 'current' or 'last'"
+
+
+def check_season(value: int | str | None) -> int | str | None:
+    """A season as written by a user: a year, `START..END` dates, `current`, `last` or None (the region's)."""
+    if value is None or isinstance(value, int):
+        return value
+    text = value.strip()
+    if re.fullmatch(r"\d{4}|current|last|\d{4}-\d{2}-\d{2}\.\.\d{4}-\d{2}-\d{2}", text):
+        return int(text) if text.isdigit() else text
+    raise CropflowError(f"season {value!r} is not a season; give {SEASON_FORMS}.")
+
+
+Season = Annotated[int | str | None, AfterValidator(check_season)]
+
+
+def parse_seasons(value: str | list[int | str]) -> list[int | str]:
+    """Seasons of a backfill: `2019..2024` (every year), a comma-separated list of seasons, or a list."""
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
+    seasons: list[int | str] = []
+    for part in parts:
+        years = re.fullmatch(r"(\d{4})\.\.(\d{4})", str(part))
+        if years:
+            first, last = int(years[1]), int(years[2])
+            if last < first:
+                raise CropflowError(f"seasons {part!r} run backwards; give FIRST..LAST, e.g. 2019..2024.")
+            seasons.extend(range(first, last + 1))
+        elif str(part):
+            seasons.append(check_season(part))
+    if not seasons:
+        raise CropflowError(f"no season in {value!r}; give e.g. 2019..2024 or 2023,2024.")
+    return seasons
+
+
+class ModelSpec(BaseModel):
+    """The model a run trains: a name of `models/registry.py`, its settings and the training budget."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = "fcn3d"
+    params: dict | None = Field(default=None, description="model settings, e.g. {'widths': [16, 32]}")
+    epochs: PositiveInt = 40
+    time_budget_s: PositiveFloat | None = Field(default=480.0, description="stop training after this many seconds")
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run resolved: where, when, and the folder of its outputs (`<outputs>/<region>/<start>_<end>`)."""
+
+    region: Region
+    start: date
+    end: date
+    out: Path
+
+    @property
+    def season(self) -> str:
+        return f"{self.start}_{self.end}"
+
+
+def resolve_run(
+    region: str,
+    season: int | str | None,
+    outputs: Path | None = None,
+    labels: Path | None = None,
+    classes: Path | None = None,
+) -> Run:
+    """The region, season dates and output folder of a run (`outputs` defaults to `$CROPFLOW_HOME/outputs`)."""
+    settings = get_settings()
+    reg = resolve_region(region, settings, labels=labels, classes=classes)
+    start, end = reg.season_dates(check_season(season))
+    root = Path(outputs) if outputs else settings.outputs_dir
+    return Run(reg, start, end, root / reg.name / f"{start}_{end}")
+
+
+def labelled(run: Run) -> tuple[Path, Path]:
+    """The labels and class map of a run's region, or a message asking for them."""
+    if run.region.labels is None or run.region.classes is None:
+        raise CropflowError(
+            f"region {run.region.name!r} is not in the region catalog: give its labels and classes "
+            "(--labels FILE --classes FILE)."
+        )
+    return run.region.labels, run.region.classes

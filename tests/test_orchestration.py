@@ -1,0 +1,423 @@
+"""Orchestration against a real local Prefect server: deployments and schedules, a scheduled run on a worker,
+retries of transient errors only, backfills that resume and recompute nothing, artifacts and events, and the UI in
+headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import UTC, date, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import httpx
+import pytest
+import yaml
+
+from infra.errors import CropflowError
+from infra.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+CACHED_STEPS = ("build-cube", "train-model", "predict-region", "export-map", "evaluate-map")
+FAST_MODEL = {"name": "random_forest", "epochs": 1, "time_budget_s": None}  # fitted once: seconds, not minutes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parameters (no server)
+
+
+def test_seasons_from_years_ranges_and_the_crop_calendar():
+    from flows.params import parse_seasons
+    from flows.regions import Region
+
+    winter = Region("w", 32631, (0, 0, 10, 10), (4, 50, 4.1, 50.1), None, None, None, calendar=("10-01", "07-31"))
+    assert winter.season_dates(2024) == (date(2023, 10, 1), date(2024, 7, 31))
+    assert winter.season_dates("2024-01-01..2024-02-01") == (date(2024, 1, 1), date(2024, 2, 1))
+    summer = Region("s", 32631, (0, 0, 10, 10), (4, 50, 4.1, 50.1), None, None, None, calendar=("03-01", "10-31"))
+    today = date(2025, 6, 15)
+    assert summer.season_dates("current", today) == (date(2025, 3, 1), today)
+    assert summer.season_dates("last", today) == (date(2024, 3, 1), date(2024, 10, 31))
+    assert summer.season_dates("current", date(2025, 1, 10)) == (date(2024, 3, 1), date(2024, 10, 31))
+    with pytest.raises(CropflowError, match="no default season"):
+        summer.season_dates(None)
+    with pytest.raises(CropflowError, match="ends before it starts"):
+        summer.season_dates("2024-05-01..2024-03-01")
+    assert parse_seasons("2019..2021") == [2019, 2020, 2021]
+    assert parse_seasons("2023, 2024-03-01..2024-04-30") == [2023, "2024-03-01..2024-04-30"]
+    for bad in ("2024..2019", "spring", ""):
+        with pytest.raises(CropflowError):
+            parse_seasons(bad)
+
+
+def test_regions_as_catalog_names_geojson_and_bbox(tmp_path, monkeypatch):
+    from flows.regions import resolve_region
+    from infra.settings import get_settings
+
+    monkeypatch.setenv("CROPFLOW_HOME", str(tmp_path))
+    geojson = tmp_path / "field.geojson"
+    ring = [[4.40, 50.90], [4.45, 50.90], [4.45, 50.93], [4.40, 50.93], [4.40, 50.90]]
+    geojson.write_text(json.dumps({"type": "Polygon", "coordinates": [ring]}))
+    region = resolve_region(str(geojson), get_settings())
+    assert (region.name, region.bbox, region.epsg) == ("field", (4.40, 50.90, 4.45, 50.93), 32631)
+    assert region.labels is None and region.season is None
+    boxed = resolve_region("4.40,50.90,4.45,50.93", get_settings(), labels=geojson)
+    assert boxed.bounds == region.bounds and boxed.labels == geojson
+    with pytest.raises(CropflowError, match="GeoJSON file or a bbox"):
+        resolve_region("atlantis", get_settings())
+    with pytest.raises(CropflowError, match="inverted"):
+        resolve_region("4.5,50.9,4.4,51.0", get_settings())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A local Prefect server for the module
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory):
+    """`cropflow server up` in a temporary home on a free port; Prefect clients here and in subprocesses use it."""
+    from conftest import free_port
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from infra import prefect_server
+
+    settings = Settings(tmp_path_factory.mktemp("prefect-server"), 0, 0, prefect_port=free_port())
+    url = prefect_server.up(settings)
+    try:
+        with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: url}):
+            mp.setenv("PREFECT_API_URL", url)
+            yield url
+    finally:
+        prefect_server.down(settings)
+
+
+@pytest.fixture(scope="module")
+def tiny(stac_api: Settings) -> Path:
+    from flows.demo import ensure_sample
+
+    return ensure_sample("sample-tiny")
+
+
+def _task_states(client) -> Counter:
+    """(task name prefix, state name) counts of every task run of the server."""
+    runs = client.read_task_runs(limit=10_000)
+    return Counter((r.name.rsplit("-", 1)[0], r.state.name) for r in runs if r.state is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Deployments, schedules, limits
+
+
+def test_deploy_creates_deployments_schedules_pools_and_limits(prefect_api):
+    from prefect import get_client
+
+    from flows.deploy import CPU_POOL, GPU_POOL, DeployOptions, apply_deployments
+    from flows.regions import CATALOG
+    from flows.steps import build_cube
+
+    regions = yaml.safe_load(CATALOG.read_text())["regions"]
+    applied = apply_deployments(DeployOptions(gpus=1, backfill_limit=3, catalog_rate=0.5), regions)
+    assert apply_deployments(DeployOptions(gpus=1, backfill_limit=3, catalog_rate=0.5), regions) == applied
+    assert set(applied) == {f"{f}/default" for f in ("build_cube", "train", "predict", "crop_map", "backfill")} | {
+        "crop_map/backfill",
+        "crop_map/sample",
+    }
+    with get_client(sync_client=True) as client:
+        sample = client.read_deployment_by_name("crop_map/sample")
+        schedules = {s.slug: s for s in sample.schedules}
+        assert {slug: s.schedule.cron for slug, s in schedules.items()} == {
+            "in-season": "0 6 * 3-10 1",
+            "end-of-season": "0 6 15 11 *",
+        }
+        assert schedules["in-season"].parameters == {
+            "region": "sample",
+            "season": "current",
+            "model": {"epochs": 20, "time_budget_s": 300},
+        }
+        assert schedules["end-of-season"].parameters == {"region": "sample", "season": "last", "robustness": True}
+        backfill = client.read_deployment_by_name("crop_map/backfill")
+        assert backfill.global_concurrency_limit.limit == 3 and not backfill.schedules
+        pools = {n: client.read_deployment_by_name(n).work_pool_name for n in ("train/default", "build_cube/default")}
+        assert pools == {"train/default": GPU_POOL, "build_cube/default": CPU_POOL}
+        assert client.read_work_pool(GPU_POOL).concurrency_limit == 1
+        assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
+        rate = client.read_global_concurrency_limit_by_name("catalog-requests")
+        assert (rate.limit, rate.slot_decay_per_second) == (10, 0.5)
+        # the parameters are those of the flow: a deployment refuses a bad one before any run
+        assert set(client.read_deployment_by_name("build_cube/default").parameter_openapi_schema["properties"]) == set(
+            build_cube.parameters.properties
+        )
+
+
+@pytest.mark.slow
+def test_scheduled_run_fires_on_a_worker_and_completes(prefect_api, tiny, tmp_path):
+    """A deployment with a schedule due in a few seconds: the server schedules the run, a process worker runs it."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Interval
+
+    from flows.deploy import CPU_POOL, DeployOptions, apply_deployments
+    from flows.steps import build_cube
+
+    apply_deployments(DeployOptions(), regions={})
+    due = datetime.now(UTC) + timedelta(seconds=5)
+    params = {"region": "sample-tiny", "season": "2024-04-01..2024-05-31", "outputs": str(tmp_path)}
+    deployment = build_cube.to_deployment(
+        "tick",
+        schedules=[Interval(3600, anchor_date=due, parameters=params)],
+        work_pool_name=CPU_POOL,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+    deployment_id = deployment.apply(work_pool_name=CPU_POOL)
+    env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", CPU_POOL, "--type", "process"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        with get_client(sync_client=True) as client:
+            only_tick = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                runs = client.read_flow_runs(deployment_filter=only_tick, limit=5)
+                done = [r for r in runs if r.state and r.state.is_final()]
+                if done:
+                    break
+                time.sleep(2)
+            client.delete_deployment(deployment_id)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(30)
+    assert done, "no scheduled run of the deployment finished within 4 minutes"
+    run = done[0]
+    assert run.state.type == StateType.COMPLETED, run.state.message
+    assert run.auto_scheduled and abs(run.expected_start_time - due) < timedelta(seconds=1)
+    assert (tmp_path / "sample-tiny" / "2024-04-01_2024-05-31" / "cube.zarr").is_dir()
+    print(f"scheduled run: started {run.start_time - run.expected_start_time} after its time, ran {run.total_run_time}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Retries
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """Answers 503 to the first `failures` requests of a path, then 200."""
+
+    failures: ClassVar[dict[str, int]] = {"/flaky": 1, "/down": 99}
+    seen: ClassVar[Counter] = Counter()
+
+    def do_GET(self) -> None:
+        self.seen[self.path] += 1
+        self.send_response(503 if self.seen[self.path] <= self.failures.get(self.path, 0) else 200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_transient_errors_are_retried_and_bad_parameters_are_not(prefect_api):
+    from prefect import flow, task
+
+    from flows.policy import retrying
+    from infra.retry import is_retryable
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+
+    @task
+    def fetch(path: str) -> int:
+        response = httpx.get(base + path, timeout=5)
+        response.raise_for_status()
+        return response.status_code
+
+    @task
+    def refuse(region: str) -> None:
+        raise CropflowError(f"unknown region {region!r}")
+
+    @flow
+    def fetching(path: str) -> int:
+        return retrying(fetch, backoff_s=0.1)(path)
+
+    @flow
+    def refusing() -> None:
+        retrying(refuse, backoff_s=0.1)("atlantis")
+
+    try:
+        assert fetching("/flaky") == 200  # the run recovers after one 503
+        assert _Flaky.seen["/flaky"] == 2
+        state = refusing(return_state=True)
+        assert state.is_failed() and "atlantis" in state.message
+        down = fetching("/down", return_state=True)
+        assert down.is_failed()
+        assert _Flaky.seen["/down"] == 4  # the first try and 3 retries, then the run fails
+    finally:
+        server.shutdown()
+    assert is_retryable(TimeoutError()) and is_retryable(ConnectionResetError())
+    assert not is_retryable(CropflowError("bad bbox")) and not is_retryable(ValueError("bug"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backfill: killed midway, resumed, run again
+
+
+def _backfill(out: Path, seasons: str) -> subprocess.Popen:
+    args = ["backfill", "--region", "sample-tiny", "--seasons", seasons, "--model", "random_forest", "--epochs", "1"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args, "--outputs", str(out), "--here"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _outputs(out: Path) -> dict[str, float]:
+    """Every file under `out` with its modification time, a Zarr store counting as one file."""
+    found = {}
+    for path in out.rglob("*"):
+        rel = path.relative_to(out)
+        if not any(part.endswith(".zarr") for part in rel.parts[:-1]) and (path.is_file() or path.suffix == ".zarr"):
+            found[str(rel)] = path.stat().st_mtime
+    return found
+
+
+@pytest.mark.slow
+def test_backfill_killed_midway_resumes_then_recomputes_nothing(prefect_api, tiny, tmp_path):
+    from prefect import get_client
+
+    seasons = ["2024-03-01..2024-05-31", "2024-06-01..2024-08-31"]
+    out = tmp_path / "out"
+    first = out / "sample-tiny" / "2024-03-01_2024-05-31" / "metrics.json"
+    with get_client(sync_client=True) as client:
+        before = _task_states(client)
+        killed = _backfill(out, ",".join(seasons))
+        while not first.exists():  # the first season is mapped: kill the backfill in the second
+            assert killed.poll() is None, killed.stdout.read()
+            time.sleep(0.5)
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+        after_kill = _task_states(client)
+        resumed = _backfill(out, ",".join(seasons))
+        assert resumed.wait(300) == 0, resumed.stdout.read()
+        after_resume = _task_states(client)
+        mapped = _outputs(out)
+        t0 = time.perf_counter()
+        again = _backfill(out, ",".join(seasons))
+        assert again.wait(300) == 0, again.stdout.read()
+        print(f"second backfill of {len(seasons)} seasons: {time.perf_counter() - t0:.1f} s, all cached")
+        after_again = _task_states(client)
+    for step in CACHED_STEPS:
+        computed_killed = after_kill[(step, "Completed")] - before[(step, "Completed")]
+        computed_resumed = after_resume[(step, "Completed")] - after_kill[(step, "Completed")]
+        assert computed_killed >= 1, step  # the first season was mapped before the kill
+        assert computed_killed + computed_resumed == len(seasons), step  # none twice, none missing
+        assert after_resume[(step, "Cached")] - after_kill[(step, "Cached")] == 2 - computed_resumed, step
+        assert after_again[(step, "Completed")] == after_resume[(step, "Completed")], step  # nothing recomputed
+        assert after_again[(step, "Cached")] - after_resume[(step, "Cached")] == len(seasons), step
+    assert _outputs(out) == mapped, "the second backfill rewrote outputs"
+    names = {season: sorted(p.split("/", 2)[2] for p in mapped if p.split("/")[1] == season) for season in (
+        "2024-03-01_2024-05-31", "2024-06-01_2024-08-31")}  # fmt: skip
+    assert names["2024-03-01_2024-05-31"] == names["2024-06-01_2024-08-31"]
+    assert {"cube.zarr", "model.pt", "crop_map.tif", "metrics.json", "crop_map.stac.json"} <= set(
+        names["2024-03-01_2024-05-31"]
+    )
+    leftovers = [p for p in mapped if ".partial" in p or ".tmp-" in p]
+    assert not leftovers, leftovers
+    items = list(out.glob("sample-tiny/*/stac/items/*.ndjson"))
+    assert sum(len(p.read_text().splitlines()) for p in items) == len(seasons)  # one map item per season
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Artifacts, events and the UI
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=20000",
+    "--window-size=1400,1400",
+]
+
+
+def _chromium(url: str, *args: str) -> str:
+    chromium = shutil.which("chromium")
+    result = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, *args, url], capture_output=True, text=True, timeout=120, check=True
+    )
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_crop_map_run_artifacts_events_and_ui(prefect_api, tiny, tmp_path):
+    if shutil.which("chromium") is None:
+        pytest.skip("Debian package chromium is not installed (infra/setup.sh installs it): no browser to open the UI")
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    from flows.crop_map import crop_map
+    from flows.params import ModelSpec
+
+    state = crop_map(
+        region="sample-tiny",
+        season="2024-04-01..2024-07-31",
+        model=ModelSpec(**FAST_MODEL),
+        outputs=tmp_path,
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))
+        descendants = {run_id} | {r.id for r in client.read_flow_runs(flow_run_filter=children)}
+        assert len(descendants) == 4  # crop_map, build_cube, train, predict
+        mine = [a for a in client.read_artifacts() if a.flow_run_id in descendants]
+        artifacts = {a.key: a for a in mine}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # events reach the server asynchronously
+            events = client.read_events(EventFilter(event=EventNameFilter(prefix=["cropflow."]))).events
+            if {e.event for e in events} >= {"cropflow.cube.ready", "cropflow.map.published"}:
+                break
+            time.sleep(1)
+    assert {"crop-map-report-sample-tiny", "crop-map-classes-sample-tiny"} <= set(artifacts)
+    assert {"crop-map-preview-sample-tiny", "confusion-matrix-sample-tiny"} <= set(artifacts)
+    assert any(a.type == "progress" and a.data == 100.0 for a in mine)  # tiled inference's progress
+    report = artifacts["crop-map-report-sample-tiny"].data
+    for text in ("2024-04-01 to 2024-07-31", "| s2 |", "Clear-sky fraction", "random_forest", "crop_map.tif"):
+        assert text in report, text
+    classes = artifacts["crop-map-classes-sample-tiny"].data
+    assert "winter_wheat" in classes and "area_ha" in classes
+    published = next(e for e in events if e.event == "cropflow.map.published")
+    assert published.resource.id == "cropflow.map.sample-tiny.2024-04-01_2024-07-31"
+    assert Path(published.payload["crop_map"]).is_file()
+
+    ui = prefect_api.removesuffix("/api")
+    shots = REPO / "test-outputs" / "ui"
+    shots.mkdir(parents=True, exist_ok=True)
+    page = _chromium(f"{ui}/runs/flow-run/{run_id}", "--dump-dom")
+    assert run.name in page and "crop_map" in page and "build_cube" in page
+    report_page = f"{ui}/artifacts/artifact/{artifacts['crop-map-report-sample-tiny'].id}"
+    assert "Crop map of sample-tiny" in _chromium(report_page, "--dump-dom")
+    preview_page = f"{ui}/artifacts/artifact/{artifacts['crop-map-preview-sample-tiny'].id}"
+    assert 'src="data:image/png;base64,' in _chromium(preview_page, "--dump-dom")
+    for name, url in (("flow-run", f"{ui}/runs/flow-run/{run_id}"), ("report", report_page), ("map", preview_page)):
+        _chromium(url, f"--screenshot={shots / f'{name}.png'}")
+        assert (shots / f"{name}.png").stat().st_size > 10_000
