@@ -154,3 +154,15 @@ def bucket(s3_server, request: pytest.FixtureRequest) -> str:
     fs = fsspec.filesystem("s3")
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prefect: one temporary API server for the tests of this session that run flows (a module may start its own).
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
