@@ -335,9 +335,46 @@ def _pm(s: dict, scale: float = 100.0) -> str:
     return f"{scale * s['mean']:.1f} ± {scale * s['std']:.1f}"
 
 
+def targets(results: dict) -> list[str]:
+    """The issue's targets, checked against the results: one line each, met or missed."""
+    lines = []
+    models = results.get("parcels", {}).get("models", {})
+    if "random_forest" in models:
+        f1 = {key: 100 * m["macro_f1"]["mean"] for key, m in models.items()}
+        best = max((k for k in f1 if k != "random_forest"), key=f1.get)
+        gain = f1[best] - f1["random_forest"]
+        lines.append(
+            f"- best deep model ({best}) macro-F1 {f1[best]:.1f} vs random forest {f1['random_forest']:.1f}: "
+            f"{gain:+.1f} points (target +3): {'met' if gain >= 3 else 'missed'}"
+        )
+    rob = results.get("robustness", {}).get("macro_f1", {})
+    if INCOMPLETE in rob and "ltae" in rob:
+        for mode in GAP_MODES:
+
+            def loss(key: str, mode: str = mode) -> float:
+                return 100 * (rob[key][mode]["0.0"]["mean"] - rob[key][mode]["0.5"]["mean"])
+
+            ours, base = loss(INCOMPLETE), loss("ltae")
+            met = ours <= base / 2 if base > 0 else ours <= 0
+            lines.append(
+                f"- {mode} gaps, 50 % of the optical dates removed: {INCOMPLETE} loses {ours:.1f} macro-F1 points, "
+                f"L-TAE without it {base:.1f} (target: at most half): {'met' if met else 'missed'}"
+            )
+    if "reproducibility" in results:
+        diff = results["reproducibility"]["difference_points"]
+        lines.append(
+            f"- same command and seed: L-TAE fold 0 retrained {diff:.2f} points apart (target <= 0.5): "
+            f"{'met' if diff <= 0.5 else 'missed'}"
+        )
+    return lines
+
+
 def markdown(results: dict) -> str:
     """The results as markdown tables (percentages)."""
     lines = [f"# cropflow accuracy benchmark\n\n`{results['command']}`\n", f"{results['environment']}\n"]
+    checks = targets(results)
+    if checks:
+        lines += ["## Targets of issue 7\n", *checks, ""]
     if "parcels" in results:
         p = results["parcels"]
         lines += [f"## 1. Parcels ({p['samples']} parcels, {len(p['classes'])} classes, {p['folds']}-fold CV)\n"]
@@ -393,7 +430,7 @@ def markdown(results: dict) -> str:
         lines.append("")
     lines.append(
         f"Run time {results['seconds'] / 60:.1f} min; load average (1, 5, 15 min) at the start "
-        f"{results['load_start']}, at the end {results['load_end']}.\n"
+        f"{results.get('load_start', '?')}, at the end {results['load_end']}.\n"
     )
     return "\n".join(lines)
 
