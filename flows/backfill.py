@@ -14,23 +14,13 @@ from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
 
 from flows.crop_map import check_request, crop_map
 from flows.params import DEFAULT_SENSORS, ModelSpec, parse_seasons
+from flows.policy import on_server
 
 BACKFILL_DEPLOYMENT = "crop_map/backfill"
 POLL_S = 5.0
-
-
-def deployment_exists(name: str) -> bool:
-    """Whether the Prefect API knows deployment `flow/name` (never in ephemeral mode)."""
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            return False
-    return True
 
 
 def _wait(flow_run_ids: list[UUID]) -> list[str]:
@@ -54,7 +44,7 @@ def backfill(
     model: ModelSpec = ModelSpec(),  # noqa: B008 (frozen)
     labels: Path | None = None,
     classes: Path | None = None,
-    outputs: Path | None = None,
+    outputs: str | Path | None = None,
     robustness: bool = False,
     deployment: str | None = BACKFILL_DEPLOYMENT,
 ) -> dict[str, str]:
@@ -77,7 +67,7 @@ def backfill(
         "robustness": robustness,
     }
     seasons_dates = [f"{r.start}..{r.end}" for r in runs]
-    if deployment and deployment_exists(deployment):
+    if deployment and on_server(lambda client: client.read_deployment_by_name(deployment)):
         logger.info("submitting %d seasons to deployment %s", len(runs), deployment)
         submitted = [
             run_deployment(deployment, parameters={**params, "season": s}, timeout=0, tags=["backfill"])

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from prefect import Task, get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.exceptions import ObjectNotFound
 from prefect.filesystems import LocalFileSystem
 from prefect.settings import PREFECT_API_URL
@@ -33,6 +35,7 @@ from prefect.tasks import exponential_backoff
 from flows.params import Run
 from infra.retry import retry_condition
 from infra.settings import REPO_ROOT, home_dir
+from infra.storage import location
 
 CATALOG_RATE_LIMIT = "catalog-requests"
 GPU_TAG = "gpu"
@@ -83,14 +86,19 @@ def step_key(step: str, run: Run, **depends_on: Any) -> str:
     return f"{step}-{run.region.name}-{run.season}-{digest(everything)}"
 
 
-def limit_exists(name: str) -> bool:
-    """Whether the Prefect server has the global concurrency limit `name` (`cropflow deploy` creates them)."""
+def on_server(read: Callable[[SyncPrefectClient], object]) -> bool:
+    """Whether `read(client)` finds what it reads on the Prefect API (a deployment, a limit...)."""
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(name)
+            read(client)
         except ObjectNotFound:
             return False
     return True
+
+
+def limit_exists(name: str) -> bool:
+    """Whether the Prefect server has the global concurrency limit `name` (`cropflow deploy` creates them)."""
+    return on_server(lambda client: client.read_global_concurrency_limit_by_name(name))
 
 
 def retrying(task: Task, backoff_s: float = RETRY_BACKOFF_S) -> Task:
@@ -110,5 +118,5 @@ def cached(task: Task, key: str, outputs: list[Path]) -> Task:
         cache_key_fn=lambda *_: key,
         persist_result=True,
         result_storage=result_storage(),
-        refresh_cache=not all(Path(p).exists() for p in outputs),
+        refresh_cache=not all(location(p).exists() for p in outputs),
     )

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what cropflow needs on a Debian machine, only what is missing, so a second run takes a second.
-#   1. Debian packages: PostgreSQL 15 + PostGIS 3 (the local STAC API), python3-venv.
+#   1. Debian packages: PostgreSQL 15 + PostGIS 3 (the local STAC API), python3-venv; chromium (headless, for the
+#      test of the Prefect UI) when run as root, else a note (that test skips without it).
 #   2. .venv with torch==2.13.0 installed first and alone (CPU wheel), then every pin in requirements.lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,13 @@ for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
 $PY -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
+if ! dpkg -s chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    missing+=(chromium)
+  else
+    echo "cropflow setup: note: Debian package chromium is missing; the Prefect UI test will skip ('sudo apt-get install chromium')." >&2
+  fi
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "cropflow setup: missing Debian packages: ${missing[*]}; run 'sudo apt-get install ${missing[*]}' and retry." >&2
