@@ -21,6 +21,7 @@ is seeded; `--quick` runs a subset (the CI smoke test). Results go to `OUT/accur
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -94,6 +95,8 @@ class Bench:
         self.options = TrainOptions(
             epochs=epochs, batch_size=batch_size, lr=1e-3, seed=seed, device="cpu", progress=False, patience=patience
         )
+        # students learn under simulated gaps from a warm start: more epochs, more patience
+        self.student_options = dataclasses.replace(self.options, epochs=epochs * 3 // 2, patience=2 * patience)
 
     def build(self, name: str, **config: object) -> torch.nn.Module:
         torch.manual_seed(self.seed)
@@ -104,6 +107,16 @@ class Bench:
         name, config = SERIES_MODELS[key]
         model = self.build(name, in_channels=channels, num_classes=len(data.classes), **config)
         return train_series(model, loss_on(IoULoss(ce_weight=0.5), model), train, val, data.classes, self.options)
+
+
+def warm_start(model: torch.nn.Module, teacher: torch.nn.Module) -> torch.nn.Module:
+    """`model` with the teacher's weights wherever a parameter or buffer has the same name and shape (the student of
+    a teacher with the same backbone starts where the teacher is; only a new head or branch starts afresh)."""
+    own = model.state_dict()
+    model.load_state_dict(
+        {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}, strict=False
+    )
+    return model
 
 
 def _summary(values: list[float]) -> dict:
@@ -140,8 +153,9 @@ def parcel_fold(bench: Bench, data: SeriesSet, train_idx: np.ndarray, test_idx: 
             student = bench.build(
                 "joint_reconstruction", in_channels=channels["s2"], num_classes=len(data.classes), backbone="ltae"
             )
+            warm_start(student.student, teacher)
             loss = incomplete_loss(student, teacher, seed, GAP_RATE)
-            models[INCOMPLETE] = train_series(student, loss, fit_b, val_b, data.classes, bench.options)
+            models[INCOMPLETE] = train_series(student, loss, fit_b, val_b, data.classes, bench.student_options)
             forward[INCOMPLETE] = "s2"
     if data.sar is not None:
         models |= modality_models(bench, data, fit, val, norms, teacher, seed)
@@ -167,18 +181,21 @@ def modality_models(bench: Bench, data: SeriesSet, fit: SeriesSet, val: SeriesSe
     fit_b, val_b = model_batch(fit, norms, "pair"), model_batch(val, norms, "pair")
     k = len(data.classes)
     sizes = {"in_channels": len(data.bands), "sar_channels": len(data.sar_bands), "num_classes": k}
+    options = bench.student_options
     fusion = bench.build("modality_distillation", **sizes)
-    fusion = train_series(fusion, loss_on(IoULoss(ce_weight=0.5), fusion), fit_b, val_b, data.classes, bench.options)
-    optical = bench.build("ltae", in_channels=len(data.bands), num_classes=k)
+    warm_start(fusion.optical, teacher)
+    fusion = train_series(fusion, loss_on(IoULoss(ce_weight=0.5), fusion), fit_b, val_b, data.classes, options)
+    optical = warm_start(bench.build("ltae", in_channels=len(data.bands), num_classes=k), teacher)
     loss = optical_student_loss(optical, teacher, seed, GAP_RATE, KD_THRESHOLD)
-    optical = train_series(optical, loss, fit_b, val_b, data.classes, bench.options, lambda m, b: m(*b[:3]))
+    optical = train_series(optical, loss, fit_b, val_b, data.classes, options, lambda m, b: m(*b[:3]))
     sar = bench.build("ltae", in_channels=len(data.sar_bands), num_classes=k)
     loss = sar_student_loss(sar, teacher, KD_THRESHOLD)
-    sar = train_series(sar, loss, fit_b, val_b, data.classes, bench.options, lambda m, b: m(*b[4:7]))
+    sar = train_series(sar, loss, fit_b, val_b, data.classes, options, lambda m, b: m(*b[4:7]))
     target = bench.build("modality_distillation", **sizes)
+    warm_start(target.optical, teacher)
     dev = torch.device("cpu")
     loss = modality_target_loss(target, teacher, frozen(optical, dev), frozen(sar, dev), seed, GAP_RATE)
-    target = train_series(target, loss, fit_b, val_b, data.classes, bench.options)
+    target = train_series(target, loss, fit_b, val_b, data.classes, options)
     return {FUSION: fusion, MODALITY_KD: target}
 
 

@@ -139,8 +139,8 @@ def run_patches(src: Path, quick: bool, seed: int, patience: int, progress: Prog
         )
     layer = label_layer(folders)
     options = TrainOptions(
-        epochs=3 if quick else 20,
-        patches_per_epoch=16 if quick else 48,
+        epochs=3 if quick else 15,
+        patches_per_epoch=16 if quick else 32,
         patch_size=32,
         batch_size=8,
         seed=seed,
