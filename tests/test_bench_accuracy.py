@@ -113,3 +113,10 @@ def test_bench_accuracy_quick_on_real_data(tmp_path: Path) -> None:
     pixels = results["pixels"]
     assert pixels["test_pixels"] == 260 and pixels["models"]["random_forest"]["overall_accuracy"] > 2 / 13
     assert results["cloudmasks"]["sentinel2"]["cloud+shadow dilation 0"]["kappa_3class"] > 0.5
+
+
+def test_bench_accuracy_refuses_unknown_protocols_before_any_work(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["accuracy", "--protocols", "parcels,maps", "--out", str(tmp_path / "out")])
+    assert isinstance(result.exception, CropflowError)
+    assert "--protocols: unknown ['maps']" in str(result.exception) and "cloudmasks" in str(result.exception)
+    assert not (tmp_path / "out").exists()
