@@ -386,6 +386,12 @@ def targets(results: dict) -> list[str]:
     return lines
 
 
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines (then an empty line)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return [*lines, *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
 def markdown(results: dict) -> str:
     """The results as markdown tables (percentages)."""
     lines = [f"# cropflow accuracy benchmark\n\n`{results['command']}`\n", f"{results['environment']}\n"]
@@ -396,55 +402,46 @@ def markdown(results: dict) -> str:
         p = results["parcels"]
         lines += [f"## 1. Parcels ({p['samples']} parcels, {len(p['classes'])} classes, {p['folds']}-fold CV)\n"]
         lines += [f"- {n}" for n in p["notes"]] + [""]
-        lines += ["| model | OA % | kappa % | macro-F1 % |", "| --- | --- | --- | --- |"]
-        for key, m in p["models"].items():
-            lines.append(f"| {key} | {_pm(m['overall_accuracy'])} | {_pm(m['kappa'])} | {_pm(m['macro_f1'])} |")
+        metrics = ("overall_accuracy", "kappa", "macro_f1")
+        rows = [[key, *(_pm(m[k]) for k in metrics)] for key, m in p["models"].items()]
+        lines += table(["model", "OA %", "kappa %", "macro-F1 %"], rows)
         r = results["reproducibility"]
         lines.append(
-            f"\nReproducibility: L-TAE fold 0 retrained with the same seed: macro-F1 {100 * r['macro_f1_first']:.2f} "
+            f"Reproducibility: L-TAE fold 0 retrained with the same seed: macro-F1 {100 * r['macro_f1_first']:.2f} "
             f"then {100 * r['macro_f1_again']:.2f} ({r['difference_points']:.2f} points apart).\n"
         )
     if "robustness" in results:
         rob = results["robustness"]
         lines.append("## 2. Missing optical dates at test time (macro-F1 %, mean ± std over folds)\n")
         for mode in rob["modes"]:
-            head = " | ".join(f"{100 * f:.0f} %" for f in rob["fractions"])
-            lines += [f"{mode} gaps:\n", f"| model | {head} |", "| --- |" + " --- |" * len(rob["fractions"])]
-            for key, modes in rob["macro_f1"].items():
-                lines.append(f"| {key} | " + " | ".join(_pm(modes[mode][str(f)]) for f in rob["fractions"]) + " |")
-            lines.append("")
+            rows = [
+                [key, *(_pm(modes[mode][str(f)]) for f in rob["fractions"])] for key, modes in rob["macro_f1"].items()
+            ]
+            lines += [f"{mode} gaps:\n", *table(["model", *(f"{100 * f:.0f} %" for f in rob["fractions"])], rows)]
     if "modalities" in results:
-        lines += [
-            "## 3. Optical vs SAR vs both (macro-F1 %, OA %)\n",
-            "| model | macro-F1 % | OA % |",
-            "| --- | --- | --- |",
-        ]
-        for key, m in results["modalities"].items():
-            lines.append(f"| {key} | {_pm(m['macro_f1'])} | {_pm(m['overall_accuracy'])} |")
-        lines.append("")
+        lines.append("## 3. Optical vs SAR vs both (mean ± std over folds)\n")
+        rows = [[key, _pm(m["macro_f1"]), _pm(m["overall_accuracy"])] for key, m in results["modalities"].items()]
+        lines += table(["model", "macro-F1 %", "OA %"], rows)
     if "pixels" in results:
         px = results["pixels"]
-        lines += [
+        lines.append(
             f"## 4. TempCNN pixels ({px['train_pixels']} train, {px['val_pixels']} validation, "
-            f"{px['test_pixels']} test pixels, {px['dates']} dates)\n",
-            "| model | OA % | macro-F1 % |",
-            "| --- | --- | --- |",
+            f"{px['test_pixels']} test pixels, {px['dates']} dates)\n"
+        )
+        rows = [
+            [k, f"{100 * m['overall_accuracy']:.1f}", f"{100 * m['macro_f1']:.1f}"] for k, m in px["models"].items()
         ]
-        for key, m in px["models"].items():
-            lines.append(f"| {key} | {100 * m['overall_accuracy']:.1f} | {100 * m['macro_f1']:.1f} |")
-        lines.append("")
+        lines += table(["model", "OA %", "macro-F1 %"], rows)
     if "patches" in results:
         lines.append(results["patches"]["markdown"])
     if "cloudmasks" in results:
-        lines += [
-            "## 6. Cloud masks against reference masks (Cohen's kappa; the source's bar: 0.60)\n",
-            "| scene | option | kappa 3 classes | kappa invalid/valid |",
-            "| --- | --- | --- | --- |",
+        lines.append("## 6. Cloud masks against reference masks (Cohen's kappa; the source's bar: 0.60)\n")
+        rows = [
+            [scene, option, f"{m['kappa_3class']:.3f}", f"{m['kappa_invalid_valid']:.3f}"]
+            for scene, options in results["cloudmasks"].items()
+            for option, m in options.items()
         ]
-        for scene, options in results["cloudmasks"].items():
-            for option, m in options.items():
-                lines.append(f"| {scene} | {option} | {m['kappa_3class']:.3f} | {m['kappa_invalid_valid']:.3f} |")
-        lines.append("")
+        lines += table(["scene", "option", "kappa 3 classes", "kappa invalid/valid"], rows)
     lines.append(
         f"Run time {results['seconds'] / 60:.1f} min; load average (1, 5, 15 min) at the start "
         f"{results.get('load_start', '?')}, at the end {results['load_end']}.\n"

@@ -231,14 +231,22 @@ def _train_and_score(
 
 
 def _markdown(summary: dict, names: list[str], n: int, layer: str) -> str:
-    lines = [
-        f"## 5. Real multi-sensor patches ({n} patches, leave-one-patch-out, {layer} labels, pixels pooled)\n",
-        "| model | pixel OA % | macro-F1 % | mIoU % | " + " | ".join(f"IoU {c} %" for c in names) + " |",
-        "| --- | --- | --- | --- |" + " --- |" * len(names),
+    from flows.bench_accuracy import table
+
+    rows = [
+        [
+            model,
+            *(f"{100 * m[key]:.1f}" for key in ("overall_accuracy", "macro_f1", "miou")),
+            *("-" if m["iou"][c] is None else f"{100 * m['iou'][c]:.1f}" for c in names),
+        ]
+        for model, m in summary.items()
     ]
-    for model, m in summary.items():
-        ious = " | ".join("-" if m["iou"][c] is None else f"{100 * m['iou'][c]:.1f}" for c in names)
-        scores = " | ".join(f"{100 * m[key]:.1f}" for key in ("overall_accuracy", "macro_f1", "miou"))
-        lines.append(f"| {model} | {scores} | {ious} |")
+    header = ["model", "pixel OA %", "macro-F1 %", "mIoU %", *(f"IoU {c} %" for c in names)]
     support = ", ".join(f"{c}: {next(iter(summary.values()))['support'][c]}" for c in names)
-    return "\n".join([*lines, f"\nLabelled pixels per class: {support}.\n"])
+    return "\n".join(
+        [
+            f"## 5. Real multi-sensor patches ({n} patches, leave-one-patch-out, {layer} labels, pixels pooled)\n",
+            *table(header, rows),
+            f"Labelled pixels per class: {support}.\n",
+        ]
+    )
