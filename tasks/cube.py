@@ -38,6 +38,7 @@ import xarray as xr
 import zarr
 from affine import Affine
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.io import DatasetReader
@@ -947,3 +948,16 @@ def build_cube_task(
 @task(name="fill-cube-gaps")
 def fill_cube_gaps_task(cube_path: Path, out_path: Path) -> Path:
     return fill_cube_gaps(cube_path, out_path)
+
+
+prepare_cube_task = task(name="prepare-cube", cache_policy=NO_CACHE)(prepare_cube)
+
+
+@task(name="build-cube-tile", cache_policy=NO_CACHE, retries=1)
+def build_cube_tile_task(job: CubeJob, tile: list[Block], threads: int = 1) -> int:
+    """Build one tile (a run of neighbouring blocks) of a prepared cube; the number of blocks built."""
+    build_blocks(job, tile, threads)
+    return len(tile)
+
+
+publish_cube_task = task(name="publish-cube", cache_policy=NO_CACHE)(publish_cube)
