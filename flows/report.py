@@ -16,15 +16,17 @@ from pathlib import Path
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel
+from upath import UPath
 
 from flows.params import ModelSpec, Run
+from infra.storage import location
 from tasks.evaluate import metrics_markdown
 
 
 class CubeInfo(BaseModel):
     """A built cube and what went into it: items per sensor, their mean `eo:cloud_cover`, the clear-sky fraction."""
 
-    path: Path
+    path: Path | UPath  # a local path or an object-store URL (infra.storage.location)
     items: dict[str, int]
     cloud_cover: dict[str, float | None]
     clear_fraction: float
@@ -65,12 +67,13 @@ def emit_map_published(run: Run, outputs: dict[str, str], metrics: dict) -> None
 
 def data_url(png: Path) -> str:
     """A PNG file as a `data:` URL."""
-    return "data:image/png;base64," + base64.b64encode(Path(png).read_bytes()).decode()
+    return "data:image/png;base64," + base64.b64encode(location(png).read_bytes()).decode()
 
 
 def report_markdown(run: Run, cube: CubeInfo, model: ModelSpec, metrics: dict, outputs: dict[str, str]) -> str:
     """The run report: where and when, the data, the model, the accuracy and where every output is."""
     m = metrics
+    kappa = "-" if m["kappa"] is None else f"{m['kappa']:.3f}"
     lines = [
         f"# Crop map of {run.region.name}, {run.start} to {run.end}",
         "",
@@ -95,15 +98,15 @@ def report_markdown(run: Run, cube: CubeInfo, model: ModelSpec, metrics: dict, o
         + (f" or {model.time_budget_s:.0f} s" if model.time_budget_s else "")
         + f", seed {model.seed}.",
         "",
-        f"Overall accuracy **{m['overall_accuracy']:.3f}**, kappa {m['kappa'] or 0:.3f}, macro-F1 "
-        f"{m['macro_f1']:.3f}, mIoU {m['miou']:.3f} on held-out parcels.",
+        f"Overall accuracy **{m['overall_accuracy']:.3f}**, kappa {kappa}, macro-F1 {m['macro_f1']:.3f}, "
+        f"mIoU {m['miou']:.3f} on held-out parcels.",
         "",
         metrics_markdown(metrics),
         "## Outputs",
         "",
         "| output | path |",
         "| --- | --- |",
-        *(f"| {k} | [{v}](file://{v}) |" for k, v in outputs.items()),
+        *(f"| {k} | [{v}]({location(v).as_uri()}) |" for k, v in outputs.items()),
     ]
     return "\n".join(lines) + "\n"
 

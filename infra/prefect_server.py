@@ -25,14 +25,15 @@ from infra.stac_api import _check_port, _pid_alive
 
 STARTUP_TIMEOUT_S = 120.0  # a cold start migrates the database: up to a minute on a busy 2-core machine
 PREFECT_DATABASE = "prefect"
+STATE_FILE = Path("prefect-server", "server.json")  # under CROPFLOW_HOME
 
 
 def server_dir(settings: Settings) -> Path:
-    return settings.home / "prefect-server"
+    return settings.home / STATE_FILE.parent
 
 
 def _state_file(settings: Settings) -> Path:
-    return server_dir(settings) / "server.json"  # read by `running_state`
+    return settings.home / STATE_FILE
 
 
 def api_url(settings: Settings) -> str:
@@ -47,7 +48,7 @@ def _state(settings: Settings) -> dict | None:
 def running_state(home: Path) -> dict | None:
     """The state (`pid`, `url`, `database`) of the server of the installation in `home` if its process runs."""
     try:
-        state = json.loads((home / "prefect-server" / "server.json").read_text())
+        state = json.loads((home / STATE_FILE).read_text())
     except (OSError, ValueError):
         return None
     return state if _pid_alive(int(state["pid"])) else None

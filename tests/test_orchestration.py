@@ -160,15 +160,18 @@ def test_deploy_creates_deployments_schedules_pools_and_limits(prefect_api):
 
 
 @pytest.mark.slow
-def test_scheduled_run_fires_on_a_worker_and_completes(prefect_api, tiny, tmp_path):
-    """A deployment with a schedule due in a few seconds: the server schedules the run, a process worker runs it."""
+def test_scheduled_run_and_backfill_runs_on_a_worker(prefect_api, tiny, tmp_path):
+    """A deployment with a schedule due in a few seconds: the server schedules the run, a process worker runs it;
+    then a backfill submits its season to `crop_map/backfill` (`run_deployment`) and the worker runs it too."""
     from prefect import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.objects import StateType
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Interval
 
+    from flows.backfill import BACKFILL_DEPLOYMENT, backfill
     from flows.deploy import CPU_POOL, DeployOptions, apply_deployments
+    from flows.params import ModelSpec
     from flows.steps import build_cube
 
     apply_deployments(DeployOptions(), regions={})
@@ -200,15 +203,30 @@ def test_scheduled_run_fires_on_a_worker_and_completes(prefect_api, tiny, tmp_pa
                     break
                 time.sleep(2)
             client.delete_deployment(deployment_id)
+            run = done[0] if done else None
+            assert run, "no scheduled run of the deployment finished within 4 minutes"
+            assert run.state.type == StateType.COMPLETED, run.state.message
+            assert run.auto_scheduled and abs(run.expected_start_time - due) < timedelta(seconds=1)
+            assert (tmp_path / "sample-tiny" / "2024-04-01_2024-05-31" / "cube.zarr").is_dir()
+            late = run.start_time - run.expected_start_time
+            print(f"scheduled run: started {late.total_seconds():.1f} s after its time, ran {run.total_run_time}")
+
+            model = ModelSpec(**FAST_MODEL)
+            seasons = ["2024-04-01..2024-05-31"]
+            backfill_state = backfill(
+                region="sample-tiny", seasons=seasons, model=model, outputs=tmp_path, return_state=True
+            )
+            assert backfill_state.is_completed(), backfill_state.message
+            on_worker = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[client.read_deployment_by_name(
+                    BACKFILL_DEPLOYMENT).id]))
+            )  # fmt: skip
+            assert [r.state.name for r in on_worker] == ["Completed"]
+            assert on_worker[0].parameters["season"] == seasons[0] and "backfill" in on_worker[0].tags
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(30)
-    assert done, "no scheduled run of the deployment finished within 4 minutes"
-    run = done[0]
-    assert run.state.type == StateType.COMPLETED, run.state.message
-    assert run.auto_scheduled and abs(run.expected_start_time - due) < timedelta(seconds=1)
-    assert (tmp_path / "sample-tiny" / "2024-04-01_2024-05-31" / "cube.zarr").is_dir()
-    print(f"scheduled run: started {run.start_time - run.expected_start_time} after its time, ran {run.total_run_time}")
+    assert (tmp_path / "sample-tiny" / "2024-04-01_2024-05-31" / "crop_map.tif").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -399,8 +417,9 @@ def test_crop_map_run_artifacts_events_and_ui(prefect_api, tiny, tmp_path):
         artifacts = {a.key: a for a in mine}
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # events reach the server asynchronously
-            events = client.read_events(EventFilter(event=EventNameFilter(prefix=["cropflow."]))).events
-            if {e.event for e in events} >= {"cropflow.cube.ready", "cropflow.map.published"}:
+            found = client.read_events(EventFilter(event=EventNameFilter(prefix=["cropflow."])), limit=50).events
+            events = {e.event: e for e in found if e.resource.id.endswith(".sample-tiny.2024-04-01_2024-07-31")}
+            if set(events) == {"cropflow.cube.ready", "cropflow.map.published"}:
                 break
             time.sleep(1)
     assert {"crop-map-report-sample-tiny", "crop-map-classes-sample-tiny"} <= set(artifacts)
@@ -411,9 +430,11 @@ def test_crop_map_run_artifacts_events_and_ui(prefect_api, tiny, tmp_path):
         assert text in report, text
     classes = artifacts["crop-map-classes-sample-tiny"].data
     assert "winter_wheat" in classes and "area_ha" in classes
-    published = next(e for e in events if e.event == "cropflow.map.published")
+    published, ready = events["cropflow.map.published"], events["cropflow.cube.ready"]
     assert published.resource.id == "cropflow.map.sample-tiny.2024-04-01_2024-07-31"
-    assert Path(published.payload["crop_map"]).is_file()
+    assert published.resource["cropflow.region"] == "sample-tiny"
+    assert Path(published.payload["crop_map"]).is_file() and published.payload["metrics"]["overall_accuracy"] > 0.2
+    assert Path(ready.payload["path"]).name == "cube.zarr" and ready.payload["items"]["s2"] > 0
 
     ui = prefect_api.removesuffix("/api")
     shots = REPO / "test-outputs" / "ui"
