@@ -30,6 +30,7 @@ from rich.table import Table
 
 from flows.bench_accuracy import bench_accuracy
 from flows.bench_infer import bench_infer
+from flows.bench_scale import bench_scale
 from flows.bench_train import bench_train
 from infra.errors import CropflowError
 from infra.settings import get_settings
@@ -38,6 +39,7 @@ app = typer.Typer(help="Benchmarks: programs that print tables (not timed tests)
 app.command("accuracy")(bench_accuracy)
 app.command("infer")(bench_infer)
 app.command("train")(bench_train)
+app.command("scale")(bench_scale)
 console = Console()
 
 VARIANTS = ("cropflow", "stackstac", "odc-stac", "rasterio")
@@ -49,7 +51,7 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def _region(region_dir: Path) -> tuple[dict, list[dict], date, date]:
+def read_region(region_dir: Path) -> tuple[dict, list[dict], date, date]:
     meta = json.loads((region_dir / "region.json").read_text())
     lines = (region_dir / "items" / f"{COLLECTION}.ndjson").read_text().splitlines()
     items = [json.loads(line) for line in lines if line.strip()]
@@ -89,7 +91,7 @@ def run_variant(variant: str, region_dir: Path, out: Path, threads: int) -> dict
 
     from tasks.sensors import S2_BANDS
 
-    meta, items, start, end = _region(region_dir)
+    meta, items, start, end = read_region(region_dir)
     xmin, ymin, xmax, ymax = meta["bounds"]
     res = float(meta["resolution"])
     n_pixels = round((xmax - xmin) / res) * round((ymax - ymin) / res)

@@ -128,15 +128,13 @@ def run_size(cube: Path, classes_path: Path, window: int, batch: int, device: st
     }
 
 
-def _child(cube: Path, classes: Path, window: int, batch: int, device: str, bare_batches: int) -> dict:
+def run_in_child(
+    cube: Path, classes: Path, window: int, batch: int, device: str, bare_batches: int, threads: int | None = None
+) -> dict:
+    """`run_size` in a fresh interpreter (its peak memory is its own), with `threads` torch threads if given."""
     cmd = [sys.executable, "-m", "flows.bench_infer", str(cube), str(classes), str(window), str(batch), device]
-    proc = subprocess.run(
-        [*cmd, str(bare_batches)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"} | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    proc = subprocess.run([*cmd, str(bare_batches)], capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
         raise CropflowError(f"the inference benchmark of {cube} failed: {lines[-1]}")
@@ -179,7 +177,7 @@ def bench_infer(
     results = []
     for size in [int(s) for s in sizes.split(",") if s.strip()]:
         region, cube = ensure_bench_cube(size, cache)
-        results.append(_child(cube, region / "classes.json", window, batch, device, bare_batches))
+        results.append(run_in_child(cube, region / "classes.json", window, batch, device, bare_batches))
     first = results[0]
     table = Table(
         title=f"tiled inference, fcn3d {first['config'].get('widths')} (random weights), {first['dates']} dates, "

@@ -1,0 +1,139 @@
+"""`cropflow bench scale`: how the cube step and tiled inference grow with the region's area and the workers.
+
+Sample regions of 1x, 4x and 16x the default area (512, 1024, 2048 px a side at 10 m):
+
+- cube: the Sentinel-2 cube (10 bands + SCL, one season) built as tiles on a fresh Dask LocalCluster of 1 or 2
+  single-threaded worker processes (`tasks.cube.prepare_cube` -> `build_blocks` per tile on the workers ->
+  `publish_cube`, as `flows/cube.py` runs it). Time is from the first tile submitted to the last one done (cluster
+  start and imports excluded); peak memory is each worker's peak resident set.
+- inference: `tasks.predict.predict_region` (fcn3d, random weights) over the same cube in one process with 1 or 2
+  torch threads (`flows/bench_infer.py`); its peak resident set.
+
+Targets (issue 8): time linear in area (within 20 %), flat peak memory per worker, 2 workers >= 1.6x faster than 1
+on the cube step. The table says, per row, the time per km² relative to the 1x region of the same setting.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.settings import get_settings
+
+SIZES = (512, 1024, 2048)
+WORKERS = (1, 2)
+console = Console(width=160)
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def cube_on_workers(region: Path, workers: int, scratch: Path) -> dict:
+    """Build the region's S2 cube as tiles on a fresh LocalCluster of `workers` single-threaded processes (one
+    reader thread each); time and memory."""
+    from distributed import Client, LocalCluster
+
+    from flows.bench import read_region
+    from flows.cube import TILES_PER_WORKER
+    from tasks.cube import build_blocks, prepare_cube, publish_cube
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    meta, items, start, end = read_region(region)
+    cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1"}
+    with LocalCluster(**cluster, dashboard_address=None) as local, Client(local) as client:
+        client.run(importlib.import_module, "tasks.cube")  # imports are not part of the build
+        baseline = client.run(_max_rss_mb)
+        job = prepare_cube({"s2": items}, meta["epsg"], tuple(meta["bounds"]), start, end, scratch / "cube.zarr")
+        tiles = job.tiles(workers * TILES_PER_WORKER)
+        t0 = time.perf_counter()
+        client.gather(client.map(build_blocks, [job] * len(tiles), tiles, [1] * len(tiles), pure=False))
+        seconds = time.perf_counter() - t0
+        peaks = client.run(_max_rss_mb)
+    publish_cube(job)
+    return {
+        "seconds": seconds,
+        "pixel_dates": meta["size"] ** 2 * len(items),
+        "peak_rss_mb": max(peaks.values()),
+        "growth_mb": max(peaks[w] - baseline[w] for w in peaks),
+    }
+
+
+def bench_scale(
+    sizes: Annotated[str, typer.Option(help="comma-separated region sizes in pixels")] = ",".join(map(str, SIZES)),
+    workers: Annotated[str, typer.Option(help="comma-separated worker counts")] = ",".join(map(str, WORKERS)),
+    steps: Annotated[str, typer.Option(help="comma-separated: cube, infer")] = "cube,infer",
+    cache: Annotated[
+        Path | None, typer.Option(help="folder of generated regions and cubes (default CROPFLOW_HOME/bench)")
+    ] = None,
+) -> None:
+    """Cube building (Dask workers) and tiled inference (torch threads) at 1x, 4x, 16x area: time, memory."""
+    from flows.bench import ensure_bench_region
+    from flows.bench_infer import ensure_bench_cube, run_in_child
+
+    cache = cache or get_settings().home / "bench"
+    cache.mkdir(parents=True, exist_ok=True)
+    size_list = sorted(int(s) for s in sizes.split(",") if s.strip())
+    worker_list = [int(w) for w in workers.split(",") if w.strip()]
+    step_list = [s.strip() for s in steps.split(",") if s.strip()]
+    rows: list[dict] = []
+    for step in step_list:
+        for n in worker_list:
+            for size in size_list:
+                km2 = size**2 * 1e-4  # 10 m pixels
+                if step == "cube":
+                    region = ensure_bench_region(size, cache)
+                    scratch = Path(tempfile.mkdtemp(prefix="cropflow-bench-scale-", dir=cache))
+                    try:
+                        r = cube_on_workers(region, n, scratch)
+                    finally:
+                        shutil.rmtree(scratch, ignore_errors=True)
+                    rate = f"{r['pixel_dates'] / r['seconds'] / 1e6:.2f} Mpx-dates/s"
+                else:
+                    region, cube = ensure_bench_cube(size, cache)
+                    r = run_in_child(cube, region / "classes.json", 64, 16, "cpu", 2, threads=n)
+                    r["growth_mb"] = r["peak_rss_mb"] - r["baseline_rss_mb"]
+                    rate = f"{r['pixels'] / r['seconds'] / 1e3:.1f} kpx/s"
+                rows.append({"step": step, "workers": n, "size": size, "km2": km2, "rate": rate, **r})
+                console.print(f"{step} {size} px, {n} worker(s): {r['seconds']:.1f} s", highlight=False)
+    console.print(table(rows))
+    console.print(f"load average: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+def table(rows: list[dict]) -> Table:
+    """The scaling table: per step and worker count, time per km² relative to the smallest region's."""
+    out = Table(title="scaling with area and workers (cube: Dask worker processes; inference: torch threads)")
+    for col in ("step", "workers", "size px", "km²", "seconds", "s/km²", "vs 1x area", "speed-up", "throughput"):
+        out.add_column(col, justify="right")
+    out.add_column("peak RSS MB / worker", justify="right")
+    out.add_column("growth MB", justify="right")
+    for r in rows:
+        same = [o for o in rows if o["step"] == r["step"] and o["workers"] == r["workers"]]
+        first = min(same, key=lambda o: o["size"])
+        one = [o for o in rows if o["step"] == r["step"] and o["size"] == r["size"] and o["workers"] == 1]
+        per_km2 = r["seconds"] / r["km2"]
+        out.add_row(
+            r["step"],
+            str(r["workers"]),
+            str(r["size"]),
+            f"{r['km2']:.1f}",
+            f"{r['seconds']:.1f}",
+            f"{per_km2:.2f}",
+            f"{per_km2 / (first['seconds'] / first['km2']):.2f}x",
+            f"{one[0]['seconds'] / r['seconds']:.2f}x" if one else "",
+            r["rate"],
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['growth_mb']:.0f}",
+        )
+    return out
