@@ -1,4 +1,4 @@
-"""`cropflow bench infer` and `cropflow bench train` helpers on tiny inputs (not timing tests)."""
+"""`cropflow bench infer`, `bench scale` and `bench train` helpers on tiny inputs (not timing tests)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,15 @@ def test_time_to_target_counts_setup_and_epochs() -> None:
     history = [{"epoch": 1, "seconds": 10.0, "val_miou": 0.5}, {"epoch": 2, "seconds": 12.0, "val_miou": 0.81}]
     assert time_to_target(history, 3.0, 0.8) == (2, 25.0)
     assert time_to_target(history, 3.0, 0.9) is None
+
+
+def test_bench_scale_cube_on_dask_workers_prints_its_table(tmp_path: Path) -> None:
+    """Two tiny regions (4x the area apart) built on a 1-worker LocalCluster: one row each, relative to the first."""
+    args = ["bench", "scale", "--sizes", "64,128", "--workers", "1", "--steps", "cube", "--cache", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if re.match(r"\W*cube\W", line) and "│" in line]
+    cells = [[c.strip() for c in re.split(r"[│┃|]", row) if c.strip()] for row in rows]
+    assert [(c[1], c[2], c[3]) for c in cells] == [("1", "64", "0.4"), ("1", "128", "1.6")]
+    assert cells[0][6] == "1.00x" and cells[1][7] == "1.00x" and cells[1][8].endswith("Mpx-dates/s")
+    assert all(float(c[9]) > 0 for c in cells)
