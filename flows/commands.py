@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.settings import get_settings
+from infra.storage import location
 
 console = Console()
 server_app = typer.Typer(help="The local Prefect server and UI on 127.0.0.1 (SQLite by default).")
@@ -35,7 +36,12 @@ Epochs = Annotated[int, typer.Option(help="maximum training epochs")]
 Budget = Annotated[float, typer.Option(help="training time budget in seconds")]
 LabelsOpt = Annotated[Path | None, typer.Option(help="labels file (default: the region's)")]
 ClassesOpt = Annotated[Path | None, typer.Option(help="class map classes.json (default: the region's)")]
-Outputs = Annotated[Path | None, typer.Option(help="root of the run folders (default: $CROPFLOW_HOME/outputs)")]
+Outputs = Annotated[
+    str | None,
+    typer.Option(
+        help="root of the run folders: a folder or an s3://, gs://, az:// URL (default: $CROPFLOW_HOME/outputs)"
+    ),
+]
 
 
 def _sensors(text: str) -> list[str]:
@@ -50,7 +56,7 @@ def print_outputs(outputs: dict[str, str], seconds: float) -> None:
     for key, path in outputs.items():
         table.add_row(key, path)
     console.print(table)
-    metrics = json.loads(Path(outputs["metrics"]).read_text())
+    metrics = json.loads(location(outputs["metrics"]).read_text())
     console.print(
         "test parcels: overall accuracy {overall_accuracy:.3f}, kappa {kappa:.3f}, macro-F1 {macro_f1:.3f}, "
         "mIoU {miou:.3f}".format(**metrics)

@@ -16,6 +16,7 @@ from flows.params import DEFAULT_SENSORS, ModelSpec, Run, Season, labelled, reso
 from flows.policy import cached, step_key
 from flows.report import publish_report
 from flows.steps import build_cube, check_sensors, file_digest, predict, train
+from infra.storage import location
 from tasks.labels import read_classes, read_labels
 from tasks.robustness import robustness_report_task
 
@@ -27,7 +28,7 @@ def check_request(
     catalog: str = "local",
     labels: Path | None = None,
     classes: Path | None = None,
-    outputs: Path | None = None,
+    outputs: str | Path | None = None,
 ) -> Run:
     """Validate a request before any long work: region, season, catalog and sensors, labels and class map."""
     run = resolve_run(region, season, outputs, labels, classes)
@@ -48,7 +49,7 @@ def crop_map(
     model: ModelSpec = ModelSpec(),  # noqa: B008 (frozen)
     labels: Path | None = None,
     classes: Path | None = None,
-    outputs: Path | None = None,
+    outputs: str | Path | None = None,
     robustness: bool = False,
 ) -> dict[str, str]:
     """Make the crop map of `region` for one season and return the paths of every output.
@@ -73,6 +74,6 @@ def crop_map(
             cube.path, trained.checkpoint, labels_path, classes_path, run.out, seed=model.seed
         )
         paths["robustness"] = str(run.out / "robustness.json")
-    metrics = json.loads(Path(paths["metrics"]).read_text())
+    metrics = json.loads(location(paths["metrics"]).read_text())
     publish_report(run, cube, model, metrics, paths)
     return paths

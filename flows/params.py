@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from upath import UPath
 
 from flows.regions import Region, resolve_region
 from infra.errors import CropflowError
 from infra.settings import get_settings
+from infra.storage import location
 
 DEFAULT_SENSORS = ("s2", "s1", "landsat")
 SEASON_FORMS = "a year (2024), a date range (2024-03-01..2024-10-31), 'current' or 'last'"
@@ -69,7 +71,7 @@ class Run:
     region: Region
     start: date
     end: date
-    out: Path
+    out: UPath  # a local folder or an object-store URL (infra.storage.location)
 
     @property
     def season(self) -> str:
@@ -79,7 +81,7 @@ class Run:
 def resolve_run(
     region: str,
     season: int | str | None,
-    outputs: Path | None = None,
+    outputs: str | Path | None = None,
     labels: Path | None = None,
     classes: Path | None = None,
 ) -> Run:
@@ -87,7 +89,7 @@ def resolve_run(
     settings = get_settings()
     reg = resolve_region(region, settings, labels=labels, classes=classes)
     start, end = reg.season_dates(check_season(season))
-    root = Path(outputs) if outputs else settings.outputs_dir
+    root = location(outputs or settings.outputs_dir)
     return Run(reg, start, end, root / reg.name / f"{start}_{end}")
 
 

@@ -12,7 +12,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import xarray as xr
 from prefect import flow, get_run_logger
 from prefect.concurrency.sync import rate_limit
 
@@ -20,6 +19,7 @@ from flows.params import DEFAULT_SENSORS, ModelSpec, Run, Season, labelled, reso
 from flows.policy import CATALOG_RATE_LIMIT, cached, digest, limit_exists, step_key
 from flows.report import CubeInfo, emit_cube_ready, emit_map_published
 from infra.errors import CropflowError
+from infra.storage import location, open_zarr
 from tasks.catalog import Catalog, get_catalog, search_items_task
 from tasks.cube import build_cube_task
 from tasks.evaluate import evaluate_map_task
@@ -46,12 +46,12 @@ def check_sensors(sensors: list[str], catalog: str, stac_url: str | None = None)
 
 def file_digest(path: Path) -> str:
     """A digest of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(location(path).read_bytes()).hexdigest()[:16]
 
 
 def cube_fingerprint(cube: Path) -> str:
     """A digest of what a cube was built from (its query, items, options and code version), read from its attrs."""
-    attrs = xr.open_zarr(cube).attrs
+    attrs = open_zarr(cube).attrs
     return digest({k: attrs.get(k) for k in ("items", "query", "options", "cropflow_version", "bin_days")})
 
 
@@ -74,7 +74,7 @@ def build_cube(
     catalog: str = "local",
     stac_url: str | None = None,
     max_cloud_cover: float | None = None,
-    outputs: Path | None = None,
+    outputs: str | Path | None = None,
 ) -> CubeInfo:
     """Search the catalog for every sensor over the region and season, then build the cloud-masked Zarr cube.
 
@@ -115,7 +115,7 @@ def build_cube(
         catalog=stac,
         query=query,
     )
-    clear = float(xr.open_zarr(cube)["s2_valid"].mean().compute())
+    clear = float(open_zarr(cube)["s2_valid"].mean().compute())
     info = CubeInfo(
         path=cube,
         items={s: len(v) for s, v in items.items()},
@@ -147,7 +147,7 @@ def train(
     model: ModelSpec = ModelSpec(),  # noqa: B008 (frozen)
     labels: Path | None = None,
     classes: Path | None = None,
-    outputs: Path | None = None,
+    outputs: str | Path | None = None,
 ) -> TrainResult:
     """Train `model` on the cube of the region and season (`build_cube` first) and the region's labels and class
     map (`labels`, `classes` override the catalog's; required for a GeoJSON or bbox region)."""
@@ -173,7 +173,7 @@ def predict(
     season: Season = None,
     labels: Path | None = None,
     classes: Path | None = None,
-    outputs: Path | None = None,
+    outputs: str | Path | None = None,
 ) -> dict[str, str]:
     """Map the region and season with the model `train` left in the run folder: probabilities, class and
     confidence COGs, preview, STAC item, and the accuracy on the held-out labels. Returns the output paths."""

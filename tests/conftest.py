@@ -127,8 +127,11 @@ def s3_server() -> Iterator[object]:
 
     Yields the `ThreadedMotoServer` (tests may stop and start it: its buckets live in this process).
     """
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
