@@ -43,16 +43,17 @@ def _max_rss_mb() -> float:
 def cube_on_workers(region: Path, workers: int, scratch: Path) -> dict:
     """Build the region's S2 cube as tiles on a fresh LocalCluster of `workers` single-threaded processes (one
     reader thread each); time and memory."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from flows.bench import read_region
     from flows.cube import TILES_PER_WORKER
+    from infra.dask_cluster import DaskSettings, cluster_kwargs
     from tasks.cube import build_blocks, prepare_cube, publish_cube
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
     meta, items, start, end = read_region(region)
-    cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1"}
-    with LocalCluster(**cluster, dashboard_address=None) as local, Client(local) as client:
+    cluster_class, kwargs = cluster_kwargs(DaskSettings("local", workers, threads=1))
+    with cluster_class(**kwargs) as local, Client(local) as client:
         client.run(importlib.import_module, "tasks.cube")  # imports are not part of the build
         baseline = client.run(_max_rss_mb)
         job = prepare_cube({"s2": items}, meta["epsg"], tuple(meta["bounds"]), start, end, scratch / "cube.zarr")

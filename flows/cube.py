@@ -13,30 +13,12 @@ from datetime import date
 from pathlib import Path
 
 from prefect import get_run_logger
-from prefect.context import FlowRunContext
-from prefect_dask import DaskTaskRunner
 
+from infra.dask_cluster import DaskSettings, task_runner
 from tasks.cube import build_cube_tile_task, prepare_cube_task, publish_cube_task
 from tasks.grid import Bounds
 
 TILES_PER_WORKER = 4  # a few tiles per worker keep the workers busy to the end of the build
-
-
-def dask_task_runner(address: str | None = None, workers: int | None = None) -> DaskTaskRunner:
-    """The Dask cluster of the cube step: the scheduler at `address` when given, else a LocalCluster of `workers`
-    single-threaded processes (default: one per CPU) listening on 127.0.0.1 only.
-
-    A LocalCluster's workers report their task runs to the Prefect API of the flow that starts them (also the
-    temporary one a flow starts without a server); the workers of a cluster at `address` need `PREFECT_API_URL`.
-    """
-    if address:
-        return DaskTaskRunner(address=address)
-    cluster = {"n_workers": workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True}
-    cluster |= {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
-    context = FlowRunContext.get()
-    if context is not None and context.client is not None:
-        cluster["env"] = {"PREFECT_API_URL": str(context.client.api_url)}
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)
 
 
 def build_cube_tiles(
@@ -47,22 +29,21 @@ def build_cube_tiles(
     end: date,
     out_path: Path,
     *,
-    address: str | None = None,
-    workers: int | None = None,
+    dask: DaskSettings | None = None,
     **options: object,
 ) -> Path:
-    """Build a cube with its tiles on a Dask cluster (the scheduler at `address`, else a LocalCluster of `workers`
-    processes) and publish it. Call it inside a flow: `prepare-cube` and `publish-cube` run in the flow, each
-    `build-cube-tile` on a worker, all of them task runs of that flow.
+    """Build a cube with its tiles on the Dask cluster of `dask` (default: `CROPFLOW_DASK`, a LocalCluster unless
+    set; see `infra/dask_cluster.py`) and publish it. Call it inside a flow: `prepare-cube` and `publish-cube` run in
+    the flow, each `build-cube-tile` on a worker, all of them task runs of that flow.
 
     `options` as `tasks.cube.prepare_cube`. A rerun after an interruption builds only the blocks still missing.
     """
     logger = get_run_logger()
     job = prepare_cube_task(items_by_sensor, epsg, bounds, start, end, out_path, **options)
-    n = workers or os.cpu_count() or 1
-    tiles = job.tiles(n * TILES_PER_WORKER)
+    dask = dask or DaskSettings.from_env()
+    tiles = job.tiles((dask.workers or os.cpu_count() or 1) * TILES_PER_WORKER)
     logger.info("cube %s: %d blocks to build in %d tiles on Dask", job.out_path.name, len(job.todo), len(tiles))
-    with dask_task_runner(address, n) as runner:
+    with task_runner(dask) as runner:
         futures = [runner.submit(build_cube_tile_task, {"job": job, "tile": tile}) for tile in tiles]
         built = sum(future.result() for future in futures)
     logger.info("cube %s: %d blocks built", job.out_path.name, built)

@@ -82,6 +82,17 @@ def kubernetes_spec(workers: int | None = None) -> dict:
     return spec
 
 
+def _prefect_api_env() -> dict:
+    """Inside a flow run, the worker environment that points local workers at the flow's Prefect API (also the
+    temporary server a flow starts when none is configured, which workers would not find on their own)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.client is None:
+        return {}
+    return {"env": {"PREFECT_API_URL": str(context.client.api_url)}}
+
+
 def cluster_kwargs(settings: DaskSettings) -> tuple[type, dict]:
     """The cluster class of `settings` and its keyword arguments, as `DaskTaskRunner(cluster_class=, cluster_kwargs=)`
     takes them (not for a scheduler address: `DaskTaskRunner(address=)`)."""
@@ -90,7 +101,8 @@ def cluster_kwargs(settings: DaskSettings) -> tuple[type, dict]:
         from distributed import LocalCluster
 
         threads = {"threads_per_worker": settings.threads} if settings.threads else {}
-        return LocalCluster, {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0", **workers, **threads}
+        local = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0", **workers, **threads}
+        return LocalCluster, local | _prefect_api_env()
     if settings.cluster == "kubernetes":
         operator = _optional("dask_kubernetes.operator", "k8s")
         return operator.KubeCluster, {"custom_cluster_spec": kubernetes_spec(settings.workers)}

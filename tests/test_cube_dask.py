@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.cube import build_cube_tiles
+from infra.dask_cluster import DaskSettings
 from tasks.cube import build_cube
 
 
@@ -33,7 +34,16 @@ def test_two_dask_workers_build_the_same_cube_bit_for_bit(
 
     @flow(name="cube-on-dask-test")
     def on_dask() -> Path:
-        return build_cube_tiles(items, epsg, bounds, start, end, tmp_path / "dask.zarr", workers=2, **layout)
+        return build_cube_tiles(
+            items,
+            epsg,
+            bounds,
+            start,
+            end,
+            tmp_path / "dask.zarr",
+            dask=DaskSettings("local", workers=2, threads=1),
+            **layout,
+        )
 
     on_dask_store = on_dask()
     expected, got = _files(single), _files(on_dask_store)
