@@ -11,6 +11,9 @@ finished store is published atomically. Memory depends on the block size and the
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import logging
@@ -399,6 +402,23 @@ class BadAssets:
         return name in self.found
 
 
+@functools.cache
+def _gdal() -> ctypes.CDLL | None:
+    """The GDAL library rasterio runs on, for `VSICurlClearCache`, which rasterio does not wrap."""
+    maps = Path("/proc/self/maps")
+    loaded = [line.split()[-1] for line in maps.read_text().splitlines() if "libgdal" in line] if maps.exists() else []
+    path = loaded[0] if loaded else ctypes.util.find_library("gdal")
+    return ctypes.CDLL(path) if path else None
+
+
+def forget_failed_reads() -> None:
+    """Empty GDAL's cache of remote files (/vsicurl/, /vsis3/, ...): it remembers a failed request (a timeout, a
+    5xx) as "does not exist" and would answer a retry with that."""
+    lib = _gdal()
+    if lib is not None:
+        lib.VSICurlClearCache()
+
+
 def read_source(
     plan: SensorPlan,
     source: Source,
@@ -434,6 +454,7 @@ def read_source(
                     log.warning("%s: asset %s unreadable (%s); the scene counts as no-data", source.item_id, key, exc)
                     bad.add(source.item_id, key, str(exc).splitlines()[0][:300])
                     return None
+                forget_failed_reads()
                 time.sleep(retry_delay * 2**attempt)
         if is_mask:
             missing |= ~np.asarray(sensor.mask_fn(raw))

@@ -29,7 +29,6 @@ import logging
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,9 +132,10 @@ def _prepare(values: np.ndarray, mean: np.ndarray, std: np.ndarray, rows: int = 
     return x, valid
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def _out_of_memory(exc: BaseException) -> bool:
+    """True for a device or host allocation failure (`torch.OutOfMemoryError`, "out of memory", "can't allocate")."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 @dataclass(frozen=True)
@@ -286,15 +286,28 @@ class _Tiler:
     def _run(self, inputs: list[tuple[np.ndarray, np.ndarray]], starts: list[tuple[int, int]], origin: tuple) -> None:
         window = self.weights.shape[0]
         (r0, c0), dev = origin, self.doy.device
-        for batch in _batches(starts, self.batch_size):
+        done = 0
+        while done < len(starts):
+            batch = starts[done : done + self.batch_size]
             kwargs = {}
             for (x, valid), (kx, kd, kv) in zip(inputs, self.keys, strict=True):
                 spans = [(slice(sy - r0, sy - r0 + window), slice(sx - c0, sx - c0 + window)) for sy, sx in batch]
                 kwargs[kx] = torch.from_numpy(np.stack([x[:, :, r, c] for r, c in spans])).to(dev)
                 kwargs[kv] = torch.from_numpy(np.stack([valid[:, r, c] for r, c in spans])).to(dev)
                 kwargs[kd] = self.doy.expand(len(batch), -1)
-            with torch.inference_mode(), autocast(dev):
-                logits = self.model(**kwargs)
+            try:
+                with torch.inference_mode(), autocast(dev):
+                    logits = self.model(**kwargs)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not _out_of_memory(exc) or self.batch_size == 1:
+                    raise
+                del kwargs
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.batch_size //= 2
+                log.warning("out of memory with %d windows per batch; retrying with %d", len(batch), self.batch_size)
+                continue
+            done += len(batch)
             if logits.shape[1:] != (self.num_classes, window, window):
                 raise ValueError(
                     f"model returned {tuple(logits.shape)}, expected (B, {self.num_classes}, {window}, {window})"
@@ -359,7 +372,7 @@ def predict_region(
     `sensor`, `norm` and `classes` (and `"sar"`: `{"sensor", "bands", "norm"}` for a model with SAR input).
     `overlap` is the fraction of `window` shared by neighbouring windows; a block is `block_chunks` cube chunks
     per side. Pixels without a valid observation (of any input sensor) at any date get class 255 and NaN
-    probabilities/confidence.
+    probabilities/confidence. A batch that runs out of memory is run again at half the size (logged), down to 1.
     """
     if window < 1 or not 0 <= overlap < 1 or batch_size < 1 or block_chunks < 1:
         raise ValueError(
