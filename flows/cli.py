@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ app.add_typer(stac_app, name="stac")
 app.add_typer(bench_app, name="bench")
 commands.register(app)
 console = Console()
+# a full disk, a quota, a file size limit, a read-only or forbidden output location
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @stac_app.command("up")
@@ -114,6 +117,15 @@ def main() -> None:
         app(standalone_mode=False)
     except CropflowError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        console.print(
+            f"[bold red]error:[/] cannot write {exc.filename or 'an output'}: {exc.strerror}. Free space or choose "
+            "another --outputs; outputs published before are left as they were.",
+            highlight=False,
+        )
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

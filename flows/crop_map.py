@@ -12,12 +12,12 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.params import DEFAULT_SENSORS, ModelSpec, Run, Season, labelled, resolve_run
+from flows.params import DEFAULT_SENSORS, ModelSpec, Run, Season, check_writable, labelled, resolve_run
 from flows.policy import cached, step_key
 from flows.report import publish_report
 from flows.steps import build_cube, check_sensors, file_digest, predict, train
 from infra.storage import location
-from tasks.labels import read_classes, read_labels
+from tasks.labels import labels_on_grid, read_classes, read_labels
 from tasks.robustness import robustness_report_task
 
 
@@ -34,7 +34,9 @@ def check_request(
     run = resolve_run(region, season, outputs, labels, classes)
     check_sensors(sensors, catalog)
     labels_path, classes_path = labelled(run)
-    read_labels(labels_path, read_classes(classes_path))
+    parcels = read_labels(labels_path, read_classes(classes_path))
+    labels_on_grid(parcels, f"EPSG:{run.region.epsg}", run.region.bounds)
+    check_writable(run.out)
     return run
 
 

@@ -4,6 +4,8 @@ and their resolution into one run's region, season and output folder."""
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -15,10 +17,11 @@ from upath import UPath
 from flows.regions import Region, resolve_region
 from infra.errors import CropflowError
 from infra.settings import get_settings
-from infra.storage import location
+from infra.storage import is_local, location
 
 DEFAULT_SENSORS = ("s2", "s1", "landsat")
 SEASON_FORMS = "a year (2024), a date range (2024-03-01..2024-10-31), 'current' or 'last'"
+MIN_FREE_BYTES = 100 * 2**20  # a run folder of the smallest region takes tens of MB
 
 
 def check_season(value: int | str | None) -> int | str | None:
@@ -52,12 +55,21 @@ def parse_seasons(value: str | list[int | str]) -> list[int | str]:
     return seasons
 
 
+def check_model_name(name: str) -> str:
+    """`name` if `models/registry.py` has such a model, else a message listing those it has."""
+    from models.registry import MODELS
+
+    if name not in MODELS:
+        raise CropflowError(f"model {name!r} is unknown; valid model names: {', '.join(sorted(MODELS))}.")
+    return name
+
+
 class ModelSpec(BaseModel):
     """The model a run trains: a name of `models/registry.py`, its settings and the training budget."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = "fcn3d"
+    name: Annotated[str, AfterValidator(check_model_name)] = "fcn3d"
     params: dict | None = Field(default=None, description="model settings, e.g. {'widths': [16, 32]}")
     epochs: PositiveInt = 40
     time_budget_s: PositiveFloat | None = Field(default=480.0, description="stop training after this many seconds")
@@ -89,8 +101,41 @@ def resolve_run(
     settings = get_settings()
     reg = resolve_region(region, settings, labels=labels, classes=classes)
     start, end = reg.season_dates(check_season(season))
+    if reg.name in ("", ".", "..") or any(c in reg.name for c in "/\\\0"):
+        raise CropflowError(f"region name {reg.name!r} cannot name a run folder; give one without '/', '\\' or '..'.")
+    if outputs and is_local(outputs) and not Path(outputs).is_absolute() and ".." in Path(outputs).parts:
+        raise CropflowError(
+            f"outputs {str(outputs)!r} climbs out of the working folder with '..'; give a folder below it, an absolute "
+            f"path or an object-store URL (default: {settings.outputs_dir})."
+        )
     root = location(outputs or settings.outputs_dir)
     return Run(reg, start, end, root / reg.name / f"{start}_{end}")
+
+
+def check_writable(folder: str | Path, min_free: int = MIN_FREE_BYTES) -> None:
+    """Refuse a local output folder that cannot be written or whose disk is nearly full, before any long work.
+
+    Probes the nearest existing folder on the way to `folder` (nothing is created); object stores are not probed.
+    """
+    if not is_local(folder):
+        return
+    probe = Path(folder).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    hint = "choose another --outputs or make it writable"
+    if not probe.is_dir():
+        raise CropflowError(f"output folder {folder} cannot be created: {probe} is a file; {hint}.")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise CropflowError(f"output folder {folder} is not writable ({probe}: {exc.strerror}); {hint}.") from None
+    free = shutil.disk_usage(probe).free
+    if free < min_free:
+        raise CropflowError(
+            f"output folder {folder}: only {free / 2**20:.0f} MiB free on its disk, a run needs at least "
+            f"{min_free / 2**20:.0f} MiB; free space or choose another --outputs."
+        )
 
 
 def labelled(run: Run) -> tuple[Path, Path]:

@@ -17,6 +17,19 @@ from infra.settings import Settings
 from tasks.grid import check_bbox, region_grid
 
 CATALOG = Path(__file__).with_name("regions.yaml")
+FIELDS = (  # of a catalog entry
+    "description",
+    "sample",
+    "bbox",
+    "geometry",
+    "labels",
+    "classes",
+    "epsg",
+    "resolution",
+    "season",
+    "calendar",
+    "schedules",
+)
 
 
 def catalog_path() -> Path:
@@ -116,6 +129,7 @@ def _calendar(entry: dict, season: tuple[date, date], name: str) -> tuple[str, s
 def geojson_bbox(path: Path) -> tuple[float, float, float, float]:
     """The lon/lat bounds of every geometry in a GeoJSON file (FeatureCollection, Feature or geometry)."""
     from shapely.geometry import shape
+    from shapely.validation import explain_validity
 
     try:
         doc = json.loads(Path(path).read_text())
@@ -125,6 +139,12 @@ def geojson_bbox(path: Path) -> tuple[float, float, float, float]:
         raise CropflowError(f"{path} is not a readable GeoJSON file of lon/lat geometries ({exc}).") from None
     if not geoms:
         raise CropflowError(f"{path} holds no geometry.")
+    for i, geom in enumerate(geoms):
+        if not geom.is_valid:
+            raise CropflowError(
+                f"{path}: geometry {i} is not valid ({explain_validity(geom)}); fix it (e.g. shapely make_valid, "
+                "QGIS 'Fix geometries') so that it does not cross itself."
+            )
     bounds = [g.bounds for g in geoms]
     box = (min(b[0] for b in bounds), min(b[1] for b in bounds), max(b[2] for b in bounds), max(b[3] for b in bounds))
     return check_bbox(box, f"the bounds of {path}")
@@ -166,6 +186,12 @@ def resolve_region(
             "file or a bbox 'west,south,east,north' in degrees."
         )
     entry = regions[name]
+    unknown = sorted(set(entry) - set(FIELDS)) if isinstance(entry, dict) else ["(not a mapping)"]
+    if unknown:
+        raise CropflowError(
+            f"region {name!r} in {catalog.name} has unknown field(s) {', '.join(unknown)}; valid fields: "
+            f"{', '.join(FIELDS)}."
+        )
     season = entry.get("season") or {}
     if "start" not in season or "end" not in season:
         raise CropflowError(f"region {name!r} in {catalog.name} needs season.start and season.end (YYYY-MM-DD).")

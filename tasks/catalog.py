@@ -85,8 +85,20 @@ def _asset_keys(sensor: Sensor, spec: dict, where: str) -> AssetKeys:
     return AssetKeys(bands, spec.get("mask_asset", sensor.mask_asset))
 
 
+ENTRY_FIELDS = ("url", "signing", "sensors", "_source")
+SENSOR_FIELDS = ("collection", "assets", "mask_asset")
+
+
+def _check_fields(spec: dict, fields: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(spec) - set(fields))
+    if unknown:
+        valid = ", ".join(f for f in fields if not f.startswith("_"))
+        raise CropflowError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; valid fields: {valid}.")
+
+
 def _parse_catalog(name: str, entry: dict) -> Catalog:
     where = f"catalog {name!r} in {entry['_source']}"
+    _check_fields(entry, ENTRY_FIELDS, where)
     url = entry.get("url")
     if url == "local":
         url = get_settings().stac_url
@@ -107,6 +119,7 @@ def _parse_catalog(name: str, entry: dict) -> Catalog:
         spec = {"collection": spec} if isinstance(spec, str) else spec
         if not isinstance(spec, dict) or not isinstance(spec.get("collection"), str):
             raise CropflowError(f"{where}: sensor {sensor_name!r} needs 'collection: <collection id>'.")
+        _check_fields(spec, SENSOR_FIELDS, f"{where}, sensor {sensor_name!r}")
         collections[sensor_name] = spec["collection"]
         asset_keys[sensor_name] = _asset_keys(sensor, spec, f"{where}, sensor {sensor_name!r}")
     return Catalog(name, url.rstrip("/"), collections, asset_keys, signing)

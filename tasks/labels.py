@@ -221,7 +221,7 @@ def cube_grid(ds: xr.Dataset) -> tuple[Affine, tuple[int, int], str]:
     return transform, (y.size, x.size), str(ds.attrs["crs"])
 
 
-def _to_grid_crs(
+def labels_on_grid(
     labels: gpd.GeoDataFrame, crs: str | CRS, bounds: tuple[float, float, float, float]
 ) -> gpd.GeoDataFrame:
     """Labels reprojected to the cube's `crs`; a `CropflowError` if that fails or they miss the cube `bounds`."""
@@ -269,7 +269,7 @@ def rasterize_labels(
     transform = transform if isinstance(transform, Affine) else Affine(*transform[:6])
     h, w = shape
     (xa, ya), (xb, yb) = transform @ (0, 0), transform @ (w, h)
-    labels = _to_grid_crs(labels, crs, (min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)))
+    labels = labels_on_grid(labels, crs, (min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)))
     is_point = labels.geometry.geom_type.isin(["Point", "MultiPoint"]).to_numpy()
     geometry = labels.geometry.to_numpy().copy()
     if point_buffer_px > 0:
