@@ -63,7 +63,8 @@ def location(url: str | os.PathLike) -> UPath:
             f"location {text!r} needs the Python package {PROTOCOLS[protocol]}; "
             f"install it (pip install {PROTOCOLS[protocol]}, or cropflow[cloud])."
         ) from None
-    return UPath(text)
+    # no cached listings: zarr's store and other processes write to the same prefixes, and `exists` must see them
+    return UPath(text, use_listings_cache=False)
 
 
 def is_local(loc: str | os.PathLike) -> bool:

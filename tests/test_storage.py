@@ -48,17 +48,17 @@ def _dataset() -> xr.Dataset:
 def test_zarr_store_on_s3_published_whole(bucket: str):
     url = f"{bucket}/run/probabilities.zarr"
     with storage.output_store(url) as store:
-        _dataset().to_zarr(store, zarr_format=3, mode="w", consolidated=True)
+        _dataset().to_zarr(store, zarr_format=3, mode="w", consolidated=False)
         assert not storage.location(url).exists(), "readers must not see a store before it is complete"
-    back = storage.open_zarr(url)
+    back = storage.open_zarr(url, consolidated=False)
     np.testing.assert_array_equal(back["v"].values, _dataset()["v"].values)
     assert back.attrs["crs"] == "EPSG:32631"
     assert [p.name for p in storage.location(f"{bucket}/run").iterdir()] == ["probabilities.zarr"]
 
     with pytest.raises(RuntimeError, match="model crashed"), storage.output_store(url) as store:
-        (_dataset() * 2).to_zarr(store, zarr_format=3, mode="w", consolidated=True)
+        (_dataset() * 2).to_zarr(store, zarr_format=3, mode="w", consolidated=False)
         raise RuntimeError("model crashed")
-    np.testing.assert_array_equal(storage.open_zarr(url)["v"].values, _dataset()["v"].values)
+    np.testing.assert_array_equal(storage.open_zarr(url, consolidated=False)["v"].values, _dataset()["v"].values)
     assert [p.name for p in storage.location(f"{bucket}/run").iterdir()] == ["probabilities.zarr"]
 
 
