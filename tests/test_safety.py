@@ -1,0 +1,188 @@
+"""Safety (issue 9; docs/reliability.md): local services on 127.0.0.1 with passwords, secrets only from the
+environment and never written out, YAML and checkpoints loaded safely, run folders inside the output root.
+
+The STAC API's and PostgreSQL's listening sockets and password checks are in tests/test_stac_api.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import logging
+from datetime import date
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+
+from infra.errors import CropflowError
+from infra.settings import REPO_ROOT, Settings
+
+SOURCES = sorted(
+    p for folder in ("flows", "tasks", "models", "infra", "tests") for p in (REPO_ROOT / folder).rglob("*.py")
+)
+
+
+@functools.cache
+def _trees() -> list[tuple[Path, ast.Module]]:
+    return [(path, ast.parse(path.read_text(), str(path))) for path in SOURCES]
+
+
+def _calls(name: str) -> list[tuple[Path, ast.Call]]:
+    """Every call `<module>.<name>(...)` or `<name>(...)` in the code base."""
+    found = []
+    for path, tree in _trees():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                if called == name:
+                    found.append((path, node))
+    return found
+
+
+def _keyword(call: ast.Call, name: str) -> ast.expr | None:
+    return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+def test_yaml_is_loaded_safely() -> None:
+    unsafe = [
+        f"{p.relative_to(REPO_ROOT)}:{c.lineno}" for name in ("unsafe_load", "full_load") for p, c in _calls(name)
+    ]
+    for path, call in _calls("load") + _calls("load_all"):
+        if isinstance(call.func, ast.Attribute) and getattr(call.func.value, "id", None) == "yaml":
+            loader = _keyword(call, "Loader") or (call.args[1] if len(call.args) > 1 else None)
+            if not (isinstance(loader, ast.Attribute) and loader.attr in ("SafeLoader", "CSafeLoader")):
+                unsafe.append(f"{path.relative_to(REPO_ROOT)}:{call.lineno}")
+    assert not unsafe, f"yaml loaded without SafeLoader at {unsafe}; use yaml.safe_load"
+    assert len(_calls("safe_load")) >= 3  # the region and catalog configs are read, and safely
+
+
+def test_checkpoints_load_with_weights_only() -> None:
+    loads = [
+        (p, c)
+        for p, c in _calls("load")
+        if isinstance(c.func, ast.Attribute) and getattr(c.func.value, "id", None) == "torch"
+    ]
+    unsafe = [
+        f"{p.relative_to(REPO_ROOT)}:{c.lineno}"
+        for p, c in loads
+        if not (isinstance(flag := _keyword(c, "weights_only"), ast.Constant) and flag.value is True)
+    ]
+    assert loads and not unsafe, f"torch.load without weights_only=True at {unsafe}"
+
+
+def test_postgres_has_no_trust_rule(stac_api: Settings) -> None:
+    from infra import stac_api as stac
+
+    conninfo = f"host=127.0.0.1 port={stac_api.pg_port} user={stac.PG_USER} dbname=postgres"
+    with psycopg.connect(conninfo, password=stac_api.pg_password(), connect_timeout=5) as conn:
+        rules = conn.execute("SELECT type, auth_method FROM pg_hba_file_rules WHERE error IS NULL").fetchall()
+        listen = conn.execute("SHOW listen_addresses").fetchone()[0]
+    assert rules and {m for _, m in rules} == {"scram-sha-256"}, rules  # TCP and unix socket alike: a password
+    assert any(t.startswith("host") for t, _ in rules) and listen == "127.0.0.1"
+
+
+def _listening(port: int) -> set[str]:
+    return {c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port}
+
+
+@pytest.mark.slow
+def test_prefect_server_listens_on_loopback_only(tmp_path: Path) -> None:
+    from conftest import free_port
+
+    from infra import prefect_server
+
+    settings = Settings(home=tmp_path / "home", stac_port=free_port(), pg_port=free_port(), prefect_port=free_port())
+    prefect_server.up(settings)
+    try:
+        assert _listening(settings.prefect_port) == {"127.0.0.1"}
+    finally:
+        prefect_server.down(settings)
+    assert not _listening(settings.prefect_port)
+
+
+SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-6f1c0d",
+    "PC_SDK_SUBSCRIPTION_KEY": "fake-catalog-key-93ab27",
+    "CROPFLOW_PG_PASSWORD": "fake-pg-password-5e8d41",
+}
+
+
+def test_secrets_never_reach_logs_outputs_or_stac_items(
+    stac_api: Settings, load_region, tiny_region: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from models.registry import build_model
+    from tasks.catalog import search_items
+    from tasks.cube import build_cube
+    from tasks.export import export_map_task
+    from tasks.labels import read_classes
+    from tasks.predict import predict_region
+
+    load_region(tiny_region)
+    secrets = [stac_api.pg_password(), *SECRETS.values()]  # the cluster's own password, and fake ones in the env
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
+    log_file = tmp_path / "run.log"
+    handler = logging.FileHandler(log_file)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        meta = json.loads((tiny_region / "region.json").read_text())
+        season = tuple(date.fromisoformat(d) for d in meta["season"])
+        items = search_items("local", "s2", *season, bbox=tuple(meta["bbox"]))
+        out = tmp_path / "outputs"
+        query = {"catalog": "local", "url": stac_api.stac_url, "bbox": meta["bbox"]}
+        cube = build_cube(
+            {"s2": items},
+            meta["epsg"],
+            tuple(meta["bounds"]),
+            *season,
+            out / "cube.zarr",
+            bands={"s2": ["B04", "B08"]},
+            query=query,
+        )
+        classes = read_classes(tiny_region / "classes.json")
+        torch.manual_seed(0)
+        model = build_model("tempcnn", in_channels=2, num_classes=len(classes), widths=(8,), hidden=8)
+        ckpt = {
+            "sensor": "s2",
+            "bands": ["B04", "B08"],
+            "classes": classes,
+            "norm": {"mean": [0.1, 0.3], "std": [0.1] * 2},
+        }
+        probs = predict_region(cube, model, ckpt, out / "probabilities.zarr", window=32, progress=False)
+        export_map_task.fn(probs, tiny_region / "classes.json", "tiny", season, out)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert len(written) > 10 and any(p.name.endswith(".ndjson") for p in written)  # COGs, Zarr, the STAC item
+    assert "s2 (sentinel-2-l2a at local)" in log_file.read_text()  # the run's logs were captured
+    logs = [log_file, stac_api.stac_dir / "stac-api.log", stac_api.stac_dir / "postgresql.log"]
+    for path in written + logs:
+        data = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in data, f"a secret is written in {path}"
+
+
+def test_run_folders_stay_inside_the_output_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.params import resolve_run
+
+    monkeypatch.setenv("CROPFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    bbox = "4.42,50.98,4.43,50.99"
+    run = resolve_run(bbox, "2024-03-01..2024-10-31")
+    assert run.out.parent.parent == tmp_path / "home" / "outputs"
+    assert resolve_run(bbox, "2024", outputs="maps").out.is_relative_to(Path("maps"))  # below the working folder
+    assert resolve_run(bbox, "2024", outputs=tmp_path / "elsewhere").out.is_relative_to(tmp_path / "elsewhere")
+    for escape in ("../../etc", "maps/../../etc", "..", Path("a/../../b")):
+        with pytest.raises(CropflowError, match=r"climbs out of the working folder with '\.\.'"):
+            resolve_run(bbox, "2024", outputs=escape)
