@@ -32,6 +32,7 @@ from flows.bench_accuracy import bench_accuracy
 from flows.bench_infer import bench_infer
 from flows.bench_scale import bench_scale
 from flows.bench_train import bench_train
+from flows.reliability import bench_reliability
 from infra.errors import CropflowError
 from infra.settings import get_settings
 
@@ -40,6 +41,7 @@ app.command("accuracy")(bench_accuracy)
 app.command("infer")(bench_infer)
 app.command("train")(bench_train)
 app.command("scale")(bench_scale)
+app.command("reliability")(bench_reliability)
 console = Console()
 
 VARIANTS = ("cropflow", "stackstac", "odc-stac", "rasterio")

@@ -91,9 +91,11 @@ def _files(folder: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize(("args", "fragment"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_refused(args, fragment, inputs, tmp_path, monkeypatch, capsys) -> None:
+def test_bad_input_is_refused(args, fragment, inputs, tmp_path, monkeypatch, capsys, record_property) -> None:
     from flows import cli
 
+    record_property("input", " ".join(a.replace("{folder}/", "") for a in args[1:]))  # rows of docs/reliability.md
+    record_property("message", fragment)
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.chdir(tmp_path)

@@ -1,0 +1,332 @@
+"""`cropflow bench reliability`: run the fault-injection, bad-input and safety tests, print their matrices with the
+measured outcomes, and write them to docs/reliability.md (issue 9).
+
+Each row names the tests that inject the fault (or feed the input) and check the outcome; a row passes when all its
+tests pass. Rows of tests/test_bad_input.py come from the test table itself (pytest `record_property`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, NamedTuple
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.atomic import atomic_path
+from infra.errors import CropflowError
+from infra.settings import REPO_ROOT
+
+console = Console()
+REPORT = REPO_ROOT / "docs" / "reliability.md"
+BAD_INPUT_TEST = "tests/test_bad_input.py::test_bad_input_is_refused"
+
+
+class Row(NamedTuple):
+    """One line of a matrix: what happens, what must follow, and the tests that check it."""
+
+    case: str
+    expected: str
+    tests: tuple[str, ...]
+
+
+FAULTS = [
+    Row(
+        "STAC API answers 429 / 5xx / stalls past the timeout (first page)",
+        "retried with backoff and jitter; the same items; after the retries a CropflowError naming catalog and query",
+        (
+            "tests/test_catalog.py::test_retries_429_5xx_and_timeouts_then_succeeds",
+            "tests/test_catalog.py::test_backoff_grows_and_last_error_names_catalog_and_query",
+        ),
+    ),
+    Row(
+        "429, 5xx, a stall and a dropped connection on pages 2-5 of a paginated search (proxy before the local API)",
+        "every page retried; the same item ids as a clean run, one extra request per fault",
+        ("tests/test_faults.py::test_stac_faults_mid_pagination_are_retried_to_the_clean_result",),
+    ),
+    Row(
+        "STAC API goes down in the middle of a paginated search",
+        "a CropflowError naming the catalog, the query and the retries; never a shorter list",
+        (
+            "tests/test_faults.py::test_stac_down_mid_pagination_is_a_clear_failure_not_a_shorter_list",
+            "tests/test_catalog.py::test_unreachable_or_wrong_catalog_is_explained",
+        ),
+    ),
+    Row(
+        "PostgreSQL of the local STAC API stopped and restarted under 3 threads of searches",
+        "every search returns the full item set (5xx retried); the API and database run afterwards",
+        ("tests/test_faults.py::test_searches_recover_from_a_database_restart_under_load",),
+    ),
+    Row(
+        "COG over HTTP: a 404, a truncated file, a read that times out once",
+        "the timed-out read succeeds on retry; the others are retried, then recorded (bad_assets, counts), warned, "
+        "counted as no-data; the build finishes",
+        ("tests/test_faults.py::test_asset_404_truncated_and_timed_out_reads",),
+    ),
+    Row(
+        "local COG missing or with a corrupt tile",
+        "recorded in bad_assets, the scene counts as an acquisition without valid pixels",
+        ("tests/test_cube.py::test_missing_and_corrupt_assets_count_as_no_data",),
+    ),
+    Row(
+        "cube build SIGKILLed in the middle of writing a block's Zarr chunks",
+        "the rerun builds only the unrecorded blocks; sha256 of every file equals an uninterrupted build's",
+        ("tests/test_faults.py::test_build_killed_while_writing_a_zarr_region_resumes_to_identical_checksums",),
+    ),
+    Row(
+        "cube build interrupted between blocks; tiles on 2 Dask workers",
+        "resumed build identical to a whole one; the published cube untouched until the new one is complete",
+        (
+            "tests/test_cube.py::test_interrupted_build_resumes_only_missing_blocks_and_publishes_atomically",
+            "tests/test_cube_dask.py::test_two_dask_workers_build_the_same_cube_bit_for_bit",
+        ),
+    ),
+    Row(
+        "backfill process group SIGKILLed in its second season, then rerun",
+        "each step computed once per season (cached), none missing; a third run rewrites nothing",
+        ("tests/test_orchestration.py::test_backfill_killed_midway_resumes_then_recomputes_nothing",),
+    ),
+    Row(
+        "transient errors inside flow tasks; bad parameters",
+        "transient ones retried by Prefect, CropflowError never",
+        ("tests/test_orchestration.py::test_transient_errors_are_retried_and_bad_parameters_are_not",),
+    ),
+    Row(
+        "disk full at the write (RLIMIT_FSIZE: EFBIG) while regenerating a region",
+        "'error: cannot write ...: File too large', exit 2, no traceback; the region published before intact",
+        ("tests/test_faults.py::test_full_disk_fails_at_the_write_and_keeps_the_published_output",),
+    ),
+    Row(
+        "read-only output folder",
+        "refused before any work: 'output folder ... is not writable', exit 2, nothing written",
+        ("tests/test_faults.py::test_unwritable_output_folder_is_refused_before_any_work",),
+    ),
+    Row(
+        "object store down during an upload",
+        "upload retried with backoff until the store is back",
+        ("tests/test_storage.py::test_upload_survives_a_server_restart",),
+    ),
+    Row(
+        "inference out of memory (torch.OutOfMemoryError above 2 windows per batch)",
+        "batch 8 -> 4 -> 2, logged; the map equals the one of an unconstrained run; 1 window failing is an error",
+        ("tests/test_faults.py::test_inference_out_of_memory_halves_the_batch_and_continues",),
+    ),
+]
+
+CROP_MAP_BAD = "tests/test_crop_map.py::test_bad_input_is_refused_cleanly"
+BAD_INPUT = [  # covered by other tests; the rows of tests/test_bad_input.py are read from its results
+    Row(
+        "--season 2024-13-01..2024-10-31",
+        "is not a date",
+        (f"{CROP_MAP_BAD}[--region-sample-tiny---season-2024-13-01..2024-10-31]",),
+    ),
+    Row(
+        "--season 2024-08-01..2024-05-01",
+        "ends before it starts",
+        (f"{CROP_MAP_BAD}[--region-sample-tiny---season-2024-08-01..2024-05-01]",),
+    ),
+    Row("--season summer", "is not a season", (f"{CROP_MAP_BAD}[--region-sample-tiny---season-summer]",)),
+    Row("--season 2019 (no scenes)", "no Sentinel-2 items", (f"{CROP_MAP_BAD}[--region-sample-tiny---season-2019]",)),
+    Row("region far from any scene", "no Sentinel-2 items", (f"{CROP_MAP_BAD}[--region-far-away]",)),
+    Row("--region atlantis", "unknown region 'atlantis'", (f"{CROP_MAP_BAD}[--region-atlantis]",)),
+    Row("--sensors s2,modis", "unknown sensor 'modis'", (f"{CROP_MAP_BAD}[--region-sample-tiny---sensors-s2,modis]",)),
+    Row("label file missing", "missing.parquet", (f"{CROP_MAP_BAD}[--region-no-labels]",)),
+    Row("region entry without season", "season.start and season.end", (f"{CROP_MAP_BAD}[--region-no-season]",)),
+    Row("region entry with inverted bbox", "inverted", (f"{CROP_MAP_BAD}[--region-inverted]",)),
+    Row(
+        "unknown collection",
+        "is not in catalog ...; available: ...",
+        ("tests/test_catalog.py::test_unknown_collection_lists_available",),
+    ),
+    Row(
+        "checkpoint of other bands / classes",
+        "names the difference",
+        ("tests/test_train.py::test_load_checkpoint_refuses_mismatches",),
+    ),
+    Row(
+        "flow parameters: unknown key, unknown model",
+        "Extra inputs are not permitted; model ... is unknown",
+        ("tests/test_bad_input.py::test_flow_parameters_with_unknown_keys_or_names_are_refused",),
+    ),
+    Row(
+        "malformed options", "usage message, exit 2", ("tests/test_cli.py::test_usage_errors_exit_2_without_traceback",)
+    ),
+]
+
+SAFETY = [
+    Row(
+        "STAC API and PostgreSQL listen on 127.0.0.1 only",
+        "/proc/net/tcp: 127.0.0.1, no IPv6",
+        ("tests/test_stac_api.py::test_services_listen_on_loopback_only",),
+    ),
+    Row(
+        "Prefect server listens on 127.0.0.1 only",
+        "psutil: LISTEN on 127.0.0.1 only",
+        ("tests/test_safety.py::test_prefect_server_listens_on_loopback_only",),
+    ),
+    Row(
+        "PostgreSQL asks a password (no trust)",
+        "pg_hba rules all scram-sha-256; wrong or no password refused",
+        (
+            "tests/test_safety.py::test_postgres_has_no_trust_rule",
+            "tests/test_stac_api.py::test_postgres_requires_password",
+            "tests/test_stac_api.py::test_password_not_in_argv_or_logs",
+        ),
+    ),
+    Row(
+        "secrets only from the environment, never written",
+        "PG password, AWS_SECRET_ACCESS_KEY, PC_SDK_SUBSCRIPTION_KEY in no log, output file or STAC item",
+        ("tests/test_safety.py::test_secrets_never_reach_logs_outputs_or_stac_items",),
+    ),
+    Row(
+        "YAML loaded safely",
+        "no yaml.load without SafeLoader in the code base",
+        ("tests/test_safety.py::test_yaml_is_loaded_safely",),
+    ),
+    Row(
+        "checkpoints",
+        "every torch.load has weights_only=True",
+        ("tests/test_safety.py::test_checkpoints_load_with_weights_only",),
+    ),
+    Row(
+        "user paths cannot escape the output root",
+        "relative --outputs with '..' and region names with '/' refused; absolute paths are explicit choices",
+        (
+            "tests/test_safety.py::test_run_folders_stay_inside_the_output_root",
+            f"{BAD_INPUT_TEST}[outputs-escape]",
+            f"{BAD_INPUT_TEST}[region-name-escapes]",
+        ),
+    ),
+]
+
+POLICY = """## Decisions
+
+- **Output root.** Run folders are `<outputs>/<region>/<start>_<end>`, `outputs` defaulting to
+  `$CROPFLOW_HOME/outputs`. A relative `--outputs` is taken below the working folder and refused when it holds `..`;
+  an absolute path or an object-store URL is an explicit choice of the user and allowed. Region names that would
+  leave the root (`/`, `\\`, `..`) are refused.
+- **Checked before long work** (`flows.crop_map.check_request`): region, season, catalog and sensors, model name,
+  labels (readable, with a CRS, classes of the class map, on the region), and a writable output folder with at least
+  100 MiB free (`flows.params.check_writable`, probing without creating anything). A disk that fills up later fails
+  at the write: one message (`cannot write <file>: <reason>`), exit 2, and the atomic outputs published before stay.
+- **Unreadable assets** are retried (`READ_RETRIES`, backoff; GDAL's cache of failed remote reads is emptied
+  first), then recorded and counted as no-data; the build goes on.
+- **Out of memory in inference**: the batch is halved and retried, down to one window.
+"""
+
+
+def _outcomes(junit: Path) -> dict[str, dict]:
+    """Outcome, seconds and recorded properties of each test of a junit XML report, by pytest node id."""
+    found = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):  # noqa: S314 (written by our own pytest run)
+        module, name = case.get("classname", ""), case.get("name", "")
+        node = f"{module.replace('.', '/')}.py::{name}"
+        outcome = "passed"
+        for tag in ("failure", "error", "skipped"):
+            element = case.find(tag)
+            if element is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                found_message = element.get("message", "")
+                break
+        else:
+            found_message = ""
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        found[node] = {"outcome": outcome, "seconds": float(case.get("time", 0)), "props": props, "why": found_message}
+    return found
+
+
+def _verdict(tests: tuple[str, ...], results: dict[str, dict]) -> tuple[str, float]:
+    """A row's outcome (passed only if all its tests passed) and the seconds its tests took."""
+    runs = [[r for n, r in results.items() if n == t or n.startswith(t + "[")] for t in tests]  # all parameters
+    outcomes = [r["outcome"] for found in runs for r in found] + ["not run"] * sum(not found for found in runs)
+    seconds = sum(r["seconds"] for found in runs for r in found)
+    for worst in ("failed", "error", "not run", "skipped"):
+        if worst in outcomes:
+            return worst, seconds
+    return "passed", seconds
+
+
+def _bad_input_rows(results: dict[str, dict]) -> list[Row]:
+    table = [(n, r) for n, r in results.items() if n.startswith(BAD_INPUT_TEST + "[")]
+    return [Row(r["props"].get("input", n), r["props"].get("message", ""), (n,)) for n, r in table]
+
+
+def _markdown(title: str, head: tuple[str, str], rows: list[Row], results: dict[str, dict]) -> list[str]:
+    lines = [f"## {title}", "", f"| {head[0]} | {head[1]} | tests | outcome | s |", "| --- | --- | --- | --- | ---: |"]
+    for row in rows:
+        outcome, seconds = _verdict(row.tests, results)
+        tests = "<br>".join(f"`{t.split('/', 1)[1]}`" for t in row.tests)
+        case, expected = (text.replace("|", "\\|") for text in (row.case, row.expected))
+        lines.append(f"| {case} | {expected} | {tests} | {outcome} | {seconds:.1f} |")
+    return [*lines, ""]
+
+
+def _print(title: str, head: tuple[str, str], rows: list[Row], results: dict[str, dict]) -> None:
+    table = Table(title=title, show_lines=True)
+    for col in (*head, "outcome", "s"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        outcome, seconds = _verdict(row.tests, results)
+        colour = "green" if outcome == "passed" else "red"
+        table.add_row(row.case, row.expected, f"[{colour}]{outcome}[/]", f"{seconds:.1f}")
+    console.print(table)
+
+
+def bench_reliability(
+    slow: Annotated[
+        bool, typer.Option(help="also run the slow end-to-end tests (backfill killed, Prefect server)")
+    ] = True,
+    out: Annotated[Path, typer.Option(help="the markdown report to write")] = REPORT,
+) -> None:
+    """Run the fault-injection, bad-input and safety suites; print the matrices and write docs/reliability.md."""
+    rows = [*FAULTS, *BAD_INPUT, *SAFETY]
+    tests = sorted(
+        {t for row in rows for t in row.tests}
+        | {"tests/test_bad_input.py", "tests/test_faults.py", "tests/test_safety.py"}
+    )
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="cropflow-reliability-") as tmp:
+        junit = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *tests]
+        cmd += [] if slow else ["-m", "not slow"]
+        console.print(f"running {len(tests)} test selections (load average {load[0]:.2f}) ...")
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=REPO_ROOT, check=False)
+        seconds = time.perf_counter() - t0
+        if not junit.exists():
+            raise CropflowError(f"pytest wrote no report ({' '.join(cmd)}); run it by hand to see why.")
+        results = _outcomes(junit)
+    matrices = [
+        ("Fault matrix", ("fault injected", "expected outcome"), FAULTS),
+        ("Bad-input matrix", ("input", "message (fragment)"), [*_bad_input_rows(results), *BAD_INPUT]),
+        ("Safety", ("property", "checked by"), SAFETY),
+    ]
+    for title, head, table_rows in matrices:
+        _print(title, head, table_rows, results)
+    counts = {k: sum(r["outcome"] == k for r in results.values()) for k in ("passed", "failed", "error", "skipped")}
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items())
+    console.print(f"{len(results)} tests: {summary} in {seconds:.0f} s")
+    lines = [
+        "# Reliability and safety",
+        "",
+        "Written by `cropflow bench reliability` from its own run of the tests below (do not edit by hand).",
+        "",
+        f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPUs, load average {load[0]:.2f} at start, "
+        f"{seconds:.0f} s: {len(results)} tests, {summary}{'' if slow else ' (slow tests not run)'}.",
+        "",
+    ]
+    for title, head, table_rows in matrices:
+        lines += _markdown(title, head, table_rows, results)
+    with atomic_path(out) as tmp:
+        tmp.write_text("\n".join([*lines, POLICY]))
+    console.print(f"report written to {out}")
+    if counts["failed"] or counts["error"]:
+        raise typer.Exit(1)
