@@ -518,7 +518,11 @@ def plan_sensor(
     s1_orbit: str = "both",
     speckle_window: int = 5,
 ) -> SensorPlan:
-    """The sources of one sensor: items in the season (S1: of the chosen orbit direction), their assets and scaling."""
+    """The sources of one sensor: items in the season (S1: of the chosen orbit direction), their assets and scaling.
+
+    Without `bands`, the sensor's bands that every item has (with a warning naming those left out); a band asked
+    for, or the mask asset, missing from an item is an error.
+    """
     if name not in SENSORS:
         raise CropflowError(f"unknown sensor {name!r}; valid sensors: {', '.join(SENSORS)}.")
     sensor = SENSORS[name]
@@ -542,6 +546,12 @@ def plan_sensor(
         log.warning("%s: %d item(s) outside the season %s..%s left out", name, len(items) - len(in_season), start, end)
     if not in_season:
         raise CropflowError(f"no {name} items inside the season {start}..{end}; check the dates of the search.")
+    if bands is None:  # the sensor's bands that every item has (e.g. only the 20 m ones of some extractions)
+        shared = [k for k in keys if all(k in it["assets"] for it in in_season)]
+        if shared and len(shared) < len(keys):
+            absent = [sensor.assets[k] for k in keys if k not in shared]
+            log.warning("%s: band(s) %s missing from some items; the cube holds %s", name, absent, shared)
+            keys, chosen = shared, [sensor.assets[k] for k in shared]
     all_keys = [*keys, sensor.mask_asset] if sensor.mask_asset else keys
     for it in in_season:
         missing = [k for k in all_keys if k not in it["assets"]]

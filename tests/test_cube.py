@@ -498,3 +498,23 @@ def test_coarse_bands_resampled_in_numpy_match_gdal_warp(tmp_path, factor, shift
             assert np.array_equal(invalid, expected == 0)
             tolerance = 0.5 if resampling == Resampling.bilinear else 0
             assert np.abs(got[~invalid].astype("f8") - expected[~invalid]).max() <= tolerance
+
+
+def test_bands_missing_from_some_items_are_left_out_unless_asked_for(tiny_region, caplog):
+    """Extractions without the 10 m files: the cube keeps the bands every item has; asking for a missing one fails."""
+    from tasks.cube import plan_sensor
+
+    _, start, end = _season(tiny_region)
+    items = _items(tiny_region, "sentinel-2-l2a")
+    items[1] = {**items[1], "assets": {k: v for k, v in items[1]["assets"].items() if k not in ("B02", "B08")}}
+    bins = time_bins(start, end)
+    with caplog.at_level("WARNING", logger="tasks.cube"):
+        plan = plan_sensor("s2", items, bins, 10)
+    assert plan.bands == ["B03", "B04", "B05", "B06", "B07", "B8A", "B11", "B12"]
+    assert "['B02', 'B08'] missing from some items" in caplog.text
+    assert all(len(s.hrefs) == 9 for s in plan.sources)  # 8 bands + SCL
+    with pytest.raises(CropflowError, match=rf"item {items[1]['id']} has no asset\(s\) B02"):
+        plan_sensor("s2", items, bins, 10, bands=["B02", "B03"])
+    items[2] = {**items[2], "assets": {k: v for k, v in items[2]["assets"].items() if k != "SCL"}}
+    with pytest.raises(CropflowError, match="has no asset\\(s\\) SCL"):
+        plan_sensor("s2", items, bins, 10)
