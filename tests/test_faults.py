@@ -63,6 +63,22 @@ def _checksums(folder: Path) -> dict[str, str]:
     }
 
 
+class Quiet(BaseHTTPRequestHandler):
+    """A request handler that logs nothing and replies with `reply`, even to a client that gave up."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def reply(self, status: int, data: bytes, headers: dict[str, str], body: bool = True) -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(data))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+
 class _Server:
     """A threaded HTTP server on 127.0.0.1 (free port) running `handler`; `stop()` closes its socket."""
 
@@ -105,17 +121,9 @@ class FaultyProxy(_Server):
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(Quiet):
             def _send(self, status: int, data: bytes) -> None:
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client may have given up
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
+                self.reply(status, data, {"Content-Type": "application/json"})
 
             def do_GET(self) -> None:
                 self._send(*proxy.forward("GET", self.path, None))
@@ -239,10 +247,7 @@ class CogServer(_Server):
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         srv = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(Quiet):
             def do_HEAD(self) -> None:
                 self.do_GET(body=False)
 
@@ -261,15 +266,10 @@ class CogServer(_Server):
                 if "Range" in self.headers:
                     lo, _, hi = self.headers["Range"].removeprefix("bytes=").partition("-")
                     status, first, last = 206, int(lo), min(int(hi or last), last)
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    self.send_response(status)
-                    self.send_header("Accept-Ranges", "bytes")
-                    self.send_header("Content-Length", str(last - first + 1))
-                    if status == 206:
-                        self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
-                    self.end_headers()
-                    if body:
-                        self.wfile.write(data[first : last + 1])
+                headers = {"Accept-Ranges": "bytes"}
+                if status == 206:
+                    headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
+                self.reply(status, data[first : last + 1], headers, body)
 
         return Handler
 
