@@ -118,10 +118,22 @@ class TrainData:
     sar_norm: tuple[np.ndarray, np.ndarray] | None = None
 
     def with_norm(self, ckpt: dict) -> TrainData:
-        """The same data standardised with the normalisation(s) stored in a checkpoint."""
-        norm = _norm_arrays(ckpt["norm"])
-        sar_norm = _norm_arrays(ckpt["sar"]["norm"]) if "sar" in ckpt and self.sar is not None else self.sar_norm
-        return dataclasses.replace(self, norm=norm, sar_norm=sar_norm)
+        """The same data in a checkpoint's band order (its model and normalisation follow that order, which may
+        differ from the cube's), standardised with the normalisation(s) the checkpoint stores."""
+        cube, norm = _in_band_order(self.cube, ckpt["bands"]), _norm_arrays(ckpt["norm"])
+        sar, sar_norm = self.sar, self.sar_norm
+        if "sar" in ckpt and sar is not None:
+            sar, sar_norm = _in_band_order(sar, ckpt["sar"]["bands"]), _norm_arrays(ckpt["sar"]["norm"])
+        return dataclasses.replace(self, cube=cube, norm=norm, sar=sar, sar_norm=sar_norm)
+
+
+def _in_band_order(arrays: CubeArrays, bands: list[str]) -> CubeArrays:
+    """`arrays` with their bands in the order of `bands` (the same set, as `check_compatible` ensures)."""
+    have = [str(b) for b in arrays.bands]
+    if have == [str(b) for b in bands]:
+        return arrays
+    order = [have.index(str(b)) for b in bands]
+    return dataclasses.replace(arrays, values=arrays.values[:, order], bands=[have[i] for i in order])
 
 
 def resolve_device(device: str) -> torch.device:

@@ -495,3 +495,19 @@ def test_label_options_read_points_without_split(region, tmp_path):
         **FAST,
     )
     assert result.epochs_run == 1 and (tmp_path / "out" / "model.pt").is_file()
+
+
+def test_checkpoint_normalisation_comes_with_its_band_order() -> None:
+    """A teacher trained on the cube's bands in another order sees its own order, with its own statistics."""
+    from tasks.dataset import CubeArrays
+    from tasks.train import TrainData
+
+    values = np.stack([np.full((2, 3, 3), v, np.float32) for v in (1.0, 2.0, 3.0)], axis=1)  # T=2, C=3
+    cube = CubeArrays(values, np.array([10, 20]), ["B02", "B03", "B04"], np.zeros((3, 3), np.int16), np.ones((3, 3)))
+    data = TrainData(cube, [], (np.zeros(3, np.float32), np.ones(3, np.float32)))
+    ckpt = {"bands": ["B04", "B02", "B03"], "norm": {"mean": [3.0, 1.0, 2.0], "std": [1.0, 1.0, 1.0]}}
+    ordered = data.with_norm(ckpt)
+    assert ordered.cube.bands == ["B04", "B02", "B03"]
+    assert ordered.cube.values[0, :, 0, 0].tolist() == [3.0, 1.0, 2.0]
+    assert np.allclose(ordered.cube.values - ordered.norm[0][None, :, None, None], 0)
+    assert data.with_norm({**ckpt, "bands": ["B02", "B03", "B04"]}).cube is cube
