@@ -38,7 +38,6 @@ from tasks.train import (
     TrainData,
     TrainOptions,
     TrainResult,
-    _cpu_cores,
     checkpoint_meta,
     datasets,
     default_forward,
@@ -116,7 +115,6 @@ def _logits(teacher: nn.Module, batch: Batch) -> torch.Tensor:
 def _setup(
     cube_path: Path, labels_path: Path, classes_path: Path, options: TrainOptions, sar: bool
 ) -> tuple[TrainData, torch.device]:
-    torch.set_num_threads(_cpu_cores())
     data = load_training_data(cube_path, labels_path, classes_path, sar, options.label_options, options.seed)
     return data, resolve_device(options.device)
 

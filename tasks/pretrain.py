@@ -26,7 +26,6 @@ from tasks.train import (
     TrainData,
     TrainOptions,
     TrainResult,
-    _cpu_cores,
     checkpoint_meta,
     datasets,
     fit_loop,
@@ -54,7 +53,6 @@ def pretrain_model(
     (early stopping and the best checkpoint follow the training loss; there are no labels to validate on).
     """
     started = time.monotonic()
-    torch.set_num_threads(_cpu_cores())
     if not Path(cube_path).exists():
         raise CropflowError(f"cube {cube_path} not found; build the cube first.")
     dev = resolve_device(options.device)

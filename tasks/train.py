@@ -152,10 +152,6 @@ def lr_factor(step: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def needs_sar(model_name: str) -> bool:
     """Whether the registry model takes a SAR series besides the optical one (a `sar_channels` argument)."""
     return model_name in MODELS and "sar_channels" in inspect.signature(MODELS[model_name]).parameters
@@ -739,7 +735,6 @@ def train_model(
         label_options,
     )
     started = time.monotonic()
-    torch.set_num_threads(_cpu_cores())
     dev = resolve_device(device)
     data = load_training_data(cube_path, labels_path, classes_path, needs_sar(model_name), label_options, seed)
     config = model_config_for(model_name, model_config, data, dev)
