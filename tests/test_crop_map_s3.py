@@ -22,7 +22,7 @@ def test_crop_map_writes_cube_and_outputs_to_a_bucket(stac_api: Settings, bucket
     ensure_sample("sample-tiny")
     root = f"{bucket}/runs"
     forest = ModelSpec(name="random_forest", params={"n_estimators": 20, "max_depth": 12}, epochs=1)  # fitted once
-    outputs = crop_map(region="sample-tiny", model=forest, outputs=root)
+    outputs = crop_map(region="sample-tiny", sensors=["s2"], model=forest, outputs=root)
 
     run = f"{root}/sample-tiny/"
     for key in ("cube", "model", "probabilities", "crop_map", "confidence", "preview", "stac_item", "metrics"):
