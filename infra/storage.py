@@ -31,7 +31,6 @@ from zarr.storage import FsspecStore
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from infra.retry import HttpRetry
-from infra.settings import home_dir
 
 log = logging.getLogger(__name__)
 
@@ -165,18 +164,6 @@ def output_file(loc: str | os.PathLike) -> Iterator[Path]:
         upload(tmp, loc)
 
 
-def put(src: Path, dst: str | os.PathLike) -> UPath:
-    """Publish the local file `src` at `dst` (atomically, uploads retried); nothing to do when it is already there."""
-    dst = location(dst)
-    if isinstance(dst, Path):
-        if dst.resolve() != Path(src).resolve():
-            with atomic_path(dst) as tmp:
-                shutil.copyfile(src, tmp)
-        return dst
-    upload(Path(src), dst)
-    return dst
-
-
 def _transient(exc: BaseException) -> bool:
     """True for store errors that can go away on their own: an unreachable endpoint, a timeout, a dropped stream."""
     if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
@@ -214,12 +201,3 @@ def upload(src: Path, dst: str | os.PathLike, retry: HttpRetry = UPLOAD_RETRY) -
                 log.warning("upload to %s failed (%s); retry %d in %.1f s", target, exc, attempt + 1, delay)
                 time.sleep(delay)
     return dst
-
-
-def working_dir(loc: str | os.PathLike) -> Path:
-    """A local folder for the work behind `loc` (training checkpoints): `loc` itself when local, else a folder of
-    `CROPFLOW_HOME/work/` named after the URL, so an interrupted run resumes there."""
-    loc = location(loc)
-    if isinstance(loc, Path):
-        return loc
-    return home_dir() / "work" / loc.protocol / loc.path

@@ -25,7 +25,6 @@ def test_locations_local_and_remote(tmp_path: Path):
     remote = storage.location("s3://bucket/runs/cube.zarr")
     assert not storage.is_local(remote)
     assert (str(remote / "x"), remote.name, remote.protocol) == ("s3://bucket/runs/cube.zarr/x", "cube.zarr", "s3")
-    assert storage.working_dir(local) == local
     with pytest.raises(CropflowError, match=r"unknown protocol 'ftp'.*s3://"):
         storage.location("ftp://host/x")
 
@@ -75,13 +74,12 @@ def test_files_and_rasters_on_s3(bucket: str, tmp_path: Path):
 
     local = tmp_path / "model.pt"
     local.write_bytes(b"weights")
-    assert storage.put(local, f"{bucket}/maps/model.pt").read_bytes() == b"weights"
-    assert storage.put(local, local) == local and local.read_bytes() == b"weights"
+    assert storage.upload(local, f"{bucket}/maps/model.pt").read_bytes() == b"weights"
 
     storage.remove(f"{bucket}/maps")
     assert not storage.location(f"{bucket}/maps/crop_map.tif").exists()
     with pytest.raises(CropflowError, match=r"could not upload model\.pt to s3://no-such-bucket"):
-        storage.put(local, "s3://no-such-bucket/model.pt")
+        storage.upload(local, "s3://no-such-bucket/model.pt")
 
 
 def test_upload_survives_a_server_restart(bucket: str, s3_server, tmp_path: Path, caplog):
