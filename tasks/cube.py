@@ -33,6 +33,7 @@ from datetime import date, datetime, timedelta
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -714,10 +715,15 @@ def prepare_cube(
     query: dict | None = None,
     catalog: Catalog | None = None,
 ) -> CubeJob:
-    """Plan a build and create its unfinished store beside `out_path` (or find the one an interrupted build left).
+    """Plan the cube of every sensor in `items_by_sensor` on one grid and create its unfinished store beside
+    `out_path` (or find the one an interrupted build left: with the same arguments its completed blocks are kept,
+    with others it starts over).
 
-    Arguments as `build_cube`. With the same arguments as the interrupted build, its completed blocks are kept;
-    with others, it starts over.
+    `bounds` (in `epsg`) are snapped outward to `resolution`. Bins of `bin_days` from `start`; each sensor's
+    `bands` (default: those every item has); S2 masks by SCL with cloud/shadow/cirrus grown by `scl_dilation`
+    pixels; S1 of `s1_orbit` ("both", "ascending", "descending"), Lee-filtered over `speckle_window` pixels (0:
+    none). Blocks of `block` pixels (a multiple of the `chunk` of the store); hrefs are signed for `catalog` right
+    before each read (Planetary Computer tokens expire during long builds).
     """
     out_path = storage.location(out_path)
     grid = Grid(int(epsg), snap_bounds(bounds, resolution), float(resolution))
@@ -866,54 +872,15 @@ def publish_cube(job: CubeJob) -> Path:
 
 def build_cube(
     items_by_sensor: dict[str, list[dict]],
-    epsg: int,
-    bounds: Bounds,
-    start: date,
-    end: date,
-    out_path: Path,
-    resolution: float = 10.0,
-    bin_days: int = 10,
-    chunk: int = 256,
-    attrs: dict | None = None,
-    *,
-    bands: dict[str, list[str]] | None = None,
-    scl_dilation: int = 0,
-    s1_orbit: str = "both",
-    speckle_window: int = 5,
-    block: int = 256,
+    *args: Any,
     threads: int | None = None,
-    query: dict | None = None,
-    catalog: Catalog | None = None,
     on_block: Callable[[Block], None] | None = None,
+    **options: Any,
 ) -> Path:
-    """Build the cube of every sensor in `items_by_sensor` on one grid, in this process, and publish it atomically.
-
-    `bounds` (in `epsg`) are snapped outward to `resolution`. Bins of `bin_days` from `start`; S2 masks by SCL with
-    cloud/shadow/cirrus grown by `scl_dilation` pixels; S1 of `s1_orbit` ("both", "ascending", "descending"),
-    Lee-filtered over `speckle_window` pixels (0: none). Blocks of `block` pixels (a multiple of `chunk`) are built
-    in turn with `threads` readers; hrefs are signed for `catalog` right before each read (Planetary Computer
-    tokens expire during long builds). `on_block` is called after each completed block. A rerun with the same
-    arguments resumes an interrupted build; with other arguments it starts over.
-    """
-    job = prepare_cube(
-        items_by_sensor,
-        epsg,
-        bounds,
-        start,
-        end,
-        out_path,
-        resolution,
-        bin_days,
-        chunk,
-        attrs,
-        bands=bands,
-        scl_dilation=scl_dilation,
-        s1_orbit=s1_orbit,
-        speckle_window=speckle_window,
-        block=block,
-        query=query,
-        catalog=catalog,
-    )
+    """Build the cube of every sensor in `items_by_sensor` in this process and publish it atomically: `prepare_cube`
+    (same arguments), then every block with `threads` readers (`on_block` called after each), then `publish_cube`.
+    A rerun with the same arguments resumes an interrupted build; with other arguments it starts over."""
+    job = prepare_cube(items_by_sensor, *args, **options)
     build_blocks(job, job.todo, threads, on_block)
     return publish_cube(job)
 
@@ -941,39 +908,7 @@ def fill_cube_gaps(cube_path: Path, out_path: Path) -> Path:
     return storage.location(out_path)
 
 
-@task(name="build-cube")
-def build_cube_task(
-    items_by_sensor: dict[str, list[dict]],
-    epsg: int,
-    bounds: Bounds,
-    start: date,
-    end: date,
-    out_path: Path,
-    resolution: float = 10.0,
-    bin_days: int = 10,
-    attrs: dict | None = None,
-    scl_dilation: int = 0,
-    s1_orbit: str = "both",
-    speckle_window: int = 5,
-    query: dict | None = None,
-    catalog: Catalog | None = None,
-) -> Path:
-    return build_cube(
-        items_by_sensor,
-        epsg,
-        bounds,
-        start,
-        end,
-        out_path,
-        resolution,
-        bin_days,
-        attrs=attrs,
-        scl_dilation=scl_dilation,
-        s1_orbit=s1_orbit,
-        speckle_window=speckle_window,
-        query=query,
-        catalog=catalog,
-    )
+build_cube_task = task(name="build-cube")(build_cube)
 
 
 @task(name="fill-cube-gaps")
