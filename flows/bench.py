@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -29,12 +28,12 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.bench_accuracy import bench_accuracy
+from flows.bench_common import CacheOption, bench_cache, listed, max_rss_mb
 from flows.bench_infer import bench_infer
 from flows.bench_scale import bench_scale
 from flows.bench_train import bench_train
 from flows.reliability import bench_reliability
 from infra.errors import CropflowError
-from infra.settings import get_settings
 
 app = typer.Typer(help="Benchmarks: programs that print tables (not timed tests).", no_args_is_help=True)
 app.command("accuracy")(bench_accuracy)
@@ -47,10 +46,6 @@ console = Console()
 VARIANTS = ("cropflow", "stackstac", "odc-stac", "rasterio")
 COLLECTION = "sentinel-2-l2a"
 SIZES = (512, 1024, 2048)
-
-
-def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def read_region(region_dir: Path) -> tuple[dict, list[dict], date, date]:
@@ -104,7 +99,7 @@ def run_variant(variant: str, region_dir: Path, out: Path, threads: int) -> dict
         import pystac
     elif variant == "cropflow":
         from tasks.cube import build_cube
-    baseline = _max_rss_mb()
+    baseline = max_rss_mb()
     t0 = time.perf_counter()
     dask.config.set(scheduler="threads", num_workers=threads)
     if variant == "cropflow":
@@ -159,7 +154,7 @@ def run_variant(variant: str, region_dir: Path, out: Path, threads: int) -> dict
         "variant": variant,
         "seconds": seconds,
         "pixel_dates": n_pixels * len(items),
-        "peak_rss_mb": _max_rss_mb(),
+        "peak_rss_mb": max_rss_mb(),
         "baseline_rss_mb": baseline,
     }
 
@@ -191,20 +186,18 @@ def bench_cube(
     sizes: Annotated[str, typer.Option(help="comma-separated region sizes in pixels")] = ",".join(map(str, SIZES)),
     variants: Annotated[str, typer.Option(help="comma-separated variants")] = ",".join(VARIANTS),
     threads: Annotated[int, typer.Option(help="reader threads of every variant")] = os.cpu_count() or 2,
-    cache: Annotated[
-        Path | None, typer.Option(help="folder of generated regions (default CROPFLOW_HOME/bench)")
-    ] = None,
+    cache: CacheOption = None,
 ) -> None:
     """Build a Sentinel-2 cube of the sample region with each variant and print throughput and peak memory."""
     import shutil
     import tempfile
 
-    size_list = [int(s) for s in sizes.split(",") if s.strip()]
-    variant_list = [v.strip() for v in variants.split(",") if v.strip()]
+    size_list = [int(s) for s in listed(sizes)]
+    variant_list = listed(variants)
     unknown = [v for v in variant_list if v not in VARIANTS]
     if unknown:
         raise CropflowError(f"unknown variant(s) {unknown}; variants: {', '.join(VARIANTS)}.")
-    cache = cache or get_settings().home / "bench"
+    cache = bench_cache(cache)
     table = Table(title=f"cube build, Sentinel-2 10 bands + SCL, one season, {threads} threads")
     for col in ("size", "variant", "items", "seconds", "Mpx-dates/s", "peak RSS MB", "RSS growth MB", "vs cropflow"):
         table.add_column(col, justify="right")
@@ -253,7 +246,7 @@ def bench_models_cmd(
     from flows.bench_models import BenchSize, bench_models, table
 
     bench_size = BenchSize(batch=batch, t=dates, c=bands, size=size)
-    names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    names = listed(models) if models else None
     rows = bench_models(names, bench_size, [device] if device else None, steps=steps, threads=threads)
     console.print(table(rows, bench_size))
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,8 +29,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.bench_common import CacheOption, bench_cache, listed, max_rss_mb
 from infra.errors import CropflowError
-from infra.settings import get_settings
 
 SIZES = (512, 1024, 2048)
 COLLECTION = "sentinel-2-l2a"
@@ -100,12 +99,12 @@ def run_size(cube: Path, classes_path: Path, window: int, batch: int, device: st
         return time.perf_counter() - t0, time.process_time() - c0
 
     bare(1)  # warm-up (kernel selection, allocator)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = max_rss_mb()
     with tempfile.TemporaryDirectory(prefix="cropflow-bench-infer-", dir=Path(cube).parent) as scratch:
         t0, c0 = time.perf_counter(), time.process_time()
         predict_region(cube, model, ckpt, Path(scratch) / "p.zarr", window, 0.25, batch, str(dev), progress=False)
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = max_rss_mb()
     bare_wall, bare_cpu = bare(bare_batches)
     ov = round(window * 0.25)
     windows = window_starts(h, window, ov).size * window_starts(w, window, ov).size
@@ -167,15 +166,12 @@ def bench_infer(
     batch: Annotated[int, typer.Option(help="windows per forward")] = 16,
     device: Annotated[str, typer.Option(help="auto (CUDA, else CPU), cpu or cuda")] = "auto",
     bare_batches: Annotated[int, typer.Option(help="batches timed for the bare forward")] = 8,
-    cache: Annotated[
-        Path | None, typer.Option(help="folder of generated regions and cubes (default CROPFLOW_HOME/bench)")
-    ] = None,
+    cache: CacheOption = None,
 ) -> None:
     """Tiled inference over the sample region: pixels/s, km²/h, overhead over the bare forward, peak memory."""
-    cache = cache or get_settings().home / "bench"
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = bench_cache(cache)
     results = []
-    for size in [int(s) for s in sizes.split(",") if s.strip()]:
+    for size in [int(s) for s in listed(sizes)]:
         region, cube = ensure_bench_cube(size, cache)
         results.append(run_in_child(cube, region / "classes.json", window, batch, device, bare_batches))
     first = results[0]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -29,15 +28,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from infra.settings import get_settings
+from flows.bench_common import CacheOption, bench_cache, listed, max_rss_mb
 
 SIZES = (512, 1024, 2048)
 WORKERS = (1, 2)
 console = Console(width=160)
-
-
-def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def cube_on_workers(region: Path, workers: int, scratch: Path) -> dict:
@@ -55,13 +50,13 @@ def cube_on_workers(region: Path, workers: int, scratch: Path) -> dict:
     cluster_class, kwargs = cluster_kwargs(DaskSettings("local", workers, threads=1))
     with cluster_class(**kwargs) as local, Client(local) as client:
         client.run(importlib.import_module, "tasks.cube")  # imports are not part of the build
-        baseline = client.run(_max_rss_mb)
+        baseline = client.run(max_rss_mb)
         job = prepare_cube({"s2": items}, meta["epsg"], tuple(meta["bounds"]), start, end, scratch / "cube.zarr")
         tiles = job.tiles(workers * TILES_PER_WORKER)
         t0 = time.perf_counter()
         client.gather(client.map(build_blocks, [job] * len(tiles), tiles, [1] * len(tiles), pure=False))
         seconds = time.perf_counter() - t0
-        peaks = client.run(_max_rss_mb)
+        peaks = client.run(max_rss_mb)
     publish_cube(job)
     return {
         "seconds": seconds,
@@ -75,19 +70,16 @@ def bench_scale(
     sizes: Annotated[str, typer.Option(help="comma-separated region sizes in pixels")] = ",".join(map(str, SIZES)),
     workers: Annotated[str, typer.Option(help="comma-separated worker counts")] = ",".join(map(str, WORKERS)),
     steps: Annotated[str, typer.Option(help="comma-separated: cube, infer")] = "cube,infer",
-    cache: Annotated[
-        Path | None, typer.Option(help="folder of generated regions and cubes (default CROPFLOW_HOME/bench)")
-    ] = None,
+    cache: CacheOption = None,
 ) -> None:
     """Cube building (Dask workers) and tiled inference (torch threads) at 1x, 4x, 16x area: time, memory."""
     from flows.bench import ensure_bench_region
     from flows.bench_infer import ensure_bench_cube, run_in_child
 
-    cache = cache or get_settings().home / "bench"
-    cache.mkdir(parents=True, exist_ok=True)
-    size_list = sorted(int(s) for s in sizes.split(",") if s.strip())
-    worker_list = [int(w) for w in workers.split(",") if w.strip()]
-    step_list = [s.strip() for s in steps.split(",") if s.strip()]
+    cache = bench_cache(cache)
+    size_list = sorted(int(s) for s in listed(sizes))
+    worker_list = [int(w) for w in listed(workers)]
+    step_list = listed(steps)
     rows: list[dict] = []
     for step in step_list:
         for n in worker_list:

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from infra.settings import get_settings
+from flows.bench_common import CacheOption, bench_cache
 
 console = Console(width=160)
 
@@ -40,16 +40,13 @@ def bench_train(
     epochs: Annotated[int, typer.Option(help="maximum epochs (the demo's: 40)")] = 40,
     target: Annotated[float, typer.Option(help="validation mIoU to reach")] = 0.80,
     device: Annotated[str, typer.Option(help="auto (CUDA, else CPU), cpu or cuda")] = "auto",
-    cache: Annotated[
-        Path | None, typer.Option(help="folder of generated regions and cubes (default CROPFLOW_HOME/bench)")
-    ] = None,
+    cache: CacheOption = None,
 ) -> None:
     """Train the demo's model on the sample region: samples per second and time to the target validation mIoU."""
     from flows.bench_infer import ensure_bench_cube
     from tasks.train import resolve_device, train_model
 
-    cache = cache or get_settings().home / "bench"
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = bench_cache(cache)
     region, cube = ensure_bench_cube(size, cache)
     patches, patch, batch = 128, 32, 8
     with tempfile.TemporaryDirectory(prefix="cropflow-bench-train-", dir=cache) as out:
