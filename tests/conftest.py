@@ -160,10 +160,10 @@ def bucket(s3_server, request: pytest.FixtureRequest) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Prefect: one temporary API server for the tests of this session that run flows (a module may start its own).
+# Prefect: a temporary API server for the tests of a module that run flows (per module: harnesses never nest).
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prefect_server() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
