@@ -4,6 +4,7 @@ headless Chromium."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -159,13 +160,16 @@ def test_deploy_creates_deployments_schedules_pools_and_limits(prefect_api):
         )
 
 
-@pytest.mark.slow
-def test_scheduled_run_and_backfill_runs_on_a_worker(prefect_api, tiny, tmp_path):
-    """A deployment with a schedule due in a few seconds: the server schedules the run, a process worker runs it;
-    then a backfill submits its season to `crop_map/backfill` (`run_deployment`) and the worker runs it too."""
+WORKER_SEASON = "2024-04-01..2024-05-31"
+
+
+@pytest.fixture(scope="module")
+def worker_runs(prefect_api, tiny, tmp_path_factory) -> dict:
+    """On a process worker of `cropflow-cpu`: a `build_cube` deployment's run scheduled a few seconds ahead by the
+    server, then a backfill's season submitted to `crop_map/backfill`. Returns both flow runs (final), the backfill's
+    state and the outputs root."""
     from prefect import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-    from prefect.client.schemas.objects import StateType
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Interval
 
@@ -174,59 +178,72 @@ def test_scheduled_run_and_backfill_runs_on_a_worker(prefect_api, tiny, tmp_path
     from flows.params import ModelSpec
     from flows.steps import build_cube
 
+    out = tmp_path_factory.mktemp("worker-outputs")
     apply_deployments(DeployOptions(), regions={})
     due = datetime.now(UTC) + timedelta(seconds=5)
-    params = {"region": "sample-tiny", "season": "2024-04-01..2024-05-31", "outputs": str(tmp_path)}
-    deployment = build_cube.to_deployment(
+    params = {"region": "sample-tiny", "season": WORKER_SEASON, "outputs": str(out)}
+    tick = build_cube.to_deployment(
         "tick",
         schedules=[Interval(3600, anchor_date=due, parameters=params)],
         work_pool_name=CPU_POOL,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
-    deployment_id = deployment.apply(work_pool_name=CPU_POOL)
+    tick_id = tick.apply(work_pool_name=CPU_POOL)
     env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    log = out / "worker.log"
     worker = subprocess.Popen(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", CPU_POOL, "--type", "process"],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+    def runs_of(client, deployment_id) -> list:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
     try:
         with get_client(sync_client=True) as client:
-            only_tick = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
             deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:
-                runs = client.read_flow_runs(deployment_filter=only_tick, limit=5)
-                done = [r for r in runs if r.state and r.state.is_final()]
-                if done:
-                    break
-                time.sleep(2)
-            client.delete_deployment(deployment_id)
-            run = done[0] if done else None
-            assert run, "no scheduled run of the deployment finished within 4 minutes"
-            assert run.state.type == StateType.COMPLETED, run.state.message
-            assert run.auto_scheduled and abs(run.expected_start_time - due) < timedelta(seconds=1)
-            assert (tmp_path / "sample-tiny" / "2024-04-01_2024-05-31" / "cube.zarr").is_dir()
-            late = run.start_time - run.expected_start_time
-            print(f"scheduled run: started {late.total_seconds():.1f} s after its time, ran {run.total_run_time}")
-
-            model = ModelSpec(**FAST_MODEL)
-            seasons = ["2024-04-01..2024-05-31"]
-            backfill_state = backfill(
-                region="sample-tiny", seasons=seasons, model=model, outputs=tmp_path, return_state=True
+            while not (done := [r for r in runs_of(client, tick_id) if r.state and r.state.is_final()]):
+                states = [r.state.name for r in runs_of(client, tick_id)]
+                assert time.monotonic() < deadline, (
+                    f"no scheduled run finished in 4 minutes: {states}\n{log.read_text()}"
+                )
+                time.sleep(1)
+            client.delete_deployment(tick_id)
+            state = backfill(
+                region="sample-tiny",
+                seasons=[WORKER_SEASON],
+                model=ModelSpec(**FAST_MODEL),
+                outputs=out,
+                return_state=True,
             )
-            assert backfill_state.is_completed(), backfill_state.message
-            on_worker = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[client.read_deployment_by_name(
-                    BACKFILL_DEPLOYMENT).id]))
-            )  # fmt: skip
-            assert [r.state.name for r in on_worker] == ["Completed"]
-            assert on_worker[0].parameters["season"] == seasons[0] and "backfill" in on_worker[0].tags
+            on_worker = runs_of(client, client.read_deployment_by_name(BACKFILL_DEPLOYMENT).id)
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(30)
-    assert (tmp_path / "sample-tiny" / "2024-04-01_2024-05-31" / "crop_map.tif").is_file()
+    return {"scheduled": done[0], "due": due, "backfill": state, "crop_map": on_worker, "outputs": out}
+
+
+@pytest.mark.slow
+def test_scheduled_run_fires_and_completes_on_a_worker(worker_runs):
+    from prefect.client.schemas.objects import StateType
+
+    run, due = worker_runs["scheduled"], worker_runs["due"]
+    assert run.state.type == StateType.COMPLETED, run.state.message
+    assert run.auto_scheduled and abs(run.expected_start_time - due) < timedelta(seconds=1)
+    assert (worker_runs["outputs"] / "sample-tiny" / "2024-04-01_2024-05-31" / "cube.zarr").is_dir()
+    late = run.start_time - run.expected_start_time
+    print(f"scheduled run: started {late.total_seconds():.1f} s after its time, ran {run.total_run_time}")
+
+
+@pytest.mark.slow
+def test_backfill_submits_its_seasons_to_the_deployment(worker_runs):
+    assert worker_runs["backfill"].is_completed(), worker_runs["backfill"].message
+    [run] = worker_runs["crop_map"]
+    assert run.state.name == "Completed" and run.parameters["season"] == WORKER_SEASON and "backfill" in run.tags
+    assert (worker_runs["outputs"] / "sample-tiny" / "2024-04-01_2024-05-31" / "crop_map.tif").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -375,41 +392,72 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--virtual-time-budget=20000",
-    "--window-size=1400,1400",
+    "--window-size=1400,1200",
 ]
 
 
-def _chromium(url: str, *args: str) -> str:
-    chromium = shutil.which("chromium")
-    result = subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, *args, url], capture_output=True, text=True, timeout=120, check=True
-    )
-    return result.stdout
+class Chromium:
+    """Headless Chromium driven through the DevTools protocol (a page, its text once rendered, screenshots)."""
+
+    def __init__(self, profile: Path) -> None:
+        from conftest import free_port
+
+        port = free_port()
+        args = [*CHROMIUM_FLAGS, f"--remote-debugging-port={port}", f"--user-data-dir={profile}", "about:blank"]
+        self.proc = subprocess.Popen(
+            [shutil.which("chromium"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                pages = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "chromium did not open its DevTools port"
+                time.sleep(0.3)
+        from websockets.sync.client import connect
+
+        self.ws = connect(next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"], max_size=2**26)
+        self.calls = 0
+
+    def call(self, method: str, **params: object) -> dict:
+        self.calls += 1
+        self.ws.send(json.dumps({"id": self.calls, "method": method, "params": params}))
+        while (reply := json.loads(self.ws.recv())).get("id") != self.calls:
+            pass  # an event
+        assert "error" not in reply, reply
+        return reply["result"]
+
+    def open(self, url: str, *expected: str, timeout: float = 90) -> str:
+        """Go to `url`; its text once every `expected` string shows (the UI renders after its API calls)."""
+        self.call("Page.navigate", url=url)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.call("Runtime.evaluate", expression="document.body.innerText")["result"].get("value", "")
+            if all(e in text for e in expected) or time.monotonic() > deadline:
+                return text
+            time.sleep(0.5)
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        self.ws.close()
+        self.proc.terminate()
+        self.proc.wait(30)
 
 
 @pytest.mark.slow
-def test_crop_map_run_artifacts_events_and_ui(prefect_api, tiny, tmp_path):
+def test_crop_map_run_artifacts_events_and_ui(prefect_api, worker_runs, tmp_path):
     if shutil.which("chromium") is None:
         pytest.skip("Debian package chromium is not installed (infra/setup.sh installs it): no browser to open the UI")
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
     from prefect.events.filters import EventFilter, EventNameFilter
 
-    from flows.crop_map import crop_map
-    from flows.params import ModelSpec
-
-    state = crop_map(
-        region="sample-tiny",
-        season="2024-04-01..2024-07-31",
-        model=ModelSpec(**FAST_MODEL),
-        outputs=tmp_path,
-        return_state=True,
-    )
-    assert state.is_completed(), state.message
-    run_id = state.state_details.flow_run_id
+    [run] = worker_runs["crop_map"]  # a crop_map run of a worker, in the server of the UI
+    run_id = run.id
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(run_id)
         children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))
         descendants = {run_id} | {r.id for r in client.read_flow_runs(flow_run_filter=children)}
         assert len(descendants) == 4  # crop_map, build_cube, train, predict
@@ -418,7 +466,7 @@ def test_crop_map_run_artifacts_events_and_ui(prefect_api, tiny, tmp_path):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # events reach the server asynchronously
             found = client.read_events(EventFilter(event=EventNameFilter(prefix=["cropflow."])), limit=50).events
-            events = {e.event: e for e in found if e.resource.id.endswith(".sample-tiny.2024-04-01_2024-07-31")}
+            events = {e.event: e for e in found if e.resource.id.endswith(".sample-tiny.2024-04-01_2024-05-31")}
             if set(events) == {"cropflow.cube.ready", "cropflow.map.published"}:
                 break
             time.sleep(1)
@@ -426,12 +474,12 @@ def test_crop_map_run_artifacts_events_and_ui(prefect_api, tiny, tmp_path):
     assert {"crop-map-preview-sample-tiny", "confusion-matrix-sample-tiny"} <= set(artifacts)
     assert any(a.type == "progress" and a.data == 100.0 for a in mine)  # tiled inference's progress
     report = artifacts["crop-map-report-sample-tiny"].data
-    for text in ("2024-04-01 to 2024-07-31", "| s2 |", "Clear-sky fraction", "random_forest", "crop_map.tif"):
+    for text in ("2024-04-01 to 2024-05-31", "| s2 |", "Clear-sky fraction", "random_forest", "crop_map.tif"):
         assert text in report, text
     classes = artifacts["crop-map-classes-sample-tiny"].data
     assert "winter_wheat" in classes and "area_ha" in classes
     published, ready = events["cropflow.map.published"], events["cropflow.cube.ready"]
-    assert published.resource.id == "cropflow.map.sample-tiny.2024-04-01_2024-07-31"
+    assert published.resource.id == "cropflow.map.sample-tiny.2024-04-01_2024-05-31"
     assert published.resource["cropflow.region"] == "sample-tiny"
     assert Path(published.payload["crop_map"]).is_file() and published.payload["metrics"]["overall_accuracy"] > 0.2
     assert Path(ready.payload["path"]).name == "cube.zarr" and ready.payload["items"]["s2"] > 0
@@ -439,12 +487,26 @@ def test_crop_map_run_artifacts_events_and_ui(prefect_api, tiny, tmp_path):
     ui = prefect_api.removesuffix("/api")
     shots = REPO / "test-outputs" / "ui"
     shots.mkdir(parents=True, exist_ok=True)
-    page = _chromium(f"{ui}/runs/flow-run/{run_id}", "--dump-dom")
-    assert run.name in page and "crop_map" in page and "build_cube" in page
-    report_page = f"{ui}/artifacts/artifact/{artifacts['crop-map-report-sample-tiny'].id}"
-    assert "Crop map of sample-tiny" in _chromium(report_page, "--dump-dom")
-    preview_page = f"{ui}/artifacts/artifact/{artifacts['crop-map-preview-sample-tiny'].id}"
-    assert 'src="data:image/png;base64,' in _chromium(preview_page, "--dump-dom")
-    for name, url in (("flow-run", f"{ui}/runs/flow-run/{run_id}"), ("report", report_page), ("map", preview_page)):
-        _chromium(url, f"--screenshot={shots / f'{name}.png'}")
-        assert (shots / f"{name}.png").stat().st_size > 10_000
+    browser = Chromium(tmp_path / "chromium")
+    try:
+        expected = (run.name, "crop_map", "Completed", "cropflow-cpu", "Beginning subflow run")
+        page = browser.open(f"{ui}/runs/flow-run/{run_id}", *expected)
+        assert all(e in page for e in expected), page[:2000]
+        browser.screenshot(shots / "flow-run.png")
+        report = artifacts["crop-map-report-sample-tiny"].id
+        page = browser.open(f"{ui}/artifacts/artifact/{report}", "Crop map of sample-tiny", "Outputs")
+        assert "Crop map of sample-tiny, 2024-04-01 to 2024-05-31" in page and "crop_map.tif" in page, page[:2000]
+        browser.screenshot(shots / "report.png")
+        preview = artifacts["crop-map-preview-sample-tiny"].id
+        browser.open(f"{ui}/artifacts/artifact/{preview}", "crop-map-preview-sample-tiny")
+        shown = "[...document.images].filter(i => i.src.startsWith('data:image/png') && i.naturalWidth > 100).length"
+        deadline = time.monotonic() + 30
+        while not (images := browser.call("Runtime.evaluate", expression=shown)["result"]["value"]):
+            assert time.monotonic() < deadline, "the map preview is not shown"
+            time.sleep(0.5)
+        browser.screenshot(shots / "map.png")
+    finally:
+        browser.close()
+    assert images == 1
+    for name in ("flow-run", "report", "map"):
+        assert (shots / f"{name}.png").stat().st_size > 10_000, name
