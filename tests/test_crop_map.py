@@ -110,7 +110,7 @@ BAD_INPUT = [
     (["crop-map", "--region", "sample-tiny", "--season", "summer"], "is not a season"),
     (["crop-map", "--region", "sample-tiny", "--sensors", "s2,modis"], "unknown sensor 'modis'"),
     (["crop-map", "--region", "sample-tiny", "--season", "2019"], "no Sentinel-2 items"),
-    (["crop-map", "--region", "far-away"], "no Sentinel-2 items"),
+    (["crop-map", "--region", "far-away"], "do not overlap the cube extent"),  # labels off the region
     (["crop-map", "--region", "no-labels"], "missing.parquet"),
     (["crop-map", "--region", "inverted"], "inverted"),
     (["crop-map", "--region", "no-season"], "season.start and season.end"),
