@@ -27,6 +27,7 @@ import torch
 import xarray as xr
 from rich.progress import Progress
 
+from flows.bench_accuracy import table
 from infra import stac_api
 from infra.errors import CropflowError
 from infra.settings import Settings
@@ -231,8 +232,6 @@ def _train_and_score(
 
 
 def _markdown(summary: dict, names: list[str], n: int, layer: str) -> str:
-    from flows.bench_accuracy import table
-
     rows = [
         [
             model,
