@@ -1,5 +1,5 @@
-"""The cube step on a Dask cluster: `prepare-cube`, then one `build-cube-tile` task per run of neighbouring blocks
-on the cluster's workers (prefect-dask's `DaskTaskRunner`), then `publish-cube`.
+"""The cube step on a Dask cluster: `build-cube` runs `prepare-cube`, then one `build-cube-tile` task per run of
+neighbouring blocks on the cluster's workers (prefect-dask's `DaskTaskRunner`), then `publish-cube`.
 
 Every worker writes its blocks straight into the unfinished store, so the store must be reachable from all of them
 (a local folder for a LocalCluster, an object-store URL for a remote cluster). The blocks are the same whoever
@@ -12,7 +12,7 @@ import os
 from datetime import date
 from pathlib import Path
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
 
 from infra.dask_cluster import DaskSettings, task_runner
 from tasks.cube import build_cube_tile_task, prepare_cube_task, publish_cube_task
@@ -34,7 +34,7 @@ def build_cube_tiles(
 ) -> Path:
     """Build a cube with its tiles on the Dask cluster of `dask` (default: `CROPFLOW_DASK`, a LocalCluster unless
     set; see `infra/dask_cluster.py`) and publish it. Call it inside a flow: `prepare-cube` and `publish-cube` run in
-    the flow, each `build-cube-tile` on a worker, all of them task runs of that flow.
+    the flow (or task: `build_cube_task`), each `build-cube-tile` on a worker, all of them task runs of that run.
 
     `options` as `tasks.cube.prepare_cube`. A rerun after an interruption builds only the blocks still missing.
     """
@@ -48,3 +48,6 @@ def build_cube_tiles(
         built = sum(future.result() for future in futures)
     logger.info("cube %s: %d blocks built", job.out_path.name, built)
     return publish_cube_task(job)
+
+
+build_cube_task = task(name="build-cube")(build_cube_tiles)

@@ -15,13 +15,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.concurrency.sync import rate_limit
 
+from flows.cube import build_cube_task
 from flows.params import DEFAULT_SENSORS, ModelSpec, Run, Season, labelled, resolve_run
 from flows.policy import CATALOG_RATE_LIMIT, cached, digest, limit_exists, step_key
 from flows.report import CubeInfo, emit_cube_ready, emit_map_published
 from infra.errors import CropflowError
 from infra.storage import location, open_zarr
 from tasks.catalog import Catalog, get_catalog, search_items_task
-from tasks.cube import build_cube_task
 from tasks.evaluate import evaluate_map_task
 from tasks.export import export_map_task
 from tasks.predict import predict_region_task

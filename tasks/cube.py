@@ -908,9 +908,6 @@ def fill_cube_gaps(cube_path: Path, out_path: Path) -> Path:
     return storage.location(out_path)
 
 
-build_cube_task = task(name="build-cube")(build_cube)
-
-
 @task(name="fill-cube-gaps")
 def fill_cube_gaps_task(cube_path: Path, out_path: Path) -> Path:
     return fill_cube_gaps(cube_path, out_path)
