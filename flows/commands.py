@@ -125,12 +125,21 @@ def train_cmd(
     labels: LabelsOpt = None,
     classes: ClassesOpt = None,
     outputs: Outputs = None,
+    pretrain_epochs: Annotated[
+        int, typer.Option(help="stcln: epochs of masked pre-training on every cube pixel before fine-tuning")
+    ] = 0,
+    teacher: Annotated[
+        str | None, typer.Option(help="joint_reconstruction: model.pt of the teacher it distills (incomplete series)")
+    ] = None,
 ) -> None:
-    """Run the train flow on the cube of `build-cube` and the region's labels."""
+    """Run the train flow on the cube of `build-cube` and the region's labels (with STCLN pre-training or a
+    teacher to distill, for the models that use them)."""
     from flows.params import ModelSpec
     from flows.steps import train
 
-    spec = ModelSpec(name=model, epochs=epochs, time_budget_s=time_budget)
+    spec = ModelSpec(
+        name=model, epochs=epochs, time_budget_s=time_budget, pretrain_epochs=pretrain_epochs, teacher=teacher
+    )
     trained = train(region, season, spec, labels, classes, outputs)
     console.print(f"model {trained.checkpoint}: best val mIoU {trained.best_val_miou:.3f} (epoch {trained.best_epoch})")
 

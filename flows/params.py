@@ -11,7 +11,16 @@ from datetime import date
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
 from upath import UPath
 
 from flows.regions import Region, resolve_region
@@ -74,6 +83,25 @@ class ModelSpec(BaseModel):
     epochs: PositiveInt = 40
     time_budget_s: PositiveFloat | None = Field(default=480.0, description="stop training after this many seconds")
     seed: int = 0
+    pretrain_epochs: NonNegativeInt = Field(
+        default=0, description="stcln: epochs of masked pre-training on every cube pixel before fine-tuning"
+    )
+    teacher: str | None = Field(
+        default=None, description="joint_reconstruction: the teacher checkpoint it distills (incomplete series)"
+    )
+
+    @model_validator(mode="after")
+    def _method_fits_model(self) -> ModelSpec:
+        if self.pretrain_epochs and self.name != "stcln":
+            raise CropflowError(f"pretrain_epochs applies to stcln (masked pre-training), not to {self.name!r}.")
+        if self.name == "joint_reconstruction" and self.teacher is None:
+            raise CropflowError(
+                "joint_reconstruction learns from a teacher: give teacher (--teacher) = the model.pt of a trained "
+                "ltae or stcln run on the same cube."
+            )
+        if self.teacher is not None and self.name != "joint_reconstruction":
+            raise CropflowError(f"teacher applies to joint_reconstruction (distillation), not to {self.name!r}.")
+        return self
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -22,11 +23,13 @@ from flows.report import CubeInfo, emit_cube_ready, emit_map_published
 from infra.errors import CropflowError
 from infra.storage import location, open_zarr
 from tasks.catalog import Catalog, get_catalog, search_items_task
+from tasks.distill import distill_incomplete_task
 from tasks.evaluate import evaluate_map_task
 from tasks.export import export_map_task
 from tasks.predict import predict_region_task
+from tasks.pretrain import PRETRAIN_OPTIONS, pretrain_model_task
 from tasks.sensors import get_sensor
-from tasks.train import TrainResult, train_model_task
+from tasks.train import TrainOptions, TrainResult, train_model_task
 
 
 def check_sensors(sensors: list[str], catalog: str, stac_url: str | None = None) -> Catalog:
@@ -154,16 +157,36 @@ def train(
     run = resolve_run(region, season, outputs, labels, classes)
     key = _train_key(run, model)
     labels_path, classes_path = labelled(run)
+    cube = run.out / "cube.zarr"
+    budget = {"seed": model.seed, "time_budget_s": model.time_budget_s}
+    if model.teacher is not None:  # incomplete-series distillation (joint reconstruction) from a trained teacher
+        teacher = location(model.teacher)
+        if teacher == run.out / "model.pt":
+            raise CropflowError(
+                f"the teacher {teacher} is the model this run writes; copy it elsewhere (e.g. teacher.pt) first."
+            )
+        options = TrainOptions(epochs=model.epochs, **budget)
+        return cached(distill_incomplete_task, key, [run.out / "model.pt"])(
+            cube, labels_path, classes_path, run.out, teacher, student_config=model.params, options=options
+        )
+    init_from = None
+    if model.pretrain_epochs:  # STCLN: masked pre-training of the encoder on every pixel, then fine-tuning
+        pretrained = run.out / "pretrain"
+        options = replace(PRETRAIN_OPTIONS, epochs=model.pretrain_epochs, **budget)
+        cached(pretrain_model_task, f"{key}-pretrain", [pretrained / "model.pt"])(
+            cube, pretrained, model.params, options=options
+        )
+        init_from = pretrained / "model.pt"
     return cached(train_model_task, key, [run.out / "model.pt"])(
-        run.out / "cube.zarr",
+        cube,
         labels_path,
         classes_path,
         run.out,
         model_name=model.name,
         model_config=model.params,
         epochs=model.epochs,
-        seed=model.seed,
-        time_budget_s=model.time_budget_s,
+        init_from=init_from,
+        **budget,
     )
 
 

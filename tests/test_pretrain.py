@@ -69,3 +69,17 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(pretrained, tmp_path):
             init_from=result.checkpoint,
             **(FAST | {"model_config": STCLN | {"d_model": 32}}),
         )
+
+
+def test_model_spec_takes_pretraining_and_a_teacher_only_where_they_apply() -> None:
+    from flows.params import ModelSpec
+    from infra.errors import CropflowError
+
+    assert ModelSpec(name="stcln", pretrain_epochs=3).pretrain_epochs == 3
+    assert ModelSpec(name="joint_reconstruction", teacher="runs/ltae/model.pt").teacher == "runs/ltae/model.pt"
+    with pytest.raises(CropflowError, match="pretrain_epochs applies to stcln"):
+        ModelSpec(name="fcn3d", pretrain_epochs=1)
+    with pytest.raises(CropflowError, match="joint_reconstruction learns from a teacher"):
+        ModelSpec(name="joint_reconstruction")
+    with pytest.raises(CropflowError, match="teacher applies to joint_reconstruction"):
+        ModelSpec(name="ltae", teacher="model.pt")
