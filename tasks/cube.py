@@ -782,6 +782,9 @@ def prepare_cube(
         (partial / "blocks").mkdir()
         _write_json(record, {"digest": digest})
     done = frozenset(p.stem for p in (partial / "blocks").glob("*.json"))
+    if storage.is_local(partial):  # a chunk whose write was killed leaves zarr's scratch file; its block is redone
+        for scratch in (partial / "cube.zarr").rglob("*.partial"):
+            scratch.unlink()
     job = CubeJob(out_path, grid, plans, blocks_of(grid.shape, block), done)
     log.info("cube %s: %d of %d blocks to build", out_path.name, len(job.todo), len(job.blocks))
     return job

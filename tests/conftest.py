@@ -169,3 +169,14 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+    # Prefect's concurrency-slot services keep a client of the server they first talked to (one per limit name, e.g.
+    # tag:gpu); stop them with this module's server, or the next module's tagged tasks call a server that is gone
+    from prefect.concurrency import services
+    from prefect.concurrency.v1 import services as v1_services
+
+    for service in (
+        services.ConcurrencySlotAcquisitionService,
+        services.ConcurrencySlotAcquisitionWithLeaseService,
+        v1_services.ConcurrencySlotAcquisitionService,
+    ):
+        service.drain_all(timeout=10)
