@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.bench_accuracy import bench_accuracy
-from flows.bench_common import CacheOption, bench_cache, listed, max_rss_mb
+from flows.bench_common import CacheOption, ChildFailed, bench_cache, listed, max_rss_mb, run_child
 from flows.bench_infer import bench_infer
 from flows.bench_scale import bench_scale
 from flows.bench_train import bench_train
@@ -170,17 +169,6 @@ def ensure_bench_region(size: int, cache: Path) -> Path:
     return folder
 
 
-def _child(variant: str, region_dir: Path, out: Path, threads: int) -> dict:
-    """Run `variant` in a fresh interpreter and read back its JSON result."""
-    cmd = [sys.executable, "-m", "flows.bench", variant, str(region_dir), str(out), str(threads)]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-    )
-    if proc.returncode != 0:
-        return {"variant": variant, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @app.command("cube")
 def bench_cube(
     sizes: Annotated[str, typer.Option(help="comma-separated region sizes in pixels")] = ",".join(map(str, SIZES)),
@@ -206,8 +194,11 @@ def bench_cube(
         results = {}
         for variant in variant_list:
             scratch = Path(tempfile.mkdtemp(prefix="cropflow-bench-", dir=cache))
+            args = [variant, str(region), str(scratch / "cube.zarr"), str(threads)]
             try:
-                results[variant] = _child(variant, region, scratch / "cube.zarr", threads)
+                results[variant] = run_child("flows.bench", args)
+            except ChildFailed as exc:
+                results[variant] = {"variant": variant, "error": str(exc)}
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         ours = results.get("cropflow", {})

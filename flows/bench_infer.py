@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.bench_common import CacheOption, bench_cache, listed, max_rss_mb
+from flows.bench_common import CacheOption, ChildFailed, bench_cache, listed, max_rss_mb, run_child
 from infra.errors import CropflowError
 
 SIZES = (512, 1024, 2048)
@@ -131,13 +130,11 @@ def run_in_child(
     cube: Path, classes: Path, window: int, batch: int, device: str, bare_batches: int, threads: int | None = None
 ) -> dict:
     """`run_size` in a fresh interpreter (its peak memory is its own), with `threads` torch threads if given."""
-    cmd = [sys.executable, "-m", "flows.bench_infer", str(cube), str(classes), str(window), str(batch), device]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"} | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
-    proc = subprocess.run([*cmd, str(bare_batches)], capture_output=True, text=True, check=False, env=env)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
-        raise CropflowError(f"the inference benchmark of {cube} failed: {lines[-1]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = [str(cube), str(classes), str(window), str(batch), device, str(bare_batches)]
+    try:
+        return run_child("flows.bench_infer", args, {"OMP_NUM_THREADS": str(threads)} if threads else None)
+    except ChildFailed as exc:
+        raise CropflowError(f"the inference benchmark of {cube} failed: {exc}") from None
 
 
 def row(r: dict) -> list[str]:

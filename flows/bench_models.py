@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from rich.table import Table
 
+from flows.bench_common import ChildFailed, run_child
 from models.registry import MODELS, build_model, example_inputs
 
 NOT_GRADIENT_TRAINED = ("random_forest",)
@@ -112,17 +112,10 @@ def bench_models(
                 rows.append({"model": name, "device": device, "error": "not trained by gradient descent"})
                 continue
             args = [name, device, str(steps), str(warmup), str(threads), json.dumps(size.__dict__)]
-            proc = subprocess.run(
-                [sys.executable, "-m", "flows.bench_models", *args], capture_output=True, text=True, check=False
-            )
-            if proc.returncode == 0:
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            else:
-                ended = (
-                    f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-                )
-                error = (proc.stderr.strip().splitlines() or [ended])[-1]
-                rows.append({"model": name, "device": device, "error": error})
+            try:
+                rows.append(run_child("flows.bench_models", args))
+            except ChildFailed as exc:
+                rows.append({"model": name, "device": device, "error": str(exc)})
     return rows
 
 
