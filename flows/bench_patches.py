@@ -27,7 +27,7 @@ import torch
 import xarray as xr
 from rich.progress import Progress
 
-from flows.bench_accuracy import table
+from flows.accuracy_protocols import table
 from infra import stac_api
 from infra.errors import CropflowError
 from infra.settings import Settings
