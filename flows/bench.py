@@ -27,10 +27,11 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.bench_accuracy import bench_accuracy
-from flows.bench_common import CacheOption, ChildFailed, bench_cache, listed, max_rss_mb, run_child
+from flows.bench_common import CacheOption, ChildFailed, bench_cache, max_rss_mb, run_child
 from flows.bench_infer import bench_infer
 from flows.bench_scale import bench_scale
 from flows.bench_train import bench_train
+from flows.params import listed
 from flows.reliability import bench_reliability
 from infra.errors import CropflowError
 

@@ -1,4 +1,4 @@
-"""What the benchmarks share: their cache folder option, comma-separated options, peak memory, child processes."""
+"""What the benchmarks share: their cache folder option, peak memory, child processes."""
 
 from __future__ import annotations
 
@@ -24,11 +24,6 @@ def bench_cache(cache: Path | None) -> Path:
     folder = cache or get_settings().home / "bench"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def listed(text: str) -> list[str]:
-    """The items of a comma-separated option, stripped, empty ones dropped."""
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def max_rss_mb() -> float:

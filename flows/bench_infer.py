@@ -28,7 +28,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.bench_common import CacheOption, ChildFailed, bench_cache, listed, max_rss_mb, run_child
+from flows.bench_common import CacheOption, ChildFailed, bench_cache, max_rss_mb, run_child
+from flows.params import listed
 from infra.errors import CropflowError
 
 SIZES = (512, 1024, 2048)

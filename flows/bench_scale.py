@@ -28,7 +28,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.bench_common import CacheOption, bench_cache, listed, max_rss_mb
+from flows.bench_common import CacheOption, bench_cache, max_rss_mb
+from flows.params import listed
 
 SIZES = (512, 1024, 2048)
 WORKERS = (1, 2)

@@ -12,8 +12,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.params import listed
 from infra.settings import get_settings
 from infra.storage import location
+from tasks.evaluate import headline
 
 console = Console()
 server_app = typer.Typer(help="The local Prefect server and UI on 127.0.0.1 (SQLite by default).")
@@ -44,10 +46,6 @@ Outputs = Annotated[
 ]
 
 
-def _sensors(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
 def print_outputs(outputs: dict[str, str], seconds: float) -> None:
     """The output paths of a crop map run and its headline metrics."""
     table = Table(title=f"crop_map outputs ({seconds / 60:.1f} min)")
@@ -57,10 +55,7 @@ def print_outputs(outputs: dict[str, str], seconds: float) -> None:
         table.add_row(key, path)
     console.print(table)
     metrics = json.loads(location(outputs["metrics"]).read_text())
-    console.print(
-        "test parcels: overall accuracy {overall_accuracy:.3f}, kappa {kappa:.3f}, macro-F1 {macro_f1:.3f}, "
-        "mIoU {miou:.3f}".format(**metrics)
-    )
+    console.print(f"test parcels: {headline(metrics)}")
 
 
 def crop_map_cmd(
@@ -82,12 +77,12 @@ def crop_map_cmd(
     from flows.crop_map import check_request, crop_map
     from flows.params import ModelSpec
 
-    check_request(region, season, _sensors(sensors), catalog, labels, classes, outputs)
+    check_request(region, season, listed(sensors), catalog, labels, classes, outputs)
     t0 = time.perf_counter()
     paths = crop_map(
         region=region,
         season=season,
-        sensors=_sensors(sensors),
+        sensors=listed(sensors),
         catalog=catalog,
         stac_url=stac_url,
         max_cloud_cover=max_cloud_cover,
@@ -112,7 +107,7 @@ def build_cube_cmd(
     """Run the build_cube flow: STAC search and the cloud-masked Zarr cube of a region and season."""
     from flows.steps import build_cube
 
-    cube = build_cube(region, season, _sensors(sensors), catalog, stac_url, max_cloud_cover, outputs)
+    cube = build_cube(region, season, listed(sensors), catalog, stac_url, max_cloud_cover, outputs)
     console.print(f"cube {cube.path}: items {cube.items}, clear-sky fraction {cube.clear_fraction:.1%}")
 
 
@@ -177,7 +172,7 @@ def backfill_cmd(
     results = backfill(
         region=region,
         seasons=seasons,
-        sensors=_sensors(sensors),
+        sensors=listed(sensors),
         catalog=catalog,
         model=ModelSpec(name=model, epochs=epochs, time_budget_s=time_budget),
         outputs=outputs,

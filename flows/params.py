@@ -43,6 +43,11 @@ def check_season(value: int | str | None) -> int | str | None:
     raise CropflowError(f"season {value!r} is not a season; give {SEASON_FORMS}.")
 
 
+def listed(text: str) -> list[str]:
+    """The items of a comma-separated option (sensors, sizes, names), stripped, empty ones dropped."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 Season = Annotated[int | str | None, AfterValidator(check_season)]
 
 

@@ -20,7 +20,7 @@ from upath import UPath
 
 from flows.params import ModelSpec, Run
 from infra.storage import location
-from tasks.evaluate import metrics_markdown
+from tasks.evaluate import HEADLINE, headline, metrics_markdown
 
 
 class CubeInfo(BaseModel):
@@ -57,11 +57,11 @@ def emit_cube_ready(run: Run, cube: CubeInfo) -> None:
 
 def emit_map_published(run: Run, outputs: dict[str, str], metrics: dict) -> None:
     """`cropflow.map.published`: the crop map, its STAC item and headline metrics are written."""
-    headline = {k: metrics.get(k) for k in ("overall_accuracy", "kappa", "macro_f1", "miou")}
+    summary = {k: metrics.get(k) for k in HEADLINE}
     emit_event(
         "cropflow.map.published",
         resource=_resource("map", run),
-        payload={"crop_map": outputs["crop_map"], "stac_item": outputs["stac_item"], "metrics": headline},
+        payload={"crop_map": outputs["crop_map"], "stac_item": outputs["stac_item"], "metrics": summary},
     )
 
 
@@ -73,7 +73,6 @@ def data_url(png: Path) -> str:
 def report_markdown(run: Run, cube: CubeInfo, model: ModelSpec, metrics: dict, outputs: dict[str, str]) -> str:
     """The run report: where and when, the data, the model, the accuracy and where every output is."""
     m = metrics
-    kappa = "-" if m["kappa"] is None else f"{m['kappa']:.3f}"
     lines = [
         f"# Crop map of {run.region.name}, {run.start} to {run.end}",
         "",
@@ -98,15 +97,14 @@ def report_markdown(run: Run, cube: CubeInfo, model: ModelSpec, metrics: dict, o
         + (f" or {model.time_budget_s:.0f} s" if model.time_budget_s else "")
         + f", seed {model.seed}.",
         "",
-        f"Overall accuracy **{m['overall_accuracy']:.3f}**, kappa {kappa}, macro-F1 {m['macro_f1']:.3f}, "
-        f"mIoU {m['miou']:.3f} on held-out parcels.",
+        f"On held-out parcels: {headline(m)}.",
         "",
         metrics_markdown(metrics),
         "## Outputs",
         "",
         "| output | path |",
         "| --- | --- |",
-        *(f"| {k} | [{v}]({location(v).as_uri()}) |" for k, v in outputs.items()),
+        *(f"| {k} | [{v}]({location(v).absolute().as_uri()}) |" for k, v in outputs.items()),
     ]
     return "\n".join(lines) + "\n"
 

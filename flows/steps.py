@@ -24,7 +24,7 @@ from infra.errors import CropflowError
 from infra.storage import location, open_zarr
 from tasks.catalog import Catalog, get_catalog, search_items_task
 from tasks.distill import distill_incomplete_task
-from tasks.evaluate import evaluate_map_task
+from tasks.evaluate import HEADLINE, evaluate_map_task
 from tasks.export import export_map_task
 from tasks.predict import predict_region_task
 from tasks.pretrain import PRETRAIN_OPTIONS, pretrain_model_task
@@ -140,6 +140,7 @@ def _train_key(run: Run, model: ModelSpec) -> str:
         model=model.model_dump(),
         labels=file_digest(labels),
         classes=file_digest(classes),
+        teacher=file_digest(model.teacher) if model.teacher and location(model.teacher).is_file() else None,
     )
 
 
@@ -161,7 +162,7 @@ def train(
     budget = {"seed": model.seed, "time_budget_s": model.time_budget_s}
     if model.teacher is not None:  # incomplete-series distillation (joint reconstruction) from a trained teacher
         teacher = location(model.teacher)
-        if teacher == run.out / "model.pt":
+        if teacher.absolute() == (run.out / "model.pt").absolute():
             raise CropflowError(
                 f"the teacher {teacher} is the model this run writes; copy it elsewhere (e.g. teacher.pt) first."
             )
@@ -226,7 +227,5 @@ def predict(
         "confusion_matrix": str(run.out / "confusion_matrix.png"),
     }
     emit_map_published(run, paths, metrics)
-    get_run_logger().info(
-        "metrics: %s", json.dumps({k: metrics[k] for k in ("overall_accuracy", "kappa", "macro_f1", "miou")})
-    )
+    get_run_logger().info("metrics: %s", json.dumps({k: metrics[k] for k in HEADLINE}))
     return paths
