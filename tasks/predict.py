@@ -298,13 +298,13 @@ class _Tiler:
             try:
                 with torch.inference_mode(), autocast(dev):
                     logits = self.model(**kwargs)
-            except (torch.OutOfMemoryError, RuntimeError) as exc:
-                if not _out_of_memory(exc) or self.batch_size == 1:
+            except RuntimeError as exc:  # torch.OutOfMemoryError is one
+                if not _out_of_memory(exc) or len(batch) == 1:
                     raise
                 del kwargs
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-                self.batch_size //= 2
+                self.batch_size = len(batch) // 2  # halve what failed (a block's last batch may be short)
                 log.warning("out of memory with %d windows per batch; retrying with %d", len(batch), self.batch_size)
                 continue
             done += len(batch)
