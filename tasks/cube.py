@@ -679,6 +679,7 @@ class CubeJob:
     plans: dict[str, SensorPlan]
     blocks: list[Block]  # every block, in Z order
     done: frozenset[str]  # blocks completed by an earlier, interrupted build
+    bad: dict[str, dict]  # assets those blocks found unreadable (not read again: they count as no-data)
 
     @property
     def partial(self) -> Path:
@@ -781,11 +782,12 @@ def prepare_cube(
         _create_store(partial / "cube.zarr", grid, bins, bin_days, plans, chunk, store_attrs)
         (partial / "blocks").mkdir()
         _write_json(record, {"digest": digest})
-    done = frozenset(p.stem for p in (partial / "blocks").glob("*.json"))
+    records = {p.stem: json.loads(p.read_text()) for p in (partial / "blocks").glob("*.json")}
+    done, bad = frozenset(records), {k: v for rec in records.values() for k, v in rec["bad"].items()}
     if storage.is_local(partial):  # a chunk whose write was killed leaves zarr's scratch file; its block is redone
         for scratch in (partial / "cube.zarr").rglob("*.partial"):
             scratch.unlink()
-    job = CubeJob(out_path, grid, plans, blocks_of(grid.shape, block), done)
+    job = CubeJob(out_path, grid, plans, blocks_of(grid.shape, block), done, bad)
     log.info("cube %s: %d of %d blocks to build", out_path.name, len(job.todo), len(job.blocks))
     return job
 
@@ -803,7 +805,7 @@ def build_blocks(
     """
     done_dir = job.partial / "blocks"
     group = zarr.open_group(storage.zarr_store(job.partial / "cube.zarr"), mode="r+", zarr_format=3)
-    bad = BadAssets()
+    bad = BadAssets(job.bad)
 
     def write(blk: Block, composites: dict[str, tuple[np.ndarray, np.ndarray]], new_bad: dict[str, dict]) -> Block:
         """Write a block's composites, then its record (so a resumed build never skips an unwritten block)."""
