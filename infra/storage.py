@@ -130,6 +130,14 @@ def replace(src: str | os.PathLike, dst: str | os.PathLike) -> UPath:
     return dst
 
 
+def make_folder(loc: str | os.PathLike) -> None:
+    """Create the local folder `loc` (and its parents); nothing on an object store, which has no folders (and whose
+    client would create a missing bucket, where a misspelt one should fail at the first write)."""
+    loc = location(loc)
+    if isinstance(loc, Path):
+        loc.mkdir(parents=True, exist_ok=True)
+
+
 @contextmanager
 def output_store(loc: str | os.PathLike) -> Iterator[Path | FsspecStore]:
     """A Zarr store to write, beside `loc`; published at `loc` when the block ends without error, else deleted."""

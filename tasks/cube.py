@@ -778,9 +778,9 @@ def prepare_cube(
         log.info("%s: parameters changed since the interrupted build; starting over", partial)
         storage.remove(partial)
     if not record.exists():
-        partial.mkdir(parents=True, exist_ok=True)
+        storage.make_folder(partial)
         _create_store(partial / "cube.zarr", grid, bins, bin_days, plans, chunk, store_attrs)
-        (partial / "blocks").mkdir()
+        storage.make_folder(partial / "blocks")
         _write_json(record, {"digest": digest})
     records = {p.stem: json.loads(p.read_text()) for p in (partial / "blocks").glob("*.json")}
     done, bad = frozenset(records), {k: v for rec in records.values() for k, v in rec["bad"].items()}

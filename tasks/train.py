@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from infra.errors import CropflowError
 from infra.runs import in_prefect_run
-from infra.storage import location, open_zarr, output_file
+from infra.storage import location, make_folder, open_zarr, output_file
 from models.losses import IoULoss
 from models.random_forest import RandomForest
 from models.registry import MODELS, build_model
@@ -379,7 +379,8 @@ def check_compatible(
         )
 
 
-def _read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
+def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
+    """The checkpoint dict at `path` (local or object store; tensors on the CPU, `weights_only`)."""
     path = location(path)
     if not path.is_file():
         raise CropflowError(f"{what} {path} not found; train a model first (or give the path of model.pt).")
@@ -387,12 +388,18 @@ def _read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
         return torch.load(f, map_location="cpu", weights_only=True)
 
 
+def load_best(model: nn.Module, result: TrainResult) -> nn.Module:
+    """`model` with the weights of the best checkpoint of its training run `result`."""
+    model.load_state_dict(read_checkpoint(result.checkpoint)["state_dict"])
+    return model
+
+
 def load_checkpoint(
     path: Path, bands: list[str], classes: list[dict] | None, sar_bands: list[str] | None = None
 ) -> tuple[nn.Module, dict]:
     """Model (eval mode, on CPU) and checkpoint dict from `path`, refused if its bands (`sar_bands` for a
     multi-modal model; None = the cube has no SAR) or classes (None: not checked) differ."""
-    ckpt = _read_checkpoint(path)
+    ckpt = read_checkpoint(path)
     check_compatible(ckpt, bands, classes, location(path), sar_bands)
     model = build_model(ckpt["model_name"], **ckpt["model_config"])
     model.load_state_dict(ckpt["state_dict"])
@@ -403,7 +410,7 @@ def load_pretrained_encoder(model: nn.Module, path: Path, bands: list[str]) -> d
     """Load the encoder of a masked pre-training checkpoint (`tasks.pretrain`) into `model` (`load_encoder`);
     returns the checkpoint, whose normalisation fine-tuning must use. Refused (`CropflowError`) for another kind
     of checkpoint, other bands or band order, a model without `load_encoder` or another encoder size."""
-    ckpt = _read_checkpoint(path, "pre-trained checkpoint")
+    ckpt = read_checkpoint(path, "pre-trained checkpoint")
     if ckpt.get("kind") != "pretrained_encoder":
         raise CropflowError(f"{path} is not a pre-training checkpoint (from pretrain_model); give its model.pt.")
     if [str(b) for b in ckpt["bands"]] != [str(b) for b in bands]:
@@ -479,8 +486,7 @@ def val_miou(row: dict) -> float:
 
 def _resume(path: Path, meta: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, int]:
     """Training state and epoch of `path` loaded into `model` and `optimizer`, refused if the run differs."""
-    with location(path).open("rb") as f:
-        ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     for key in ("model_name", "model_config", "bands", "sensor", "classes", "norm", "sar", "kind"):
         if ckpt.get(key) != meta.get(key):
             raise CropflowError(
@@ -516,7 +522,7 @@ def fit_loop(
     """
     started = time.monotonic() if started is None else started
     out_dir = location(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     best_path, last_path, csv_path = out_dir / "model.pt", out_dir / "last.pt", out_dir / "train_metrics.csv"
     logger = _run_logger()
     model.to(device)
@@ -641,7 +647,7 @@ def fit_forest(
     with the run's seed), validate it like the gradient models and write the same checkpoint files (epoch 1)."""
     t0 = time.monotonic()
     out_dir = location(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     rows, cols = np.nonzero((data.cube.split == SPLITS["train"]) & (data.cube.target >= 0))
     if rows.size > model.max_samples:
         pick = np.sort(np.random.default_rng(options.seed).choice(rows.size, model.max_samples, replace=False))
