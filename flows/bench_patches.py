@@ -45,6 +45,7 @@ from tasks.train import (
     TrainOptions,
     datasets,
     fit_loop,
+    load_best,
     model_inputs,
     val_scores,
 )
@@ -221,7 +222,7 @@ def _train_and_score(
         dev,
         description=f"{name} on patches",
     )
-    model.load_state_dict(torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    load_best(model, result)
     test_ds = PatchDataset(test, *data.norm, "test", "grid", max(test.target.shape))
     cm = np.zeros((k, k), np.int64)
     model.eval()

@@ -26,6 +26,7 @@ import torch
 from prefect import task
 from torch import nn
 
+from infra.storage import location
 from models.masking import cloud_gap_mask
 from models.modality_distillation import MultiModalBatch, hide_unobserved, pseudo_label_loss
 from models.registry import build_model
@@ -42,6 +43,7 @@ from tasks.train import (
     datasets,
     default_forward,
     fit_loop,
+    load_best,
     load_checkpoint,
     load_training_data,
     resolve_device,
@@ -160,15 +162,14 @@ def distill_incomplete(
         out_dir,
         options,
         dev,
-        description=f"joint reconstruction distillation from {Path(teacher).name}",
+        description=f"joint reconstruction distillation from {location(teacher).name}",
         started=started,
     )
 
 
 def _load_best(model: nn.Module, result: TrainResult, device: torch.device) -> nn.Module:
     """`model` with the weights of the best checkpoint of its run, frozen."""
-    model.load_state_dict(torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"])
-    return frozen(model, device)
+    return frozen(load_best(model, result), device)
 
 
 def distill_modalities(
@@ -195,7 +196,7 @@ def distill_modalities(
     the target's two backbones are `student_name` with `student_config`; `target_config` sets the target's other
     arguments (`embed_dim`, `temperature`, `tau`, weights). `threshold`: confidence of the kept pseudo-labels.
     """
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)
     results: dict[str, TrainResult] = {}
     if teacher is None:
         augment = {"min_valid_fraction": min_valid_fraction, "date_dropout": 0.0}

@@ -38,7 +38,7 @@ from models.masking import cloud_gap_mask
 from models.random_forest import RandomForest
 from tasks.evaluate import accuracy_metrics, confusion_matrix
 from tasks.preprocess import band_statistics, prepare_window
-from tasks.train import Batch, BatchLoss, Forward, TrainOptions, default_forward, fit_loop, resolve_device
+from tasks.train import Batch, BatchLoss, Forward, TrainOptions, default_forward, fit_loop, load_best, resolve_device
 
 S2_PREFIX, S1_PREFIX = "S2-L2A-", "S1-SIGMA0-"
 NODATA = 65535
@@ -337,7 +337,7 @@ def train_series(
             score=lambda row: row["val_macro_f1"],
             description=f"{name} on series",
         )
-        model.load_state_dict(torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+        load_best(model, result)
     return model.eval()
 
 

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import torch
-import xarray as xr
 from prefect import task
 
 from infra.errors import CropflowError
+from infra.storage import location, open_zarr
 from models.masking import PATTERNS, pretraining_mask
 from models.registry import build_model
 from tasks.dataset import load_cube_arrays, split_statistics
@@ -53,10 +53,10 @@ def pretrain_model(
     (early stopping and the best checkpoint follow the training loss; there are no labels to validate on).
     """
     started = time.monotonic()
-    if not Path(cube_path).exists():
+    if not location(cube_path).exists():
         raise CropflowError(f"cube {cube_path} not found; build the cube first.")
     dev = resolve_device(options.device)
-    cube = load_cube_arrays(xr.open_zarr(cube_path, chunks=None), sensor=SENSOR)
+    cube = load_cube_arrays(open_zarr(cube_path, chunks=None), sensor=SENSOR)
     data = TrainData(cube, [], split_statistics(cube, None, seed=options.seed))
     config = dict(model_config or {}) | {"in_channels": len(cube.bands), "num_classes": 1, "reconstruction_head": True}
     torch.manual_seed(options.seed)
@@ -82,7 +82,7 @@ def pretrain_model(
         options,
         dev,
         score=lambda row: -row["loss"],
-        description=f"STCLN masked pre-training on {Path(cube_path).name}",
+        description=f"STCLN masked pre-training on {location(cube_path).name}",
         started=started,
     )
 
