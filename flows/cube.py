@@ -8,7 +8,6 @@ builds them, so the cube is the same, bit for bit, as one built in a single proc
 
 from __future__ import annotations
 
-import os
 from datetime import date
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from infra.dask_cluster import DaskSettings, task_runner
 from tasks.cube import build_cube_tile_task, prepare_cube_task, publish_cube_task
 from tasks.grid import Bounds
 
-TILES_PER_WORKER = 4  # a few tiles per worker keep the workers busy to the end of the build
+TILES_PER_WORKER = 4  # a few tiles per worker thread keep the workers busy to the end of the build
 
 
 def build_cube_tiles(
@@ -39,14 +38,18 @@ def build_cube_tiles(
     `options` as `tasks.cube.prepare_cube`. A rerun after an interruption builds only the blocks still missing.
     """
     logger = get_run_logger()
+    dask = dask or DaskSettings.from_env()  # a bad CROPFLOW_DASK fails before the unfinished store is made
     job = prepare_cube_task(items_by_sensor, epsg, bounds, start, end, out_path, **options)
-    dask = dask or DaskSettings.from_env()
-    tiles = job.tiles((dask.workers or os.cpu_count() or 1) * TILES_PER_WORKER)
-    logger.info("cube %s: %d blocks to build in %d tiles on Dask", job.out_path.name, len(job.todo), len(tiles))
-    with task_runner(dask) as runner:
-        futures = [runner.submit(build_cube_tile_task, {"job": job, "tile": tile}) for tile in tiles]
-        built = sum(future.result() for future in futures)
-    logger.info("cube %s: %d blocks built", job.out_path.name, built)
+    if job.todo:
+        with task_runner(dask) as runner:
+            slots = sum(runner.client.nthreads().values())  # each tile task reads with one thread
+            tiles = job.tiles(slots * TILES_PER_WORKER)
+            logger.info(
+                "cube %s: %d blocks in %d tiles on %d Dask threads", job.out_path.name, len(job.todo), len(tiles), slots
+            )
+            futures = [runner.submit(build_cube_tile_task, {"job": job, "tile": tile}) for tile in tiles]
+            built = sum(future.result() for future in futures)
+        logger.info("cube %s: %d blocks built", job.out_path.name, built)
     return publish_cube_task(job)
 
 
