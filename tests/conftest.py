@@ -163,14 +163,9 @@ def bucket(s3_server, request: pytest.FixtureRequest) -> str:
 # Prefect: a temporary API server for the tests of a module that run flows (per module: harnesses never nest).
 
 
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-    # Prefect's concurrency-slot services keep a client of the server they first talked to (one per limit name, e.g.
-    # tag:gpu); stop them with this module's server, or the next module's tagged tasks call a server that is gone
+def stop_concurrency_services() -> None:
+    """Prefect's concurrency-slot services keep a client of the server they first talked to (one per limit name, e.g.
+    tag:gpu); stop them around each module's server, or tagged tasks call a server that is gone."""
     from prefect.concurrency import services
     from prefect.concurrency.v1 import services as v1_services
 
@@ -180,3 +175,13 @@ def prefect_server() -> Iterator[None]:
         v1_services.ConcurrencySlotAcquisitionService,
     ):
         service.drain_all(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def prefect_server() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    stop_concurrency_services()
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    stop_concurrency_services()

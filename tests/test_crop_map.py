@@ -20,21 +20,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def tiny_sample(stac_api: Settings) -> Path:
     from flows.demo import ensure_sample
 
     return ensure_sample("sample-tiny")
 
 
-def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_harness, tmp_path):
+def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_server, tmp_path):
     """Search -> cube -> train -> tiled inference -> map: georeferenced like the cube, far better than chance."""
     from flows.crop_map import crop_map
     from flows.params import ModelSpec

@@ -84,18 +84,20 @@ def test_regions_as_catalog_names_geojson_and_bbox(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory):
     """`cropflow server up` in a temporary home on a free port; Prefect clients here and in subprocesses use it."""
-    from conftest import free_port
+    from conftest import free_port, stop_concurrency_services
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from infra import prefect_server
 
     settings = Settings(tmp_path_factory.mktemp("prefect-server"), 0, 0, prefect_port=free_port())
     url = prefect_server.up(settings)
+    stop_concurrency_services()
     try:
         with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: url}):
             mp.setenv("PREFECT_API_URL", url)
             yield url
     finally:
+        stop_concurrency_services()
         prefect_server.down(settings)
 
 

@@ -109,11 +109,10 @@ def test_hide_dates_needs_grid_patches_and_one_row_per_patch(setup):
 
 
 @pytest.mark.slow
-def test_reports_published_as_artifacts_inside_a_flow(setup, tmp_path):
+def test_reports_published_as_artifacts_inside_a_flow(setup, prefect_server, tmp_path):
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.testing.utilities import prefect_test_harness
 
     from tasks.evaluate import evaluate_map
     from tasks.robustness import robustness_report_task
@@ -126,11 +125,10 @@ def test_reports_published_as_artifacts_inside_a_flow(setup, tmp_path):
         evaluate_map(grid.astype(np.uint8), grid.astype(np.int16), np.full((2, 2), 3, np.uint8), classes, tmp_path)
         return robustness_report_task(*setup["args"], tmp_path, patch_size=PATCH, repeats=1, device="cpu")
 
-    with prefect_test_harness(server_startup_timeout=120):
-        report = report_flow()
-        with get_client(sync_client=True) as client:
-            keys = ArtifactFilterKey(any_=["crop-map-accuracy", "robustness"])
-            found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=keys))}
+    report = report_flow()
+    with get_client(sync_client=True) as client:
+        keys = ArtifactFilterKey(any_=["crop-map-accuracy", "robustness"])
+        found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=keys))}
     assert found["crop-map-accuracy"].type == "markdown" and "Area-adjusted" in found["crop-map-accuracy"].data
     assert found["robustness"].type == "table" and len(report["rows"]) == 10
     assert json.loads(found["robustness"].data)[0]["overall_accuracy"] == pytest.approx(

@@ -352,11 +352,10 @@ def test_metrics_artifact_skipped_outside_a_run():
 
 
 @pytest.mark.slow
-def test_task_in_a_flow_publishes_metrics_table(region, tmp_path):
+def test_task_in_a_flow_publishes_metrics_table(region, prefect_server, tmp_path):
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.testing.utilities import prefect_test_harness
 
     from tasks.train import train_model_task
 
@@ -364,12 +363,9 @@ def test_task_in_a_flow_publishes_metrics_table(region, tmp_path):
     def train_flow():
         return train_model_task(region["cube"], region["labels"], region["classes"], tmp_path, epochs=2, **FAST)
 
-    with prefect_test_harness(server_startup_timeout=120):
-        result = train_flow()
-        with get_client(sync_client=True) as client:
-            artifacts = client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-metrics"]))
-            )
+    result = train_flow()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-metrics"])))
     assert result.epochs_run == 2
     assert len(artifacts) == 1 and artifacts[0].type == "table"
     table = json.loads(artifacts[0].data)
