@@ -164,19 +164,29 @@ def load_pixel_csv(path: Path, bands: Sequence[str], class_map: Path | None = No
         raise CropflowError(f"{path}: {raw.shape[1]} columns, not class, id and {c} values per date.")
     values = raw[:, 2:].reshape(len(raw), -1, c).astype(np.float32)
     codes = raw[:, 0].astype(np.int64)
-    names = {}
-    if class_map is not None and Path(class_map).is_file():
-        rows = pd.read_csv(class_map)
-        names = dict(zip(rows.iloc[:, 0].astype(int), rows.iloc[:, 1].astype(str), strict=True))
     present = np.unique(codes)
     t = values.shape[1]
+    notes = [f"{len(codes)} pixels of {path.name}, {t} dates (no dates in the file: spread evenly over a year)"]
+    names = {int(v): str(v) for v in present}
+    if class_map is not None and Path(class_map).is_file():
+        rows = pd.read_csv(class_map)
+        mapped = dict(zip(rows.iloc[:, 0].astype(int), rows.iloc[:, 1].astype(str), strict=True))
+        if all(int(v) in mapped for v in present):
+            names = {int(v): mapped[int(v)] for v in present}
+        elif all(int(v) + 1 in mapped for v in present):
+            # the TempCNN example files number classes from 0 and their class_map.txt from 1
+            names = {int(v): mapped[int(v) + 1] for v in present}
+            notes.append(f"class codes are 0-based, {Path(class_map).name} 1-based: code c is value c + 1")
+        else:
+            missing = sorted(int(v) for v in present if int(v) not in mapped)
+            raise CropflowError(f"{path}: class codes {missing} are not in {class_map}; add them or fix the file.")
     return SeriesSet(
         optical=values,
         bands=list(bands),
         doy=np.round(np.linspace(1, 365, t)).astype(np.int64),
         labels=np.searchsorted(present, codes),
-        classes=[names.get(int(v), str(v)) for v in present],
-        notes=[f"{len(codes)} pixels of {path.name}, {t} dates (no dates in the file: spread evenly over a year)"],
+        classes=[names[int(v)] for v in present],
+        notes=notes,
     )
 
 

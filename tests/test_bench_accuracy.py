@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from flows.bench import app
 from infra.errors import CropflowError
 from infra.settings import real_data_dir
-from tasks.parcels import Norms, hide_observed_dates, load_parcels, model_batch, stratified_folds
+from tasks.parcels import Norms, hide_observed_dates, load_parcels, load_pixel_csv, model_batch, stratified_folds
 
 REAL = real_data_dir()
 
@@ -88,6 +88,20 @@ def test_hidden_dates_are_a_fraction_of_the_observed_ones() -> None:
 def test_stratified_folds_refuses_too_small_classes() -> None:
     with pytest.raises(CropflowError, match="fewer than the 5 folds"):
         stratified_folds(np.array([0] * 10 + [1] * 3), 5, seed=0)
+
+
+def test_pixel_csv_class_names_follow_the_class_map(tmp_path: Path) -> None:
+    table = np.array([[0, 7, 0.1, 0.2, 0.3, 0.4], [2, 8, 0.5, 0.6, 0.7, 0.8]])
+    np.savetxt(tmp_path / "px.csv", table, delimiter=",")
+    (tmp_path / "one_based.txt").write_text("value,class\n1,wheat\n2,barley\n3,rapeseed\n")
+    pixels = load_pixel_csv(tmp_path / "px.csv", ["nir", "red"], tmp_path / "one_based.txt")
+    assert pixels.classes == ["wheat", "rapeseed"] and pixels.labels.tolist() == [0, 1]
+    assert pixels.optical.shape == (2, 2, 2) and pixels.optical[1, 1].tolist() == pytest.approx([0.7, 0.8])
+    (tmp_path / "zero_based.txt").write_text("value,class\n0,wheat\n1,barley\n2,rapeseed\n")
+    assert load_pixel_csv(tmp_path / "px.csv", ["nir", "red"], tmp_path / "zero_based.txt").classes[1] == "rapeseed"
+    (tmp_path / "short.txt").write_text("value,class\n0,wheat\n")
+    with pytest.raises(CropflowError, match=r"class codes \[2\] are not in"):
+        load_pixel_csv(tmp_path / "px.csv", ["nir", "red"], tmp_path / "short.txt")
 
 
 @pytest.mark.skipif(REAL is None, reason="real data not found (set CROPFLOW_REAL_DATA)")
