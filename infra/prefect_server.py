@@ -16,16 +16,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
 from infra.errors import CropflowError
 from infra.settings import Settings
-from infra.stac_api import _check_port, _pid_alive
+from infra.stac_api import _api_port, _check_port, _cmdline, _http_client, _pid_alive, _signal_group, _tail, _wait_gone
 
 STARTUP_TIMEOUT_S = 120.0  # a cold start migrates the database: up to a minute on a busy 2-core machine
 PREFECT_DATABASE = "prefect"
 STATE_FILE = Path("prefect-server", "server.json")  # under CROPFLOW_HOME
+SERVER_ARGS = ["-m", "prefect", "server", "start"]  # after the interpreter, in the command line of our server
 
 
 def server_dir(settings: Settings) -> Path:
@@ -46,17 +48,22 @@ def _state(settings: Settings) -> dict | None:
 
 
 def running_state(home: Path) -> dict | None:
-    """The state (`pid`, `url`, `database`) of the server of the installation in `home` if its process runs."""
+    """The state (`pid`, `url`, `database`) of the server of the installation in `home` if its process runs: the
+    pid of the state file is alive and its command line is that of `up`'s server on the state's port (a stale pid
+    reused by another process is not ours)."""
     try:
         state = json.loads((home / STATE_FILE).read_text())
-    except (OSError, ValueError):
+        pid, port = int(state["pid"]), urlsplit(state["url"]).port
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return state if _pid_alive(int(state["pid"])) else None
+    ours = _pid_alive(pid) and _cmdline(pid)[1:5] == SERVER_ARGS and _api_port(pid) == port
+    return state if ours else None
 
 
 def _healthy(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/health", timeout=5).status_code == 200
+        with _http_client() as client:
+            return client.get(f"{url}/health").status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -98,9 +105,9 @@ def up(settings: Settings, postgres: bool = False) -> str:
     if postgres:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = _postgres_url(settings)
     log = folder / "server.log"
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-    cmd += ["--port", str(settings.prefect_port)]
+    cmd = [sys.executable, *SERVER_ARGS, "--host", "127.0.0.1", "--port", str(settings.prefect_port)]
     with log.open("ab") as out:
+        offset = out.tell()
         proc = subprocess.Popen(
             cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
@@ -110,8 +117,7 @@ def up(settings: Settings, postgres: bool = False) -> str:
     while not _healthy(url):
         if proc.poll() is not None or time.monotonic() > deadline:
             down(settings)
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-            raise CropflowError(f"the Prefect server did not start; the end of {log}:\n{tail}")
+            raise CropflowError(f"the Prefect server did not start; the end of {log}:\n{_tail(log, settings, offset)}")
         time.sleep(0.5)
     return url
 
@@ -121,12 +127,10 @@ def down(settings: Settings) -> None:
     state = _state(settings)
     if state:
         pid = int(state["pid"])
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _pid_alive(pid):
-            os.killpg(pid, signal.SIGKILL)
+        _signal_group(pid, signal.SIGTERM)  # start_new_session made it a group leader: the server and its children
+        if not _wait_gone(pid, 30):
+            _signal_group(pid, signal.SIGKILL)
+            _wait_gone(pid, 5)
     _state_file(settings).unlink(missing_ok=True)
 
 

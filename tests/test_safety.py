@@ -10,7 +10,10 @@ import ast
 import functools
 import json
 import logging
+import subprocess
+import threading
 from datetime import date
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -102,6 +105,68 @@ def test_prefect_server_listens_on_loopback_only(tmp_path: Path) -> None:
     finally:
         prefect_server.down(settings)
     assert not _listening(settings.prefect_port)
+
+
+def test_prefect_server_trusts_no_stale_pid_file(tmp_path: Path) -> None:
+    """A pid file whose process is not our server (the pid reused since) names no server: nothing is signalled."""
+    from conftest import free_port
+
+    from infra import prefect_server
+
+    settings = Settings(home=tmp_path, stac_port=free_port(), pg_port=free_port(), prefect_port=free_port())
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)  # a group leader, as the server would be
+    try:
+        state = {"pid": other.pid, "url": prefect_server.api_url(settings), "database": "sqlite"}
+        (tmp_path / prefect_server.STATE_FILE).parent.mkdir(parents=True)
+        (tmp_path / prefect_server.STATE_FILE).write_text(json.dumps(state))
+        assert prefect_server.running_state(tmp_path) is None
+        assert not prefect_server.status(settings)["running"]
+        prefect_server.down(settings)
+        assert other.poll() is None, "down() signalled a process that is not the Prefect server"
+        assert not (tmp_path / prefect_server.STATE_FILE).exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_prefect_server_start_failure_quotes_its_log_without_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import free_port
+
+    from infra import prefect_server
+
+    secret = "fake-pg-password-0c41d7"
+    monkeypatch.setenv("CROPFLOW_PG_PASSWORD", secret)
+    monkeypatch.setenv("PREFECT_SERVER_API_KEEPALIVE_TIMEOUT", secret)  # the server's settings check quotes it, exits
+    settings = Settings(home=tmp_path, stac_port=free_port(), pg_port=free_port(), prefect_port=free_port())
+    with pytest.raises(CropflowError, match="the Prefect server did not start") as refused:
+        prefect_server.up(settings)
+    assert "input_value='***'" in str(refused.value) and secret not in str(refused.value)
+    assert secret in (tmp_path / "prefect-server" / "server.log").read_text()  # the log has it, the message not
+
+
+def test_local_health_checks_ignore_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra import prefect_server
+
+    class Healthy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # no proxy there: a request through it fails
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    try:
+        assert prefect_server._healthy(f"http://127.0.0.1:{server.server_port}/api")
+    finally:
+        server.shutdown()
 
 
 SECRETS = {
