@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from flows import commands
 from flows.bench import app as bench_app
@@ -116,14 +117,14 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except CropflowError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # "[west, ...]" is not markup
         sys.exit(2)
     except OSError as exc:
         if exc.errno not in WRITE_ERRORS:
             raise
         console.print(
-            f"[bold red]error:[/] cannot write {exc.filename or 'an output'}: {exc.strerror}. Free space or choose "
-            "another --outputs; outputs published before are left as they were.",
+            f"[bold red]error:[/] cannot write {escape(str(exc.filename or 'an output'))}: {exc.strerror}. Free "
+            "space or choose another --outputs; outputs published before are left as they were.",
             highlight=False,
         )
         sys.exit(2)

@@ -23,24 +23,22 @@ from pydantic import (
 )
 from upath import UPath
 
-from flows.regions import Region, resolve_region
+from flows.regions import Region, parse_season, resolve_region
 from infra.errors import CropflowError
 from infra.settings import get_settings
 from infra.storage import is_local, location
 
 DEFAULT_SENSORS = ("s2", "s1", "landsat")
-SEASON_FORMS = "a year (2024), a date range (2024-03-01..2024-10-31), 'current' or 'last'"
 MIN_FREE_BYTES = 100 * 2**20  # a run folder of the smallest region takes tens of MB
 
 
 def check_season(value: int | str | None) -> int | str | None:
-    """A season as written by a user: a year, `START..END` dates, `current`, `last` or None (the region's)."""
-    if value is None or isinstance(value, int):
-        return value
-    text = value.strip()
-    if re.fullmatch(r"\d{4}|current|last|\d{4}-\d{2}-\d{2}\.\.\d{4}-\d{2}-\d{2}", text):
-        return int(text) if text.isdigit() else text
-    raise CropflowError(f"season {value!r} is not a season; give {SEASON_FORMS}.")
+    """A season as written by a user (`flows.regions.parse_season`), as a parameter: a year, `START..END`,
+    `current`, `last` or None (the region's)."""
+    parsed = parse_season(value)
+    if isinstance(parsed, tuple):
+        return f"{parsed[0]}..{parsed[1]}"
+    return parsed
 
 
 def listed(text: str) -> list[str]:
@@ -133,7 +131,7 @@ def resolve_run(
     """The region, season dates and output folder of a run (`outputs` defaults to `$CROPFLOW_HOME/outputs`)."""
     settings = get_settings()
     reg = resolve_region(region, settings, labels=labels, classes=classes)
-    start, end = reg.season_dates(check_season(season))
+    start, end = reg.season_dates(season)
     if reg.name in ("", ".", "..") or any(c in reg.name for c in "/\\\0"):
         raise CropflowError(f"region name {reg.name!r} cannot name a run folder; give one without '/', '\\' or '..'.")
     if outputs and is_local(outputs) and not Path(outputs).is_absolute() and ".." in Path(outputs).parts:

@@ -17,6 +17,7 @@ from infra.settings import Settings
 from tasks.grid import check_bbox, region_grid
 
 CATALOG = Path(__file__).with_name("regions.yaml")
+SEASON_FORMS = "a year (2024), a date range (2024-03-01..2024-10-31), 'current' or 'last'"
 FIELDS = (  # of a catalog entry
     "description",
     "sample",
@@ -62,38 +63,48 @@ class Region:
         return date(start_year, sm, sd), date(year, em, ed)
 
     def season_dates(self, season: int | str | None, today: date | None = None) -> tuple[date, date]:
-        """`(start, end)` of `season`: None = the catalog's season; a year (2024) = that year's season by the crop
-        calendar; a date range `YYYY-MM-DD..YYYY-MM-DD`; `current` = the latest season started, until today;
-        `last` = the latest season ended."""
+        """`(start, end)` of `season` (`parse_season`): None = the catalog's season; a year (2024) = that year's
+        season by the crop calendar; a date range `YYYY-MM-DD..YYYY-MM-DD`; `current` = the latest season started,
+        until today; `last` = the latest season ended."""
         today = today or date.today()
-        text = str(season).strip() if season is not None else ""
-        if not text:
+        parsed = parse_season(season)
+        if parsed is None:
             if self.season is None:
                 raise CropflowError(f"region {self.name!r} has no default season; give a season (e.g. 2024).")
             return self.season
-        if re.fullmatch(r"\d{4}", text):
-            return self.season_of(int(text))
-        if text == "current":  # the latest season started by today, up to today
+        if isinstance(parsed, int):
+            return self.season_of(parsed)
+        if parsed == "current":  # the latest season started by today, up to today
             year = today.year + 1
             while self.season_of(year)[0] > today:
                 year -= 1
             start, end = self.season_of(year)
             return start, min(end, today)
-        if text == "last":  # the latest season over
+        if parsed == "last":  # the latest season over
             year = today.year
             while self.season_of(year)[1] >= today:
                 year -= 1
             return self.season_of(year)
-        start, sep, end = text.partition("..")
-        if sep:
-            first, last = _date(start, "season start", self.name), _date(end, "season end", self.name)
-            if last < first:
-                raise CropflowError(f"season {text!r} ends before it starts; give START..END with START first.")
-            return first, last
-        raise CropflowError(
-            f"season {text!r} is not a season; give a year (2024), a date range (2024-03-01..2024-10-31), "
-            "'current' or 'last'."
-        )
+        return parsed
+
+
+def parse_season(season: int | str | None) -> int | tuple[date, date] | str | None:
+    """A season as written by a user, parsed: None (or blank) = the region's default; a year; `START..END` as two
+    dates, START first; `current` or `last`. Anything else is a `CropflowError` saying what a season can be."""
+    text = str(season).strip() if season is not None else ""
+    if not text:
+        return None
+    if re.fullmatch(r"\d{4}", text):
+        return int(text)
+    if text in ("current", "last"):
+        return text
+    start, sep, end = text.partition("..")
+    if not sep:
+        raise CropflowError(f"season {text!r} is not a season; give {SEASON_FORMS}.")
+    first, last = _date(start.strip(), f"season {text!r}: start"), _date(end.strip(), f"season {text!r}: end")
+    if last < first:
+        raise CropflowError(f"season {text!r} ends before it starts; give START..END with START first.")
+    return first, last
 
 
 def load_catalog(path: Path | None = None) -> dict[str, dict]:
@@ -109,20 +120,54 @@ def load_catalog(path: Path | None = None) -> dict[str, dict]:
     return regions
 
 
-def _date(value: object, field: str, name: str) -> date:
+def _date(value: object, field: str) -> date:
+    """`value` as a date (a YAML date or `YYYY-MM-DD` text); `field` names it in the message otherwise."""
+    if isinstance(value, date):
+        return value
     try:
-        return value if isinstance(value, date) else date.fromisoformat(str(value))
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(value)):
+            return date.fromisoformat(str(value))
     except ValueError:
-        raise CropflowError(f"region {name!r}: {field}={value!r} is not a date; use YYYY-MM-DD.") from None
+        pass
+    raise CropflowError(f"{field}={str(value)!r} is not a date; use YYYY-MM-DD (e.g. 2024-03-01).")
+
+
+def _every_year_day(text: str) -> bool:
+    """Whether `text` is an `MM-DD` that every year has (2001 has no 29 February)."""
+    try:
+        return bool(re.fullmatch(r"\d{2}-\d{2}", text)) and bool(date.fromisoformat(f"2001-{text}"))
+    except ValueError:
+        return False
+
+
+def _number(
+    entry: dict, key: str, kind: type[int] | type[float], name: str, default: float | None = None
+) -> float | None:
+    """The entry's number `key` (`default` when absent), or a message naming the field."""
+    value = entry.get(key)
+    if value is None:
+        return default
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        what = "an integer EPSG code (e.g. 32631)" if kind is int else "a number"
+        raise CropflowError(f"region {name!r}: {key}={value!r} is not {what}.") from None
 
 
 def _calendar(entry: dict, season: tuple[date, date], name: str) -> tuple[str, str]:
-    """The crop calendar `(MM-DD, MM-DD)`: the entry's `calendar`, else the month-days of its season."""
-    cal = entry.get("calendar") or {"start": season[0].strftime("%m-%d"), "end": season[1].strftime("%m-%d")}
+    """The crop calendar `(MM-DD, MM-DD)`: the entry's `calendar`, else the month-days of its season. Each must be
+    a day of every year (not 02-29), as a year's season is built from it."""
+    given = entry.get("calendar")
+    if given is not None and not isinstance(given, dict):
+        raise CropflowError(f"region {name!r}: calendar={given!r} must be {{start: MM-DD, end: MM-DD}}.")
+    cal = given or {"start": season[0].strftime("%m-%d"), "end": season[1].strftime("%m-%d")}
     for key in ("start", "end"):
-        if not re.fullmatch(r"\d{2}-\d{2}", str(cal.get(key, ""))):
-            raise CropflowError(f"region {name!r}: calendar.{key}={cal.get(key)!r} is not a month-day; use MM-DD.")
-        _date(f"2000-{cal[key]}", f"calendar.{key}", name)
+        if not _every_year_day(str(cal.get(key, ""))):
+            field = f"calendar.{key}" if given else f"season.{key} (its month-day)"
+            raise CropflowError(
+                f"region {name!r}: {field}={cal.get(key)!r} is not a day of every year; use MM-DD from 01-01 to "
+                "12-31, not 02-29 (e.g. 02-28 or 03-01)."
+            )
     return str(cal["start"]), str(cal["end"])
 
 
@@ -178,7 +223,7 @@ def resolve_region(
                 Path(name).stem, geojson_bbox(Path(name)), name, labels=labels, classes=classes, season=None
             )
         if re.fullmatch(r"\s*-?[\d.]+(\s*,\s*-?[\d.]+){3}\s*", name):
-            box = [float(v) for v in name.split(",")]
+            box = check_bbox(name.split(","), f"region bbox {name!r}")
             label = "bbox_" + "_".join(f"{v:.4f}" for v in box)
             return _gridded(label, box, f"region bbox {name!r}", labels=labels, classes=classes, season=None)
         raise CropflowError(
@@ -195,7 +240,7 @@ def resolve_region(
     season = entry.get("season") or {}
     if "start" not in season or "end" not in season:
         raise CropflowError(f"region {name!r} in {catalog.name} needs season.start and season.end (YYYY-MM-DD).")
-    start, end = _date(season["start"], "season.start", name), _date(season["end"], "season.end", name)
+    start, end = (_date(season[k], f"region {name!r}: season.{k}") for k in ("start", "end"))
     common = {
         "season": (start, end),
         "calendar": _calendar(entry, (start, end), name),
@@ -229,8 +274,8 @@ def resolve_region(
         name,
         bbox,
         f"region {name!r}: bbox",
-        float(entry.get("resolution", 10.0)),
-        int(entry["epsg"]) if entry.get("epsg") else None,
+        _number(entry, "resolution", float, name, 10.0),
+        _number(entry, "epsg", int, name),
         labels=labels or (base / entry["labels"]).resolve(),
         classes=classes or (base / entry["classes"]).resolve(),
         **common,

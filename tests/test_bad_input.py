@@ -45,6 +45,9 @@ def inputs(tiny_region: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         "good": good,
         "no-labels-field": {k: v for k, v in good.items() if k != "labels"},
         "typo": {**good, "bbx": good["bbox"]},
+        "leap-day": {**good, "calendar": {"start": "02-29", "end": "10-31"}},
+        "resolution-text": {**good, "resolution": "10m"},
+        "epsg-text": {**good, "epsg": "utm"},
         "../escape": good,
     }
     (folder / "regions.yaml").write_text(yaml.safe_dump({"regions": regions}))
@@ -70,6 +73,7 @@ def _bbox_run(region: str, labels: str = "{labels}", *more: str) -> list[str]:
 CASES = [
     ("bbox-out-of-range", _bbox_run("200,10,201,11"), "is outside longitude -180..180 / latitude -90..90"),
     ("bbox-inverted", _bbox_run("4.5,50.9,4.4,51.0"), "is inverted or empty; need west < east, south < north"),
+    ("bbox-malformed-number", _bbox_run("4..4,50.9,4.5,51.0"), "must be four numbers [west, south, east, north]"),
     ("geometry-self-intersecting", _bbox_run("{folder}/bowtie.geojson"), "geometry 0 is not valid (Self-intersection"),
     ("catalog-unknown", [*_bbox_run("{bbox}"), "--catalog", "nowhere"], "unknown catalog 'nowhere'; known catalogs:"),
     ("catalog-unknown-field", [*_bbox_run("{bbox}"), "--catalog", "typo"], "unknown field(s) urll; valid fields: url"),
@@ -81,6 +85,18 @@ CASES = [
     ("labels-class-absent", _bbox_run("{bbox}", "{folder}/c42.parquet"), "class ids [42] are not in the class map "),
     ("region-missing-field", ["crop-map", "--region", "no-labels-field"], "is missing field(s): labels"),
     ("region-unknown-field", ["crop-map", "--region", "typo"], "unknown field(s) bbx; valid fields: description"),
+    (
+        "region-calendar-leap-day",
+        ["crop-map", "--region", "leap-day", "--season", "2023"],
+        "calendar.start='02-29' is not a day of every year; use MM-DD from 01-01 to 12-31",
+    ),
+    ("region-resolution-not-a-number", ["crop-map", "--region", "resolution-text"], "resolution='10m' is not a number"),
+    ("region-epsg-not-a-number", ["crop-map", "--region", "epsg-text"], "epsg='utm' is not an integer EPSG code"),
+    (
+        "season-not-a-date",
+        ["crop-map", "--region", "good", "--season", "2024-02-30..2024-10-31"],
+        "start='2024-02-30' is not a date; use YYYY-MM-DD",
+    ),
     ("region-name-escapes", ["crop-map", "--region", "../escape"], "cannot name a run folder"),
     ("outputs-escape", ["crop-map", "--region", "good", "--outputs", "../../etc"], "climbs out of the working folder"),
 ]
