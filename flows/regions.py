@@ -1,5 +1,6 @@
-"""The region catalog (`flows/regions.yaml`): a region's grid, crop calendar, labels, class map and schedules by
-name; and regions given as a GeoJSON file or a lon/lat bbox, and seasons given as a year or a date range."""
+"""The region catalog (`flows/regions.yaml`): a region's grid, crop calendar, labels, class map and schedules (those
+are read by `flows.deploy`) by name; and regions given as a GeoJSON file or a lon/lat bbox, and seasons given as a
+year or a date range."""
 
 from __future__ import annotations
 
@@ -53,7 +54,6 @@ class Region:
     source_dir: Path | None = None
     sample: dict | None = None
     calendar: tuple[str, str] = ("01-01", "12-31")
-    schedules: tuple[dict, ...] = ()
 
     def season_of(self, year: int) -> tuple[date, date]:
         """The season of `year` by the crop calendar; a calendar ending before it starts (e.g. winter wheat,
@@ -244,7 +244,6 @@ def resolve_region(
     common = {
         "season": (start, end),
         "calendar": _calendar(entry, (start, end), name),
-        "schedules": tuple(entry.get("schedules") or ()),
     }
     if "sample" in entry:
         folder = settings.regions_dir / name

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -121,7 +122,7 @@ def _task_states(client) -> Counter:
 # Deployments, schedules, limits
 
 
-def test_deploy_creates_deployments_schedules_pools_and_limits(prefect_api):
+def test_deploy_creates_deployments_schedules_pools_and_limits(prefect_api, tmp_path, monkeypatch):
     from prefect import get_client
 
     from flows.deploy import CPU_POOL, GPU_POOL, DeployOptions, apply_deployments
@@ -129,13 +130,22 @@ def test_deploy_creates_deployments_schedules_pools_and_limits(prefect_api):
     from flows.steps import build_cube
 
     regions = yaml.safe_load(CATALOG.read_text())["regions"]
-    applied = apply_deployments(DeployOptions(gpus=1, backfill_limit=3, catalog_rate=0.5), regions)
-    assert apply_deployments(DeployOptions(gpus=1, backfill_limit=3, catalog_rate=0.5), regions) == applied
+    weekly = {"slug": "weekly", "cron": "30 5 * * 2", "timezone": "Europe/Paris", "parameters": {"season": 2025}}
+    regions["wheat-belt"] = {**regions["sample-tiny"], "schedules": [weekly]}  # sample-tiny has none
+    catalog = tmp_path / "regions.yaml"
+    catalog.write_text(yaml.safe_dump({"regions": regions}))
+    monkeypatch.setenv("CROPFLOW_REGIONS", str(catalog))  # the region catalog that `cropflow deploy` reads
+    applied = apply_deployments(DeployOptions(gpus=1, backfill_limit=3, catalog_rate=0.5))
+    assert apply_deployments(DeployOptions(gpus=1, backfill_limit=3, catalog_rate=0.5)) == applied
     assert set(applied) == {f"{f}/default" for f in ("build_cube", "train", "predict", "crop_map", "backfill")} | {
         "crop_map/backfill",
         "crop_map/sample",
+        "crop_map/wheat-belt",
     }
     with get_client(sync_client=True) as client:
+        [wheat] = client.read_deployment_by_name("crop_map/wheat-belt").schedules
+        assert (wheat.slug, wheat.schedule.cron, wheat.schedule.timezone) == ("weekly", "30 5 * * 2", "Europe/Paris")
+        assert wheat.parameters == {"region": "wheat-belt", "season": 2025}
         sample = client.read_deployment_by_name("crop_map/sample")
         schedules = {s.slug: s for s in sample.schedules}
         assert {slug: s.schedule.cron for slug, s in schedules.items()} == {
@@ -160,6 +170,29 @@ def test_deploy_creates_deployments_schedules_pools_and_limits(prefect_api):
         assert set(client.read_deployment_by_name("build_cube/default").parameter_openapi_schema["properties"]) == set(
             build_cube.parameters.properties
         )
+
+
+def test_region_schedules_are_checked_before_anything_is_deployed():
+    from flows.deploy import DeployOptions, deployments
+
+    weekly = {"slug": "weekly", "cron": "0 6 * * 1", "parameters": {"season": "current"}}
+    refused = [
+        ({**weekly, "cron": "61 6 * * 1"}, 'Invalid cron string: "61 6 * * 1"'),
+        ({**weekly, "timezone": "Mars/Olympus"}, "timezone 'Mars/Olympus' is unknown; give an IANA name"),
+        ({**weekly, "every": "monday"}, "unknown field(s) every; valid: slug, cron, timezone"),
+        ({**weekly, "parameters": {"seasn": 2024}}, "but was provided with parameters ['seasn', 'region']"),
+        ({**weekly, "parameters": {"season": "spring"}}, "season 'spring' is not a season; give a year"),
+        ({**weekly, "parameters": {"model": {"epoch": 3}}}, "model.epoch: Extra inputs are not permitted"),
+        ({**weekly, "parameters": {"region": "elsewhere"}}, "parameters must be a mapping of crop_map parameters"),
+        ({"slug": "weekly"}, "needs a cron string"),
+    ]
+    for schedule, message in refused:
+        with pytest.raises(CropflowError, match=re.escape("region 'r': schedule 0") + ".*" + re.escape(message)):
+            deployments(DeployOptions(), {"r": {"schedules": [schedule]}})
+    with pytest.raises(CropflowError, match="schedule 1: slug 'weekly' is used twice"):
+        deployments(DeployOptions(), {"r": {"schedules": [weekly, weekly]}})
+    [scheduled] = [d for d in deployments(DeployOptions(), {"r": {"schedules": [weekly]}}) if d.name == "r"]
+    assert [s.parameters for s in scheduled.schedules] == [{"region": "r", "season": "current"}]
 
 
 WORKER_SEASON = "2024-04-01..2024-05-31"
