@@ -45,6 +45,7 @@ from tasks.distill import (
     modality_target_loss,
     optical_student_loss,
     sar_student_loss,
+    warm_start,
 )
 from tasks.figures import png_figure
 from tasks.parcels import (
@@ -104,16 +105,6 @@ class Bench:
         name, config = SERIES_MODELS[key]
         model = self.build(name, in_channels=channels, num_classes=len(data.classes), **config)
         return train_series(model, loss_on(IoULoss(ce_weight=0.5), model), train, val, data.classes, self.options)
-
-
-def warm_start(model: torch.nn.Module, teacher: torch.nn.Module) -> torch.nn.Module:
-    """`model` with the teacher's weights wherever a parameter or buffer has the same name and shape (the student of
-    a teacher with the same backbone starts where the teacher is; only a new head or branch starts afresh)."""
-    own = model.state_dict()
-    model.load_state_dict(
-        {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}, strict=False
-    )
-    return model
 
 
 def _summary(values: list[float]) -> dict:

@@ -53,7 +53,7 @@ def backfill(
     exists. Every season is checked before any runs; the flow fails if any season's run failed."""
     logger = get_run_logger()
     wanted = parse_seasons(seasons)
-    runs = [check_request(region, s, sensors, catalog, labels, classes, outputs) for s in wanted]
+    runs = [check_request(region, s, sensors, catalog, labels, classes, outputs, model) for s in wanted]
     params = {
         "region": region,
         "sensors": sensors,

@@ -36,6 +36,16 @@ CloudOpt = Annotated[float | None, typer.Option(help="keep items with eo:cloud_c
 ModelOpt = Annotated[str, typer.Option(help="model name (models/registry.py)")]
 Epochs = Annotated[int, typer.Option(help="maximum training epochs")]
 Budget = Annotated[float, typer.Option(help="training time budget in seconds")]
+PretrainOpt = Annotated[
+    int, typer.Option(help="stcln: epochs of masked pre-training on every cube pixel before fine-tuning")
+]
+TeacherOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="model.pt of an optical model to distill: joint_reconstruction (incomplete series) or "
+        "modality_distillation (S2 + S1 of the cube)"
+    ),
+]
 LabelsOpt = Annotated[Path | None, typer.Option(help="labels file (default: the region's)")]
 ClassesOpt = Annotated[Path | None, typer.Option(help="class map classes.json (default: the region's)")]
 Outputs = Annotated[
@@ -72,12 +82,17 @@ def crop_map_cmd(
     classes: ClassesOpt = None,
     outputs: Outputs = None,
     robustness: Annotated[bool, typer.Option(help="also report test metrics against 0-80 % missing dates")] = False,
+    pretrain_epochs: PretrainOpt = 0,
+    teacher: TeacherOpt = None,
 ) -> None:
     """Run the crop_map flow: search, cube, train, predict, export, evaluate, report."""
     from flows.crop_map import check_request, crop_map
     from flows.params import ModelSpec
 
-    check_request(region, season, listed(sensors), catalog, labels, classes, outputs)
+    spec = ModelSpec(
+        name=model, epochs=epochs, time_budget_s=time_budget, pretrain_epochs=pretrain_epochs, teacher=teacher
+    )
+    check_request(region, season, listed(sensors), catalog, labels, classes, outputs, spec)
     t0 = time.perf_counter()
     paths = crop_map(
         region=region,
@@ -86,7 +101,7 @@ def crop_map_cmd(
         catalog=catalog,
         stac_url=stac_url,
         max_cloud_cover=max_cloud_cover,
-        model=ModelSpec(name=model, epochs=epochs, time_budget_s=time_budget),
+        model=spec,
         labels=labels,
         classes=classes,
         outputs=outputs,
@@ -120,12 +135,8 @@ def train_cmd(
     labels: LabelsOpt = None,
     classes: ClassesOpt = None,
     outputs: Outputs = None,
-    pretrain_epochs: Annotated[
-        int, typer.Option(help="stcln: epochs of masked pre-training on every cube pixel before fine-tuning")
-    ] = 0,
-    teacher: Annotated[
-        str | None, typer.Option(help="joint_reconstruction: model.pt of the teacher it distills (incomplete series)")
-    ] = None,
+    pretrain_epochs: PretrainOpt = 0,
+    teacher: TeacherOpt = None,
 ) -> None:
     """Run the train flow on the cube of `build-cube` and the region's labels (with STCLN pre-training or a
     teacher to distill, for the models that use them)."""

@@ -16,9 +16,11 @@ from flows.params import DEFAULT_SENSORS, ModelSpec, Run, Season, check_writable
 from flows.policy import cached, step_key
 from flows.report import publish_report
 from flows.steps import build_cube, check_sensors, file_digest, predict, train
+from infra.errors import CropflowError
 from infra.storage import location
 from tasks.labels import labels_on_grid, read_classes, read_labels
 from tasks.robustness import robustness_report_task
+from tasks.train import SAR_SENSOR, needs_sar
 
 
 def check_request(
@@ -29,15 +31,31 @@ def check_request(
     labels: Path | None = None,
     classes: Path | None = None,
     outputs: str | Path | None = None,
+    model: ModelSpec | None = None,
 ) -> Run:
-    """Validate a request before any long work: region, season, catalog and sensors, labels and class map."""
+    """Validate a request before any long work: region, season, catalog and sensors, the model's teacher and
+    inputs, labels and class map."""
     run = resolve_run(region, season, outputs, labels, classes)
     check_sensors(sensors, catalog)
+    if model is not None:
+        check_model_inputs(model, sensors)
     labels_path, classes_path = labelled(run)
     parcels = read_labels(labels_path, read_classes(classes_path))
     labels_on_grid(parcels, f"EPSG:{run.region.epsg}", run.region.bounds)
     check_writable(run.out)
     return run
+
+
+def check_model_inputs(model: ModelSpec, sensors: list[str]) -> None:
+    """Refuse a teacher checkpoint that does not exist and a model of S2 + S1 without `s1` among the sensors."""
+    if model.teacher is not None and not location(model.teacher).is_file():
+        raise CropflowError(
+            f"teacher {model.teacher} not found; give the model.pt of a trained optical run (cropflow train)."
+        )
+    if needs_sar(model.name) and SAR_SENSOR not in sensors:
+        raise CropflowError(
+            f"model {model.name!r} takes the S2 and S1 series: add {SAR_SENSOR} to the sensors (e.g. --sensors s2,s1)."
+        )
 
 
 @flow(name="crop_map", log_prints=True)
@@ -60,10 +78,11 @@ def crop_map(
     and `classes`); `season`: a year (by the region's crop calendar), `START..END`, `current` (the season so far)
     or `last` (the latest season ended), default the catalog's; `catalog` names a STAC catalog (tasks/catalogs.yaml,
     CROPFLOW_CATALOGS) or is a STAC API URL, `stac_url` points it at another address; outputs go to
-    `<outputs>/<region>/<start>_<end>/` (default `$CROPFLOW_HOME/outputs`). `robustness` adds the report of test
+    `<outputs>/<region>/<start>_<end>/` (default `$CROPFLOW_HOME/outputs`). `model`: the model, its training budget
+    and method (`pretrain_epochs`, `teacher`; see `flows.steps.train`). `robustness` adds the report of test
     metrics against missing dates.
     """
-    run = check_request(region, season, sensors, catalog, labels, classes, outputs)
+    run = check_request(region, season, sensors, catalog, labels, classes, outputs, model)
     dates = f"{run.start}..{run.end}"  # the subflows get the dates: `current` moves with the clock
     common = {"region": region, "season": dates, "outputs": outputs}
     cube = build_cube(**common, sensors=sensors, catalog=catalog, stac_url=stac_url, max_cloud_cover=max_cloud_cover)

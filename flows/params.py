@@ -30,6 +30,11 @@ from infra.storage import is_local, location
 
 DEFAULT_SENSORS = ("s2", "s1", "landsat")
 MIN_FREE_BYTES = 100 * 2**20  # a run folder of the smallest region takes tens of MB
+# Models that distill a teacher (`ModelSpec.teacher`), and how.
+DISTILLED = {
+    "joint_reconstruction": "incomplete-series distillation",
+    "modality_distillation": "optical + SAR distillation",
+}
 
 
 def check_season(value: int | str | None) -> int | str | None:
@@ -90,7 +95,9 @@ class ModelSpec(BaseModel):
         default=0, description="stcln: epochs of masked pre-training on every cube pixel before fine-tuning"
     )
     teacher: str | None = Field(
-        default=None, description="joint_reconstruction: the teacher checkpoint it distills (incomplete series)"
+        default=None,
+        description="the optical model.pt to distill: joint_reconstruction (incomplete series, required) or "
+        "modality_distillation (optical + SAR; without a teacher it is trained on the labels alone)",
     )
 
     @model_validator(mode="after")
@@ -102,8 +109,10 @@ class ModelSpec(BaseModel):
                 "joint_reconstruction learns from a teacher: give teacher (--teacher) = the model.pt of a trained "
                 "ltae or stcln run on the same cube."
             )
-        if self.teacher is not None and self.name != "joint_reconstruction":
-            raise CropflowError(f"teacher applies to joint_reconstruction (distillation), not to {self.name!r}.")
+        if self.teacher is not None and self.name not in DISTILLED:
+            raise CropflowError(
+                f"teacher applies to {' and '.join(f'{k} ({v})' for k, v in DISTILLED.items())}, not to {self.name!r}."
+            )
         return self
 
 

@@ -95,7 +95,10 @@ def report_markdown(run: Run, cube: CubeInfo, model: ModelSpec, metrics: dict, o
         "",
         f"`{model.name}` {model.params or {}}, at most {model.epochs} epochs"
         + (f" or {model.time_budget_s:.0f} s" if model.time_budget_s else "")
-        + f", seed {model.seed}.",
+        + f", seed {model.seed}"
+        + (f", after {model.pretrain_epochs} epochs of masked pre-training" if model.pretrain_epochs else "")
+        + (f", distilled from `{model.teacher}`" if model.teacher else "")
+        + ".",
         "",
         f"On held-out parcels: {headline(m)}.",
         "",

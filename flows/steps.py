@@ -23,7 +23,7 @@ from flows.report import CubeInfo, emit_cube_ready, emit_map_published
 from infra.errors import CropflowError
 from infra.storage import location, open_zarr
 from tasks.catalog import Catalog, get_catalog, search_items_task
-from tasks.distill import distill_incomplete_task
+from tasks.distill import distill_incomplete_task, distill_modalities_task
 from tasks.evaluate import HEADLINE, evaluate_map_task
 from tasks.export import export_map_task
 from tasks.predict import predict_region_task
@@ -130,7 +130,8 @@ def build_cube(
     return info
 
 
-def _train_key(run: Run, model: ModelSpec) -> str:
+def train_key(run: Run, model: ModelSpec) -> str:
+    """The cache key of a training run: the cube, the model spec, labels, classes and the teacher's bytes."""
     labels, classes = labelled(run)
     cube = _existing(run.out / "cube.zarr", "build-cube")
     return step_key(
@@ -154,21 +155,32 @@ def train(
     outputs: str | Path | None = None,
 ) -> TrainResult:
     """Train `model` on the cube of the region and season (`build_cube` first) and the region's labels and class
-    map (`labels`, `classes` override the catalog's; required for a GeoJSON or bbox region)."""
+    map (`labels`, `classes` override the catalog's; required for a GeoJSON or bbox region).
+
+    With `model.teacher`, distill that optical checkpoint: `joint_reconstruction` (incomplete series) or
+    `modality_distillation` (the cube's S2 + S1; auxiliary students in `optical_student/`, `sar_student/`), the
+    student starting from the teacher's weights; with `model.pretrain_epochs`, pre-train STCLN's encoder first."""
     run = resolve_run(region, season, outputs, labels, classes)
-    key = _train_key(run, model)
+    key = train_key(run, model)
     labels_path, classes_path = labelled(run)
     cube = run.out / "cube.zarr"
     budget = {"seed": model.seed, "time_budget_s": model.time_budget_s}
-    if model.teacher is not None:  # incomplete-series distillation (joint reconstruction) from a trained teacher
+    if model.teacher is not None:  # distillation from a trained optical teacher
         teacher = location(model.teacher)
-        if teacher.absolute() == (run.out / "model.pt").absolute():
+        written = [run.out, run.out / "optical_student", run.out / "sar_student"]
+        if teacher.absolute() in [(folder / "model.pt").absolute() for folder in written]:
             raise CropflowError(
-                f"the teacher {teacher} is the model this run writes; copy it elsewhere (e.g. teacher.pt) first."
+                f"the teacher {teacher} is a model this run writes; copy it elsewhere (e.g. teacher.pt) first."
             )
         options = TrainOptions(epochs=model.epochs, **budget)
+        inputs = (cube, labels_path, classes_path, run.out)
+        if model.name == "modality_distillation":  # optical + SAR, auxiliary students in sub-folders
+            stages = cached(distill_modalities_task, key, [run.out / "model.pt"])(
+                *inputs, teacher=teacher, target_config=model.params, options=options
+            )
+            return stages["target"]
         return cached(distill_incomplete_task, key, [run.out / "model.pt"])(
-            cube, labels_path, classes_path, run.out, teacher, student_config=model.params, options=options
+            *inputs, teacher, student_config=model.params, options=options
         )
     init_from = None
     if model.pretrain_epochs:  # STCLN: masked pre-training of the encoder on every pixel, then fine-tuning

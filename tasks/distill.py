@@ -12,8 +12,10 @@
   model on cloudy optical + SAR, with the label term and the three distillation terms weighted per pixel
   (`ModalityDistillation.training_losses`).
 
-Students use their teacher's normalisation. Each stage writes its own folder (`model.pt`, `last.pt`,
-`train_metrics.csv`) and is validated on the labelled val split like `train_model`.
+Students use their teacher's normalisation and start from its weights wherever a parameter has the same name and
+shape (`warm_start`): the student of a teacher with the same backbone starts where the teacher is, only a new head or
+branch starts afresh. Each stage writes `model.pt`, `last.pt` and `train_metrics.csv` and is validated on the
+labelled val split like `train_model`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from prefect import task
 from torch import nn
 
+from infra.errors import CropflowError
 from infra.storage import location
 from models.masking import cloud_gap_mask
 from models.modality_distillation import MultiModalBatch, hide_unobserved, pseudo_label_loss
@@ -33,6 +36,7 @@ from models.registry import build_model
 from tasks.dataset import make_loader
 from tasks.train import (
     SAR_SENSOR,
+    SENSOR,
     Batch,
     BatchLoss,
     Forward,
@@ -46,6 +50,7 @@ from tasks.train import (
     load_best,
     load_checkpoint,
     load_training_data,
+    read_checkpoint,
     resolve_device,
     step_generator,
     train_model,
@@ -54,6 +59,8 @@ from tasks.train import (
 
 GAP_RATE = (0.0, 0.8)
 _SETTINGS = ("in_channels", "num_classes")
+# Shares of a time budget among the stages of `distill_modalities`: the target runs five models per step.
+STAGE_SHARES = {"teacher": 1.0, "optical_student": 1.0, "sar_student": 1.0, "target": 2.0}
 
 
 def _gaps(batch: Batch, seed: int, step: int, rate: tuple[float, float]) -> torch.Tensor:
@@ -127,6 +134,36 @@ def frozen(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device).eval()
 
 
+def warm_start(model: nn.Module, teacher: nn.Module) -> nn.Module:
+    """`model` with the teacher's weights wherever a parameter or buffer has the same name and shape (the student of
+    a teacher with the same backbone starts where the teacher is; only a new head or branch starts afresh)."""
+    own = model.state_dict()
+    model.load_state_dict(
+        {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}, strict=False
+    )
+    return model
+
+
+def load_teacher(path: Path, data: TrainData, device: torch.device) -> tuple[nn.Module, dict, TrainData]:
+    """The frozen teacher at `path`, its checkpoint, and `data` in its band order and normalisation.
+
+    A teacher is a supervised model of the optical bands alone (`sensor` s2, no SAR input) with the run's bands and
+    classes; anything else is refused with a `CropflowError` saying what it is.
+    """
+    ckpt = read_checkpoint(path, "teacher checkpoint")
+    hint = "give the model.pt of a supervised optical run (e.g. cropflow train --model ltae) as the teacher."
+    if ckpt.get("kind") == "pretrained_encoder":
+        raise CropflowError(f"teacher {path} is a masked pre-training checkpoint (an encoder, no classifier); {hint}")
+    if ckpt.get("sensor") != SENSOR or "sar" in ckpt:
+        sensors = "+".join([str(ckpt.get("sensor")), *([ckpt["sar"]["sensor"]] if "sar" in ckpt else [])])
+        raise CropflowError(
+            f"teacher {path} is a {ckpt.get('model_name')} model of {sensors} bands, not of the optical ({SENSOR}) "
+            f"bands alone; {hint}"
+        )
+    model, ckpt = load_checkpoint(path, data.cube.bands, data.classes)
+    return frozen(model, device), ckpt, data.with_norm(ckpt)
+
+
 def distill_incomplete(
     cube_path: Path,
     labels_path: Path,
@@ -137,18 +174,18 @@ def distill_incomplete(
     gap_rate: tuple[float, float] = GAP_RATE,
     options: TrainOptions = TrainOptions(),  # noqa: B008 (frozen dataclass)
 ) -> TrainResult:
-    """Train `joint_reconstruction` (backbone and config of the `teacher` checkpoint; other settings in
-    `student_config`) by joint reconstruction and distillation from the teacher; see the module docstring."""
+    """Train `joint_reconstruction` (backbone and config of the `teacher` checkpoint, starting from its weights;
+    other settings in `student_config`) by joint reconstruction and distillation from the teacher; see the module
+    docstring."""
     started = time.monotonic()
     data, dev = _setup(cube_path, labels_path, classes_path, options, sar=False)
-    teacher_model, ckpt = load_checkpoint(teacher, data.cube.bands, data.classes)
-    teacher_model = frozen(teacher_model, dev)
-    data = data.with_norm(ckpt)
+    teacher_model, ckpt, data = load_teacher(teacher, data, dev)
     backbone = {k: v for k, v in ckpt["model_config"].items() if k not in _SETTINGS}
     config = {"backbone": ckpt["model_name"], "backbone_config": backbone} | dict(student_config or {})
     config |= {"in_channels": len(data.cube.bands), "num_classes": len(data.classes)}
     torch.manual_seed(options.seed)
     student = build_model("joint_reconstruction", **config)
+    warm_start(student.student, teacher_model)
     meta = checkpoint_meta("joint_reconstruction", config, data) | {"distilled_from": str(teacher)}
     train_ds, val_ds = datasets(data, options)
     val_loader = make_loader(val_ds, options.batch_size)
@@ -180,7 +217,7 @@ def distill_modalities(
     teacher: Path | None = None,
     teacher_name: str = "ltae",
     teacher_config: dict | None = None,
-    student_name: str = "ltae",
+    student_name: str | None = None,
     student_config: dict | None = None,
     target_config: dict | None = None,
     min_valid_fraction: float = 0.8,
@@ -188,41 +225,59 @@ def distill_modalities(
     gap_rate: tuple[float, float] = GAP_RATE,
     options: TrainOptions = TrainOptions(),  # noqa: B008 (frozen dataclass)
 ) -> dict[str, TrainResult]:
-    """The three stages of optical + SAR distillation, in `out_dir/teacher`, `optical_student`, `sar_student` and
-    `target`; returns their results by stage name.
+    """The stages of optical + SAR distillation; returns their results by stage name (`teacher` when trained here,
+    `optical_student`, `sar_student`, `target`). The target `modality_distillation` model is written to `out_dir`
+    itself (`model.pt`, the model of the run), the other stages to `out_dir/<stage>/`.
 
-    `teacher`: a trained optical checkpoint, else one is trained (`teacher_name`, `teacher_config`) with
-    `train_model` on patches with at least `min_valid_fraction` observed pixel-dates. The auxiliary students and
-    the target's two backbones are `student_name` with `student_config`; `target_config` sets the target's other
-    arguments (`embed_dim`, `temperature`, `tau`, weights). `threshold`: confidence of the kept pseudo-labels.
+    `teacher`: a trained optical checkpoint (`load_teacher`), else one is trained (`teacher_name`,
+    `teacher_config`) with `train_model` on patches with at least `min_valid_fraction` observed pixel-dates. The
+    auxiliary students and the target's two backbones are `student_name` with `student_config` (default: the
+    teacher's model and config, so that the optical student and the target's optical branch start from the
+    teacher's weights); `target_config` sets the target's other arguments (`embed_dim`, `temperature`, `tau`,
+    weights). `threshold`: confidence of the kept pseudo-labels. `options.time_budget_s` is shared by the stages
+    run, in the proportions of `STAGE_SHARES`.
     """
     out_dir = location(out_dir)
     results: dict[str, TrainResult] = {}
+    stages = [*(["teacher"] if teacher is None else []), "optical_student", "sar_student", "target"]
+
+    def stage_options(name: str) -> TrainOptions:
+        if options.time_budget_s is None:
+            return options
+        share = STAGE_SHARES[name] / sum(STAGE_SHARES[s] for s in stages)
+        return dataclasses.replace(options, time_budget_s=share * options.time_budget_s)
+
     if teacher is None:
         augment = {"min_valid_fraction": min_valid_fraction, "date_dropout": 0.0}
-        kwargs = dataclasses.asdict(options) | {"augment": augment, "model_config": teacher_config}
+        kwargs = dataclasses.asdict(stage_options("teacher")) | {"augment": augment, "model_config": teacher_config}
         results["teacher"] = train_model(
             cube_path, labels_path, classes_path, out_dir / "teacher", teacher_name, **kwargs
         )
         teacher = results["teacher"].checkpoint
     data, dev = _setup(cube_path, labels_path, classes_path, options, sar=True)
-    teacher_model, ckpt = load_checkpoint(teacher, data.cube.bands, data.classes)
-    teacher_model = frozen(teacher_model, dev)
-    data = data.with_norm(ckpt)
+    teacher_model, ckpt, data = load_teacher(teacher, data, dev)
+    if student_name is None:
+        student_name = ckpt["model_name"]
+        student_config = {k: v for k, v in ckpt["model_config"].items() if k not in _SETTINGS} | (student_config or {})
+    if student_name == "random_forest":
+        raise CropflowError(
+            "the students of optical + SAR distillation learn by gradient descent and cannot be random forests; "
+            "distill from a teacher of another model (e.g. ltae) or give student_name."
+        )
     train_ds, val_ds = datasets(data, options)
     val_loader = make_loader(val_ds, options.batch_size)
     student_config = dict(student_config or {})
     sizes = {"num_classes": len(data.classes)}
 
-    def run(name: str, model: nn.Module, loss: BatchLoss, forward: Forward, meta: dict) -> nn.Module:
+    def run(name: str, model: nn.Module, loss: BatchLoss, forward: Forward, meta: dict, folder: Path) -> nn.Module:
         results[name] = fit_loop(
             model,
             loss,
             train_ds,
             lambda: val_scores(model, val_loader, dev, data.classes, forward),
             meta,
-            out_dir / name,
-            options,
+            folder,
+            stage_options(name),
             dev,
             description=f"{name} of optical + SAR distillation",
         )
@@ -230,24 +285,26 @@ def distill_modalities(
 
     torch.manual_seed(options.seed)
     optical_args = student_config | sizes | {"in_channels": len(data.cube.bands)}
-    optical = build_model(student_name, **optical_args)
+    optical = warm_start(build_model(student_name, **optical_args), teacher_model)
     meta = checkpoint_meta(student_name, optical_args, data)
     optical_loss = optical_student_loss(optical, teacher_model, options.seed, gap_rate, threshold)
-    optical = run("optical_student", optical, optical_loss, lambda m, b: m(*b[:3]), meta)
+    optical = run("optical_student", optical, optical_loss, lambda m, b: m(*b[:3]), meta, out_dir / "optical_student")
 
     sar_args = student_config | sizes | {"in_channels": len(data.sar.bands)}
     sar = build_model(student_name, **sar_args)
     meta = checkpoint_meta(student_name, sar_args, data, sensor=SAR_SENSOR)
-    sar = run("sar_student", sar, sar_student_loss(sar, teacher_model, threshold), lambda m, b: m(*b[4:7]), meta)
+    sar_loss = sar_student_loss(sar, teacher_model, threshold)
+    sar = run("sar_student", sar, sar_loss, lambda m, b: m(*b[4:7]), meta, out_dir / "sar_student")
 
     target_args = {"optical_backbone": student_name, "optical_config": student_config, "sar_backbone": student_name}
     target_args |= {"sar_config": student_config} | dict(target_config or {}) | sizes
     target_args |= {"in_channels": len(data.cube.bands), "sar_channels": len(data.sar.bands)}
     target = build_model("modality_distillation", **target_args)
+    warm_start(target.optical, teacher_model)
 
     target_loss = modality_target_loss(target, teacher_model, optical, sar, options.seed, gap_rate)
     meta = checkpoint_meta("modality_distillation", target_args, data, multimodal=True)
-    run("target", target, target_loss, default_forward, meta | {"distilled_from": str(teacher)})
+    run("target", target, target_loss, default_forward, meta | {"distilled_from": str(teacher)}, out_dir)
     return results
 
 

@@ -1,10 +1,11 @@
 """Robustness of a trained model to missing dates: test-parcel metrics as a growing fraction of the dates is lost.
 
 Each grid patch of the test split (`tasks.dataset.PatchDataset`, scored by `tasks.train.evaluate_patches`) loses a
-fraction of its dates, set to NaN before gap filling as if clouded over: dates drawn at random, or one contiguous
-run (a long cloudy spell), from `models.masking.cloud_gap_mask` (Wang, Belgiu et al. 2025). Repeat `r` draws its
-masks from seed `seed + r` whatever the fraction, so with random gaps the dates hidden at 40 % include those hidden
-at 20 %. The metrics of each (gap mode, fraction) pool the pixels of every repeat.
+fraction of its optical dates, set to NaN before gap filling as if clouded over: dates drawn at random, or one
+contiguous run (a long cloudy spell), from `models.masking.cloud_gap_mask` (Wang, Belgiu et al. 2025). A model that
+also takes the S1 series (`modality_distillation`) keeps every S1 date: radar sees through clouds. Repeat `r` draws
+its masks from seed `seed + r` whatever the fraction, so with random gaps the dates hidden at 40 % include those
+hidden at 20 %. The metrics of each (gap mode, fraction) pool the pixels of every repeat.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xarray as xr
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from torch.utils.data import ConcatDataset, DataLoader
@@ -23,10 +25,10 @@ from infra.errors import CropflowError
 from infra.runs import in_prefect_run
 from infra.storage import location, open_zarr, output_file
 from models.masking import cloud_gap_mask
-from tasks.dataset import PatchDataset, load_cube_arrays
+from tasks.dataset import CubeArrays, PatchDataset, load_cube_arrays
 from tasks.figures import png_figure
 from tasks.labels import cube_grid, rasterize_labels, read_classes, read_labels
-from tasks.train import SENSOR, evaluate_patches, load_checkpoint, resolve_device
+from tasks.train import SAR_SENSOR, SENSOR, evaluate_patches, load_checkpoint, resolve_device
 
 FRACTIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
 GAP_MODES = ("random", "contiguous")
@@ -48,6 +50,21 @@ def write_robustness_png(rows: list[dict], out_png: Path) -> Path:
         fig.suptitle("test parcels: accuracy against missing dates")
         fig.tight_layout()
     return location(out_png)
+
+
+def _bands(ds: xr.Dataset, sensor: str) -> list[str]:
+    var = ds[sensor]
+    return [str(b) for b in var[var.dims[1]].values]
+
+
+def _model_input(
+    ds: xr.Dataset, spec: dict, target: np.ndarray, split: np.ndarray
+) -> tuple[CubeArrays, tuple[np.ndarray, np.ndarray]]:
+    """A sensor's arrays in the band order of `spec` (a checkpoint or its `"sar"` entry) and its normalisation."""
+    var = ds[spec["sensor"]]
+    ordered = ds.assign({spec["sensor"]: var.sel({var.dims[1]: list(spec["bands"])})})
+    norm = tuple(np.asarray(spec["norm"][k], dtype=np.float32) for k in ("mean", "std"))
+    return load_cube_arrays(ordered, target, split, spec["sensor"]), norm
 
 
 def robustness_report(
@@ -78,13 +95,14 @@ def robustness_report(
     ds = open_zarr(cube_path, chunks=None)
     if SENSOR not in ds:
         raise CropflowError(f"the cube {cube_path} has no {SENSOR!r} variable; rebuild it with that sensor.")
-    var = ds[SENSOR]
-    band_dim = var.dims[1]
-    model, ckpt = load_checkpoint(checkpoint, [str(b) for b in var[band_dim].values], classes)
-    ds = ds.assign({SENSOR: var.sel({band_dim: list(ckpt["bands"])})})  # the model's band order
+    sar_bands = _bands(ds, SAR_SENSOR) if SAR_SENSOR in ds else None
+    model, ckpt = load_checkpoint(checkpoint, _bands(ds, SENSOR), classes, sar_bands)
     target, split = rasterize_labels(read_labels(labels_path, classes), *cube_grid(ds))
-    cube = load_cube_arrays(ds, target, split, SENSOR)
-    mean, std = (np.asarray(ckpt["norm"][k], dtype=np.float32) for k in ("mean", "std"))
+    cube, (mean, std) = _model_input(ds, ckpt, target, split)
+    sar = {}
+    if "sar" in ckpt:  # a multi-modal model also gets the S1 series of each patch, never hidden
+        sar_cube, sar_norm = _model_input(ds, ckpt["sar"], target, split)
+        sar = {"sar": sar_cube, "sar_norm": sar_norm}
     names = [c["name"] for c in sorted(classes, key=lambda c: c["id"])]
     dev = resolve_device(device)
     model = model.to(dev)
@@ -95,7 +113,7 @@ def robustness_report(
         for fraction in fractions:
             sets = []
             for r in range(repeats):
-                patches = PatchDataset(cube, mean, std, "test", "grid", patch_size)
+                patches = PatchDataset(cube, mean, std, "test", "grid", patch_size, **sar)
                 gen = torch.Generator().manual_seed(seed + r)
                 hidden = cloud_gap_mask(len(patches), num_dates, gen, fraction, mode).numpy()
                 patches.hide_dates(hidden)
@@ -114,6 +132,7 @@ def robustness_report(
         "checkpoint": str(checkpoint),
         "cube": str(cube_path),
         "split": "test",
+        "sensors": [SENSOR, SAR_SENSOR] if sar else [SENSOR],
         "num_dates": num_dates,
         "patch_size": patches.patch,
         "repeats": repeats,

@@ -8,8 +8,9 @@ import json
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+import torch
 import xarray as xr
-from test_train import FAST, write_synthetic_region
+from test_train import FAST, SMALL, write_synthetic_region
 from torch.utils.data import DataLoader
 
 from tasks.dataset import PatchDataset, load_cube_arrays
@@ -106,6 +107,36 @@ def test_hide_dates_needs_grid_patches_and_one_row_per_patch(setup):
         grid.hide_dates(hidden[:, :5])
     with pytest.raises(ValueError, match="grid mode"):
         PatchDataset(cube, mean, std, "train", "random", PATCH).hide_dates(hidden)
+
+
+def test_an_s2_s1_model_loses_optical_dates_only(setup, tmp_path):
+    """A `modality_distillation` model is scored with its S1 series, whose dates all stay."""
+    region = setup["region"]
+    kwargs = FAST | {"model_config": SMALL["modality_distillation"], "lr": 1e-2}
+    trained = train_model(
+        region["cube"], region["labels"], region["classes"], tmp_path, "modality_distillation", epochs=3, **kwargs
+    )
+    args = (region["cube"], trained.checkpoint, region["labels"], region["classes"], tmp_path / "report")
+    report = robustness_report(
+        *args, fractions=(0.0, 0.8), gap_modes=("contiguous",), repeats=1, patch_size=PATCH, device="cpu"
+    )
+    assert report["sensors"] == ["s2", "s1"] and [r["dates_hidden"] for r in report["rows"]] == [0, 8]
+
+    classes = read_classes(region["classes"])
+    ds = xr.open_zarr(region["cube"], chunks=None)
+    target_split = rasterize_labels(read_labels(region["labels"], classes), *cube_grid(ds))
+    optical, sar = (load_cube_arrays(ds, *target_split, sensor) for sensor in ("s2", "s1"))
+    model, ckpt = load_checkpoint(trained.checkpoint, optical.bands, classes, sar.bands)
+    norms = [tuple(np.asarray(spec["norm"][k], np.float32) for k in ("mean", "std")) for spec in (ckpt, ckpt["sar"])]
+    test = PatchDataset(optical, *norms[0], "test", "grid", PATCH, sar=sar, sar_norm=norms[1])
+    names = [c["name"] for c in classes]
+    plain = evaluate_patches(model, DataLoader(test, batch_size=8), resolve_device("cpu"), len(names), names)
+    assert report["rows"][0]["overall_accuracy"] == pytest.approx(plain["overall_accuracy"])
+    before = test[0]
+    test.hide_dates(np.ones((len(test), 10), dtype=bool))
+    after = test[0]
+    assert not after[2].any() and before[2].any()  # every optical date hidden
+    assert all(torch.equal(a, b) for a, b in zip(after[4:], before[4:], strict=True))  # S1 as it was
 
 
 @pytest.mark.slow
