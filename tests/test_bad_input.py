@@ -79,6 +79,26 @@ CASES = [
     ("catalog-unknown-field", [*_bbox_run("{bbox}"), "--catalog", "typo"], "unknown field(s) urll; valid fields: url"),
     ("band-unknown", [*_bbox_run("{bbox}"), "--catalog", "bands"], "unknown bands: B99, missing bands: B02"),
     ("model-unknown", [*_bbox_run("{bbox}"), "--model", "resnet"], "model 'resnet' is unknown; valid model names:"),
+    (
+        "teacher-for-another-model",
+        [*_bbox_run("{bbox}"), "--model", "ltae", "--teacher", "{labels}"],
+        "teacher applies to joint_reconstruction (incomplete-series distillation) and modality_distillation",
+    ),
+    (
+        "teacher-missing",
+        [*_bbox_run("{bbox}"), "--model", "joint_reconstruction", "--teacher", "{folder}/none.pt"],
+        "none.pt not found; give the model.pt of a trained optical run",
+    ),
+    (
+        "s2-s1-model-without-s1",
+        [*_bbox_run("{bbox}"), "--model", "modality_distillation", "--sensors", "s2,landsat"],
+        "takes the S2 and S1 series: add s1 to the sensors",
+    ),
+    (
+        "pretraining-for-another-model",
+        [*_bbox_run("{bbox}"), "--model", "fcn3d", "--pretrain-epochs", "5"],
+        "pretrain_epochs applies to stcln (masked pre-training), not to 'fcn3d'",
+    ),
     ("labels-not-a-file-format", _bbox_run("{bbox}", "{folder}/empty.parquet"), "could not be read"),
     ("labels-empty", _bbox_run("{bbox}", "{folder}/no-rows.parquet"), "hold no parcel geometry"),
     ("labels-other-crs", _bbox_run("{bbox}", "{folder}/wrong-crs.parquet"), "is their CRS (EPSG:4326) wrong?"),
