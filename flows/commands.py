@@ -175,6 +175,9 @@ def backfill_cmd(
     here: Annotated[
         bool, typer.Option(help="run the seasons in this process even when the crop_map/backfill deployment exists")
     ] = False,
+    start_timeout: Annotated[
+        float, typer.Option(help="seconds the deployment's runs may wait for a worker before the backfill fails")
+    ] = 600.0,
 ) -> None:
     """Run the backfill flow: one crop_map run per season, cached, so a rerun or a resumed run redoes nothing."""
     from flows.backfill import BACKFILL_DEPLOYMENT, backfill
@@ -188,6 +191,7 @@ def backfill_cmd(
         model=ModelSpec(name=model, epochs=epochs, time_budget_s=time_budget),
         outputs=outputs,
         deployment=None if here else BACKFILL_DEPLOYMENT,
+        start_timeout_s=start_timeout,
     )
     for season, state in results.items():
         console.print(f"{region} {season}: {state}")

@@ -39,11 +39,33 @@ def check_request(
     check_sensors(sensors, catalog)
     if model is not None:
         check_model_inputs(model, sensors)
-    labels_path, classes_path = labelled(run)
-    parcels = read_labels(labels_path, read_classes(classes_path))
-    labels_on_grid(parcels, f"EPSG:{run.region.epsg}", run.region.bounds)
+    check_labels(run)
     check_writable(run.out)
     return run
+
+
+_LABELS_FIT: set[tuple] = set()  # (grid, labels and class map files with their size and mtime) checked here
+
+
+def check_labels(run: Run) -> None:
+    """The run's labels read against its class map and reprojected onto its region, or a `CropflowError`; once per
+    process for the same files, unchanged, and grid (a backfill's seasons, a flow the CLI checked, its subflows)."""
+    labels_path, classes_path = labelled(run)
+    key = (run.region.epsg, run.region.bounds, *(_file_stamp(p) for p in (labels_path, classes_path)))
+    if key in _LABELS_FIT:
+        return
+    parcels = read_labels(labels_path, read_classes(classes_path))
+    labels_on_grid(parcels, f"EPSG:{run.region.epsg}", run.region.bounds)
+    _LABELS_FIT.add(key)
+
+
+def _file_stamp(path: Path) -> tuple:
+    """`path` with its size and modification time (None when it cannot be read: its reader says why)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return (str(path), None)
+    return (str(Path(path).absolute()), stat.st_size, stat.st_mtime_ns)
 
 
 def check_model_inputs(model: ModelSpec, sensors: list[str]) -> None:

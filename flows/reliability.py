@@ -95,6 +95,12 @@ FAULTS = [
         ("tests/test_orchestration.py::test_backfill_killed_midway_resumes_then_recomputes_nothing",),
     ),
     Row(
+        "backfill submitted to a deployment whose work pool has no worker, or whose worker takes no run",
+        "no worker: nothing submitted; runs not started within start_timeout_s: cancelled; a CropflowError saying "
+        "to start a worker (prefect worker start --pool ...) or to run here",
+        ("tests/test_orchestration.py::test_backfill_without_a_worker_fails_and_says_how_to_start_one",),
+    ),
+    Row(
         "transient errors inside flow tasks; bad parameters",
         "transient ones retried by Prefect, CropflowError never",
         ("tests/test_orchestration.py::test_transient_errors_are_retried_and_bad_parameters_are_not",),
@@ -157,6 +163,12 @@ BAD_INPUT = [  # covered by other tests; the rows of tests/test_bad_input.py are
         ("tests/test_bad_input.py::test_flow_parameters_with_unknown_keys_or_names_are_refused",),
     ),
     Row(
+        "region schedule: unknown field, bad cron, unknown time zone, twice the same slug, a parameter crop_map "
+        "refuses",
+        "region ...: schedule N ... names the field and what is valid; nothing deployed",
+        ("tests/test_orchestration.py::test_region_schedules_are_checked_before_anything_is_deployed",),
+    ),
+    Row(
         "malformed options", "usage message, exit 2", ("tests/test_cli.py::test_usage_errors_exit_2_without_traceback",)
     ),
 ]
@@ -171,6 +183,21 @@ SAFETY = [
         "Prefect server listens on 127.0.0.1 only",
         "psutil: LISTEN on 127.0.0.1 only",
         ("tests/test_safety.py::test_prefect_server_listens_on_loopback_only",),
+    ),
+    Row(
+        "Prefect server pid file left stale (the pid reused by another process)",
+        "not taken for the server (command line and port checked): `server down` signals nothing",
+        ("tests/test_safety.py::test_prefect_server_trusts_no_stale_pid_file",),
+    ),
+    Row(
+        "Prefect server fails to start with the password in its log",
+        "the log tail quoted in the error has the password replaced by ***",
+        ("tests/test_safety.py::test_prefect_server_start_failure_quotes_its_log_without_the_password",),
+    ),
+    Row(
+        "proxy variables set (HTTP_PROXY, ALL_PROXY)",
+        "health checks of the local services still reach 127.0.0.1 directly",
+        ("tests/test_safety.py::test_local_health_checks_ignore_proxy_settings",),
     ),
     Row(
         "PostgreSQL asks a password (no trust)",

@@ -78,6 +78,30 @@ def test_regions_as_catalog_names_geojson_and_bbox(tmp_path, monkeypatch):
         resolve_region("4.5,50.9,4.4,51.0", get_settings())
 
 
+def test_labels_are_read_and_reprojected_once_per_request(tiny_region, tmp_path, monkeypatch):
+    """A backfill checks each season, the CLI checks before the flow and the flow checks again: the labels are read
+    once while their files and the grid stay the same."""
+    import flows.crop_map as crop_map_module
+    from tasks.labels import read_labels
+
+    monkeypatch.setenv("CROPFLOW_HOME", str(tmp_path / "home"))
+    labels, classes = tmp_path / "labels.parquet", tiny_region / "classes.json"
+    shutil.copy(tiny_region / "labels.parquet", labels)
+    bbox = ",".join(str(v) for v in json.loads((tiny_region / "region.json").read_text())["bbox"])
+    reads = []
+    monkeypatch.setattr(crop_map_module, "read_labels", lambda path, *a: reads.append(path) or read_labels(path, *a))
+
+    def check(season: str):
+        return crop_map_module.check_request(bbox, season, ["s2"], "local", labels, classes, tmp_path / "out")
+
+    runs = [check(s) for s in ("2023", "2024", "2024-03-01..2024-05-31", "2024")]
+    assert len({r.out for r in runs}) == 3 and reads == [labels]
+    stat = labels.stat()
+    os.utime(labels, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed: read again
+    check("2024")
+    assert reads == [labels, labels]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # A local Prefect server for the module
 
@@ -107,6 +131,13 @@ def tiny(stac_api: Settings) -> Path:
     from flows.demo import ensure_sample
 
     return ensure_sample("sample-tiny")
+
+
+def _runs_of(client, deployment_id) -> list:
+    """The flow runs of a deployment."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
 
 
 def _task_states(client) -> Counter:
@@ -204,7 +235,6 @@ def worker_runs(prefect_api, tiny, tmp_path_factory) -> dict:
     server, then a backfill's season submitted to `crop_map/backfill`. Returns both flow runs (final), the backfill's
     state and the outputs root."""
     from prefect import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Interval
 
@@ -234,14 +264,11 @@ def worker_runs(prefect_api, tiny, tmp_path_factory) -> dict:
         start_new_session=True,
     )
 
-    def runs_of(client, deployment_id) -> list:
-        return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
-
     try:
         with get_client(sync_client=True) as client:
             deadline = time.monotonic() + 240
-            while not (done := [r for r in runs_of(client, tick_id) if r.state and r.state.is_final()]):
-                states = [r.state.name for r in runs_of(client, tick_id)]
+            while not (done := [r for r in _runs_of(client, tick_id) if r.state and r.state.is_final()]):
+                states = [r.state.name for r in _runs_of(client, tick_id)]
                 assert time.monotonic() < deadline, (
                     f"no scheduled run finished in 4 minutes: {states}\n{log.read_text()}"
                 )
@@ -254,7 +281,7 @@ def worker_runs(prefect_api, tiny, tmp_path_factory) -> dict:
                 outputs=out,
                 return_state=True,
             )
-            on_worker = runs_of(client, client.read_deployment_by_name(BACKFILL_DEPLOYMENT).id)
+            on_worker = _runs_of(client, client.read_deployment_by_name(BACKFILL_DEPLOYMENT).id)
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(30)
@@ -279,6 +306,36 @@ def test_backfill_submits_its_seasons_to_the_deployment(worker_runs):
     [run] = worker_runs["crop_map"]
     assert run.state.name == "Completed" and run.parameters["season"] == WORKER_SEASON and "backfill" in run.tags
     assert (worker_runs["outputs"] / "sample-tiny" / "2024-04-01_2024-05-31" / "crop_map.tif").is_file()
+
+
+def test_backfill_without_a_worker_fails_and_says_how_to_start_one(prefect_api, tiny, tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.backfill import backfill
+    from flows.crop_map import crop_map
+    from flows.params import ModelSpec
+
+    pool = "cropflow-idle"
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+    idle = crop_map.to_deployment("idle", work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH)
+    idle_id = idle.apply(work_pool_name=pool)
+    season = "2024-03-01..2024-04-30"
+    run = {"region": "sample-tiny", "seasons": [season], "model": ModelSpec(**FAST_MODEL), "outputs": tmp_path}
+    with get_client(sync_client=True) as client:
+        with pytest.raises(
+            CropflowError, match=f"no worker serves work pool {pool} .*prefect worker start --pool {pool}"
+        ):
+            backfill(**run, deployment="crop_map/idle")
+        assert not _runs_of(client, idle_id)  # nothing submitted
+        client.send_worker_heartbeat(pool, "hung-worker", heartbeat_interval_seconds=60)  # online, takes no run
+        t0 = time.monotonic()
+        with pytest.raises(CropflowError, match=rf"season\(s\) {season} \(Scheduled\) did not start within 2 s"):
+            backfill(**run, deployment="crop_map/idle", start_timeout_s=2)
+        assert time.monotonic() - t0 < 60
+        assert [r.state.name for r in _runs_of(client, idle_id)] == ["Cancelled"]  # left nothing to run later
 
 
 # ---------------------------------------------------------------------------------------------------------------------
