@@ -82,6 +82,14 @@ KD_THRESHOLD = 0.7
 VAL_FRACTION = 0.2
 PARCELS_FILE = Path("worldcereal-parcels/2023_FRA_LPIS_POLY_110.geoparquet")
 MAPPINGS_FILE = Path("worldcereal-parcels/class_mappings.json")
+SERIES_PROTOCOLS = {"parcels", "robustness", "modalities"}  # protocols 1-3 share the folds' models
+# each protocol's input: its option and its place in the real-data folder
+INPUTS = {
+    "parcels": ("--parcels", PARCELS_FILE),
+    "pixels": ("--pixels", Path("temporalcnn")),
+    "patches": ("--patches", Path("worldcereal-patches")),
+    "cloudmasks": ("--cloudmasks", Path("cloudmask-reference")),
+}
 PIXEL_BANDS = ("NIR", "R", "G")
 
 
@@ -115,19 +123,24 @@ def _metrics(m: dict) -> dict:
     return {"overall_accuracy": m["overall_accuracy"], "kappa": m["kappa"], "macro_f1": m["macro_f1"]}
 
 
-def parcel_fold(bench: Bench, data: SeriesSet, train_idx: np.ndarray, test_idx: np.ndarray, fold: int) -> dict:
-    """Every model of protocols 1-3 trained on one fold's training parcels and scored on its test parcels."""
+def parcel_fold(
+    bench: Bench, data: SeriesSet, train_idx: np.ndarray, test_idx: np.ndarray, fold: int, chosen: set[str]
+) -> dict:
+    """The models that the `chosen` protocols among 1-3 need, trained on one fold's training parcels and scored on
+    its test parcels: every series model and the incomplete-series student for parcels and robustness, S1 and
+    S2 + S1 series models for modalities, the label-only S2 + S1 model for robustness and modalities."""
     seed = bench.seed + fold
     fit_idx, val_idx = inner_split(data.labels, train_idx, VAL_FRACTION, seed)
     fit, val, test = data.subset(fit_idx), data.subset(val_idx), data.subset(test_idx)
     norms = Norms.of(fit, seed)
     channels = {"s2": len(data.bands), "s1": len(data.sar_bands), "s2+s1": len(data.bands) + len(data.sar_bands)}
-    modalities = ("s2", "s1", "s2+s1") if data.sar is not None else ("s2",)
+    every_series = bool({"parcels", "robustness"} & chosen)
+    modalities = ("s2", "s1", "s2+s1") if data.sar is not None and "modalities" in chosen else ("s2",)
     models, results = {}, {"modalities": {}}
     forward = {}
     for modality in modalities:
         fit_b, val_b = model_batch(fit, norms, modality), model_batch(val, norms, modality)
-        keys = SERIES_MODELS if modality == "s2" else MODALITY_MODELS
+        keys = SERIES_MODELS if modality == "s2" and every_series else MODALITY_MODELS
         for key in keys:
             model = bench.series_model(key, data, channels[modality], fit_b, val_b)
             results["modalities"][f"{key} {modality}"] = _metrics(
@@ -138,6 +151,7 @@ def parcel_fold(bench: Bench, data: SeriesSet, train_idx: np.ndarray, test_idx: 
                 forward[key] = "s2"
         if modality == "s2":
             teacher = frozen(copy.deepcopy(models["ltae"]), torch.device("cpu"))
+        if modality == "s2" and every_series:
             student = bench.build(
                 "joint_reconstruction", in_channels=channels["s2"], num_classes=len(data.classes), backbone="ltae"
             )
@@ -146,7 +160,8 @@ def parcel_fold(bench: Bench, data: SeriesSet, train_idx: np.ndarray, test_idx: 
             models[INCOMPLETE] = train_series(student, loss, fit_b, val_b, data.classes, bench.student_options)
             forward[INCOMPLETE] = "s2"
     if data.sar is not None:
-        models |= modality_models(bench, data, fit, val, norms, teacher, seed)
+        fusion = bool({"robustness", "modalities"} & chosen)
+        models |= modality_models(bench, data, fit, val, norms, teacher, seed, fusion)
         forward |= {MODALITY_KD: "pair", FUSION: "pair"}
     results["parcels"] = {
         key: _metrics(score(models[key], model_batch(test, norms, forward[key]), data.classes))
@@ -158,21 +173,27 @@ def parcel_fold(bench: Bench, data: SeriesSet, train_idx: np.ndarray, test_idx: 
             results["modalities"][key] = results["parcels"].get(key) or _metrics(
                 score(models[key], model_batch(test, norms, "pair"), data.classes)
             )
-    results["robustness"] = robustness(bench, models, forward, test, norms, seed)
+    if "robustness" in chosen:
+        results["robustness"] = robustness(bench, models, forward, test, norms, seed)
     return results
 
 
-def modality_models(bench: Bench, data: SeriesSet, fit: SeriesSet, val: SeriesSet, norms: Norms, teacher, seed: int):
-    """The two-branch S2 + S1 model trained with cross-entropy only (`FUSION`) and by modality-balancing
-    distillation (`MODALITY_KD`): optical and SAR auxiliary students on the teacher's pseudo-labels, then the target
-    (`tasks.distill` losses)."""
+def modality_models(
+    bench: Bench, data: SeriesSet, fit: SeriesSet, val: SeriesSet, norms: Norms, teacher, seed: int, fusion: bool
+) -> dict:
+    """The two-branch S2 + S1 model trained by modality-balancing distillation (`MODALITY_KD`): optical and SAR
+    auxiliary students on the teacher's pseudo-labels, then the target (`tasks.distill` losses); with `fusion`
+    also the same model trained with cross-entropy only (`FUSION`)."""
     fit_b, val_b = model_batch(fit, norms, "pair"), model_batch(val, norms, "pair")
     k = len(data.classes)
     sizes = {"in_channels": len(data.bands), "sar_channels": len(data.sar_bands), "num_classes": k}
     options = bench.student_options
-    fusion = bench.build("modality_distillation", **sizes)
-    warm_start(fusion.optical, teacher)
-    fusion = train_series(fusion, loss_on(IoULoss(ce_weight=0.5), fusion), fit_b, val_b, data.classes, options)
+    models = {}
+    if fusion:
+        model = bench.build("modality_distillation", **sizes)
+        warm_start(model.optical, teacher)
+        loss = loss_on(IoULoss(ce_weight=0.5), model)
+        models[FUSION] = train_series(model, loss, fit_b, val_b, data.classes, options)
     optical = warm_start(bench.build("ltae", in_channels=len(data.bands), num_classes=k), teacher)
     loss = optical_student_loss(optical, teacher, seed, GAP_RATE, KD_THRESHOLD)
     optical = train_series(optical, loss, fit_b, val_b, data.classes, options, lambda m, b: m(*b[:3]))
@@ -183,8 +204,8 @@ def modality_models(bench: Bench, data: SeriesSet, fit: SeriesSet, val: SeriesSe
     warm_start(target.optical, teacher)
     dev = torch.device("cpu")
     loss = modality_target_loss(target, teacher, frozen(optical, dev), frozen(sar, dev), seed, GAP_RATE)
-    target = train_series(target, loss, fit_b, val_b, data.classes, options)
-    return {FUSION: fusion, MODALITY_KD: target}
+    models[MODALITY_KD] = train_series(target, loss, fit_b, val_b, data.classes, options)
+    return models
 
 
 def robustness(bench: Bench, models: dict, forward: dict, test: SeriesSet, norms: Norms, seed: int) -> dict:
@@ -204,37 +225,41 @@ def robustness(bench: Bench, models: dict, forward: dict, test: SeriesSet, norms
     return out
 
 
-def run_parcels(bench: Bench, data: SeriesSet, folds: int) -> dict:
-    """Protocols 1-3 over stratified folds, and one retraining of L-TAE on fold 0 (reproducibility)."""
+def _pooled(per_fold: list[dict], section: str) -> dict:
+    """OA, kappa and macro-F1 of every model of `section`, summarised over the folds."""
+    metrics = ("overall_accuracy", "kappa", "macro_f1")
+    return {key: {m: _summary([f[section][key][m] for f in per_fold]) for m in metrics} for key in per_fold[0][section]}
+
+
+def run_parcels(bench: Bench, data: SeriesSet, folds: int, chosen: set[str]) -> dict:
+    """The `chosen` protocols among 1-3 over stratified folds; with parcels also one retraining of L-TAE on fold 0
+    (reproducibility)."""
     splits = stratified_folds(data.labels, folds, bench.seed)
     job = bench.progress.add_task("parcel folds", total=len(splits))
     per_fold = []
     for k, (train_idx, test_idx) in enumerate(splits):
         t0 = time.monotonic()
-        per_fold.append(parcel_fold(bench, data, train_idx, test_idx, k))
+        per_fold.append(parcel_fold(bench, data, train_idx, test_idx, k, chosen))
         bench.progress.advance(job)
         f1 = ", ".join(f"{key} {v['macro_f1']:.3f}" for key, v in per_fold[-1]["parcels"].items())
         bench.progress.console.log(f"fold {k + 1}/{len(splits)} ({time.monotonic() - t0:.0f} s): macro-F1 {f1}")
-    parcels = {
-        key: {m: _summary([f["parcels"][key][m] for f in per_fold]) for m in ("overall_accuracy", "kappa", "macro_f1")}
-        for key in per_fold[0]["parcels"]
-    }
-    modalities = {
-        key: {
-            m: _summary([f["modalities"][key][m] for f in per_fold]) for m in ("overall_accuracy", "kappa", "macro_f1")
-        }
-        for key in per_fold[0]["modalities"]
-    }
-    rob = {
-        key: {
-            mode: {
-                fr: _summary([f["robustness"][key][mode][fr] for f in per_fold])
-                for fr in per_fold[0]["robustness"][key][mode]
+    out: dict = {}
+    if "modalities" in chosen:
+        out["modalities"] = _pooled(per_fold, "modalities")
+    if "robustness" in chosen:
+        rob = {
+            key: {
+                mode: {
+                    fr: _summary([f["robustness"][key][mode][fr] for f in per_fold])
+                    for fr in per_fold[0]["robustness"][key][mode]
+                }
+                for mode in GAP_MODES
             }
-            for mode in GAP_MODES
+            for key in per_fold[0]["robustness"]
         }
-        for key in per_fold[0]["robustness"]
-    }
+        out["robustness"] = {"fractions": list(FRACTIONS), "modes": list(GAP_MODES), "repeats": 2, "macro_f1": rob}
+    if "parcels" not in chosen:
+        return out
     # reproducibility: L-TAE of fold 0 trained again with the same seed
     train_idx, test_idx = splits[0]
     fit_idx, val_idx = inner_split(data.labels, train_idx, VAL_FRACTION, bench.seed)
@@ -248,7 +273,7 @@ def run_parcels(bench: Bench, data: SeriesSet, folds: int) -> dict:
     )
     f1_again = score(again, model_batch(data.subset(test_idx), norms), data.classes)["macro_f1"]
     first = per_fold[0]["parcels"]["ltae"]["macro_f1"]
-    return {
+    return out | {
         "parcels": {
             "samples": len(data),
             "classes": data.classes,
@@ -258,10 +283,8 @@ def run_parcels(bench: Bench, data: SeriesSet, folds: int) -> dict:
             "dates": len(data.doy),
             "folds": folds,
             "notes": data.notes,
-            "models": parcels,
+            "models": _pooled(per_fold, "parcels"),
         },
-        "robustness": {"fractions": list(FRACTIONS), "modes": list(GAP_MODES), "repeats": 2, "macro_f1": rob},
-        "modalities": modalities,
         "reproducibility": {
             "model": "ltae",
             "fold": 0,
@@ -443,6 +466,8 @@ def run_benchmark(
     mappings: Path | None,
     legend: str,
     patches: Path | None,
+    pixels: Path | None,
+    cloudmasks: Path | None,
     out: Path | None,
     protocols: str,
     folds: int,
@@ -459,10 +484,12 @@ def run_benchmark(
     unknown = sorted(set(chosen) - set(PROTOCOLS))
     if unknown:
         raise CropflowError(f"--protocols: unknown {unknown}; valid: {', '.join(PROTOCOLS)}.")
+    given = {"parcels": parcels, "pixels": pixels, "patches": patches, "cloudmasks": cloudmasks}
+    needed = set(chosen) | ({"parcels"} if SERIES_PROTOCOLS & set(chosen) else set())
     root = data or real_data_dir()
-    if root is None and (parcels is None or patches is None):
-        raise CropflowError("no real-data folder: give --data DIR (or set CROPFLOW_REAL_DATA).")
-    parcels_file = parcels or root / PARCELS_FILE
+    inputs = {key: _input(given[key], root, key) for key in INPUTS if key in needed}
+    if "patches" in chosen:  # imported now: a module that changed on disk during a long run cannot break it later
+        from flows.bench_patches import run_patches
     out = out or home_dir() / "bench" / "accuracy"
     out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the run
     torch.set_num_threads(threads)
@@ -479,25 +506,20 @@ def run_benchmark(
     )
     with progress:
         bench = Bench(seed, epochs, patience, 32, progress)
-        if {"parcels", "robustness", "modalities"} & set(chosen):
+        if SERIES_PROTOCOLS & set(chosen):
+            parcels_file = inputs["parcels"]
             series = load_parcels(
                 parcels_file, mappings or parcels_file.parent / MAPPINGS_FILE.name, legend, min_parcels
             )
             if quick:
                 series = series.subset(_quick_subset(series, 60, seed))
-            results |= run_parcels(bench, series, folds)
-            for key in ("parcels", "robustness", "modalities"):
-                if key not in chosen:
-                    results.pop(key, None)
+            results |= run_parcels(bench, series, folds, SERIES_PROTOCOLS & set(chosen))
         if "pixels" in chosen:
-            results["pixels"] = run_pixels(bench, _need(root, "temporalcnn"), 60 if quick else None)
+            results["pixels"] = run_pixels(bench, inputs["pixels"], 60 if quick else None)
         if "patches" in chosen:
-            from flows.bench_patches import run_patches
-
-            folder = patches or _need(root, "worldcereal-patches")
-            results["patches"] = run_patches(folder, quick, seed, patience, progress)
+            results["patches"] = run_patches(inputs["patches"], quick, seed, patience, progress)
         if "cloudmasks" in chosen:
-            results["cloudmasks"] = run_cloudmasks(_need(root, "cloudmask-reference"))
+            results["cloudmasks"] = run_cloudmasks(inputs["cloudmasks"])
     results["seconds"] = time.monotonic() - started
     results["load_end"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     if "robustness" in results:
@@ -517,11 +539,17 @@ def _argv() -> list[str]:
     return args[args.index("accuracy") + 1 :] if "accuracy" in args else args
 
 
-def _need(root: Path | None, name: str) -> Path:
-    folder = root / name if root else None
-    if folder is None or not folder.is_dir():
-        raise CropflowError(f"{name}/ not found under --data {root}; give the real-data folder.")
-    return folder
+def _input(given: Path | None, root: Path | None, key: str) -> Path:
+    """The input of protocol `key`: its option's path, else its place in the real-data folder `root`; refused
+    (before any work) when that does not exist."""
+    option, default = INPUTS[key]
+    path = given or (root / default if root else None)
+    if path is None:
+        raise CropflowError(f"{option}: no input; give {option} or the real-data folder (--data DIR).")
+    if not path.exists():
+        where = f"{option} {path}" if given else f"{default} under --data {root}"
+        raise CropflowError(f"{where} not found; give {option} or the real-data folder (--data DIR).")
+    return path
 
 
 def _quick_subset(data: SeriesSet, n: int, seed: int) -> np.ndarray:

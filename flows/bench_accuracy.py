@@ -14,7 +14,8 @@ LEGEND = "CROPTYPE_INSEASON_FRANCE"
 
 def bench_accuracy(
     data: Annotated[
-        Path | None, typer.Option(help="real-data folder (default: CROPFLOW_REAL_DATA or ../shared/data)")
+        Path | None,
+        typer.Option(help="real-data folder: the default of each input below (CROPFLOW_REAL_DATA or ../shared/data)"),
     ] = None,
     parcels: Annotated[
         Path | None, typer.Option(help="long-format parcel parquet (default: the French LPIS parcels)")
@@ -23,6 +24,13 @@ def bench_accuracy(
     legend: Annotated[str, typer.Option(help="legend of the class mappings")] = LEGEND,
     patches: Annotated[
         Path | None, typer.Option(help="folder of WorldCereal patches (default: DATA/worldcereal-patches)")
+    ] = None,
+    pixels: Annotated[
+        Path | None,
+        typer.Option(help="folder of TempCNN-layout train_dataset.csv, test_dataset.csv (DATA/temporalcnn)"),
+    ] = None,
+    cloudmasks: Annotated[
+        Path | None, typer.Option(help="folder of reference *.npz scenes (default: DATA/cloudmask-reference)")
     ] = None,
     out: Annotated[
         Path | None,
@@ -48,6 +56,8 @@ def bench_accuracy(
         mappings,
         legend,
         patches,
+        pixels,
+        cloudmasks,
         out,
         protocols,
         folds,

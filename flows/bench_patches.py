@@ -15,6 +15,7 @@ bands alone when a patch has no 10 m file).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import tempfile
@@ -36,16 +37,18 @@ from models.registry import build_model
 from tasks.catalog import get_catalog, search_items
 from tasks.cube import build_cube
 from tasks.dataset import CubeArrays, PatchDataset, load_cube_arrays, make_loader, split_statistics
-from tasks.evaluate import accuracy_metrics, confusion_matrix
+from tasks.evaluate import accuracy_metrics
 from tasks.labels import SPLITS
 from tasks.sample_stac import lonlat_footprint
 from tasks.train import (
-    DEFAULT_MODEL_CONFIG,
     TrainData,
     TrainOptions,
+    checkpoint_meta,
+    confusion,
     datasets,
     fit_loop,
     load_best,
+    model_config_for,
     model_inputs,
     val_scores,
 )
@@ -55,7 +58,14 @@ S2_20M = ["B05", "B06", "B07", "B8A", "B11", "B12"]
 SENSORS = {"s2": "sentinel-2-l2a", "s1": "sentinel-1-rtc", "landsat": "landsat-c2-l2"}
 NO_LABEL = {"CT": (0,), "LC": (0, 99)}
 SEAM = 8  # unlabelled columns between training patches
-MODELS = {"fcn3d": DEFAULT_MODEL_CONFIG["cpu"]["fcn3d"], "ltae": {}}
+# Training of each model (CPU default configs). The 3-D FCN needs spatial context: 32 x 32 patches. The pixel-wise
+# L-TAE sees each pixel alone, so 8 x 8 patches give it pixels from many more places for a sixteenth of the compute
+# per patch (on 32 x 32 patches it took 300-500 s per held-out patch on this 2-core CPU).
+MODELS = {
+    "fcn3d": {"patch_size": 32, "patches_per_epoch": 32, "epochs": 15},
+    "ltae": {"patch_size": 8, "patches_per_epoch": 64, "epochs": 30},
+}
+QUICK = {"patches_per_epoch": 16, "epochs": 3}
 
 
 def _free_port() -> int:
@@ -140,16 +150,7 @@ def run_patches(src: Path, quick: bool, seed: int, patience: int, progress: Prog
             f"--patches {src}: leave-one-patch-out needs at least 2 patch folders, found {len(folders)}."
         )
     layer = label_layer(folders)
-    options = TrainOptions(
-        epochs=3 if quick else 15,
-        patches_per_epoch=16 if quick else 32,
-        patch_size=32,
-        batch_size=8,
-        seed=seed,
-        device="cpu",
-        progress=False,
-        patience=patience,
-    )
+    options = TrainOptions(batch_size=8, seed=seed, device="cpu", progress=False, patience=patience)
     with tempfile.TemporaryDirectory(prefix="cropflow-bench-patches-") as tmp:
         t0 = time.monotonic()
         cubes = patch_cubes(Path(src), Path(tmp))
@@ -172,9 +173,10 @@ def run_patches(src: Path, quick: bool, seed: int, patience: int, progress: Prog
                 np.full(test_codes.shape, SPLITS["test"], np.uint8),
             )
             data = TrainData(train, [{"id": i, "name": n} for i, n in enumerate(names)], split_statistics(train))
-            for name, config in MODELS.items():
+            for name, settings in MODELS.items():
                 t0 = time.monotonic()
-                cm = _train_and_score(name, config, data, test, options, os.path.join(tmp, f"{name}-{held}"))
+                model_options = dataclasses.replace(options, **settings, **(QUICK if quick else {}))
+                cm = _train_and_score(name, data, test, model_options, os.path.join(tmp, f"{name}-{held}"))
                 cms[name] += cm
                 progress.advance(job)
                 oa = np.trace(cm) / max(cm.sum(), 1)
@@ -199,24 +201,22 @@ def run_patches(src: Path, quick: bool, seed: int, patience: int, progress: Prog
     }
 
 
-def _train_and_score(
-    name: str, config: dict, data: TrainData, test: CubeArrays, options: TrainOptions, out: str
-) -> np.ndarray:
-    """Train `name` on `data` (soft IoU + cross-entropy, early stopping on the val split) and return the confusion
-    matrix of the labelled pixels of `test` (whole-patch windows)."""
+def _train_and_score(name: str, data: TrainData, test: CubeArrays, options: TrainOptions, out: str) -> np.ndarray:
+    """Train `name` (its CPU default config) on `data` (soft IoU + cross-entropy, early stopping on the val split)
+    and return the confusion matrix of the labelled pixels of `test` (whole-patch windows)."""
+    dev = torch.device("cpu")
+    config = model_config_for(name, None, data, dev)
     torch.manual_seed(options.seed)
-    k = len(data.classes)
-    model = build_model(name, **config, in_channels=len(data.cube.bands), num_classes=k)
+    model = build_model(name, **config)
     train_ds, val_ds = datasets(data, options)
     val_loader = make_loader(val_ds, options.batch_size)
     loss_fn = IoULoss(ce_weight=0.5)
-    dev = torch.device("cpu")
     result = fit_loop(
         model,
         lambda batch, step: loss_fn(model(*model_inputs(batch)), batch[3]),
         train_ds,
         lambda: val_scores(model, val_loader, dev, data.classes),
-        {"format": 1, "model_name": name, "classes": data.classes},
+        checkpoint_meta(name, config, data),
         Path(out),
         options,
         dev,
@@ -224,12 +224,7 @@ def _train_and_score(
     )
     load_best(model, result)
     test_ds = PatchDataset(test, *data.norm, "test", "grid", max(test.target.shape))
-    cm = np.zeros((k, k), np.int64)
-    model.eval()
-    with torch.inference_mode():
-        for batch in make_loader(test_ds, 1):
-            cm += confusion_matrix(batch[3].numpy(), model(*model_inputs(batch)).argmax(dim=1).numpy(), k)
-    return cm
+    return confusion(model, make_loader(test_ds, 1), dev, len(data.classes))
 
 
 def _markdown(summary: dict, names: list[str], n: int, layer: str) -> str:

@@ -36,9 +36,20 @@ from torch.utils.data import Dataset
 from infra.errors import CropflowError
 from models.masking import cloud_gap_mask
 from models.random_forest import RandomForest
-from tasks.evaluate import accuracy_metrics, confusion_matrix
+from tasks.evaluate import accuracy_metrics
 from tasks.preprocess import band_statistics, prepare_window
-from tasks.train import Batch, BatchLoss, Forward, TrainOptions, default_forward, fit_loop, load_best, resolve_device
+from tasks.train import (
+    Batch,
+    BatchLoss,
+    Forward,
+    TrainOptions,
+    confusion,
+    default_forward,
+    fit_loop,
+    load_best,
+    model_meta,
+    resolve_device,
+)
 
 S2_PREFIX, S1_PREFIX = "S2-L2A-", "S1-SIGMA0-"
 NODATA = 65535
@@ -296,21 +307,13 @@ class SeriesDataset(Dataset):
         return tuple(t[j] for t in self.batch)
 
 
-def predict(model: nn.Module, batch: Batch, forward: Forward = default_forward, chunk: int = 256) -> np.ndarray:
-    """Predicted class (N,) of every sample of `batch`, `chunk` samples at a time."""
-    model.eval()
-    preds = []
-    with torch.inference_mode():
-        for start in range(0, len(batch[0]), chunk):
-            logits = forward(model, [t[start : start + chunk] for t in batch])
-            preds.append(logits.argmax(dim=1).flatten())
-    return torch.cat(preds).cpu().numpy()
-
-
-def score(model: nn.Module, batch: Batch, classes: list[str], forward: Forward = default_forward) -> dict:
-    """`tasks.evaluate.accuracy_metrics` (OA, kappa, macro-F1, per class) of `model` on the samples of `batch`."""
-    cm = confusion_matrix(batch[3].flatten().cpu().numpy(), predict(model, batch, forward), len(classes))
-    return accuracy_metrics(cm, classes)
+def score(
+    model: nn.Module, batch: Batch, classes: list[str], forward: Forward = default_forward, chunk: int = 256
+) -> dict:
+    """`tasks.evaluate.accuracy_metrics` (OA, kappa, macro-F1, per class) of `model` on the samples of `batch`,
+    `chunk` samples at a time."""
+    chunks = ([t[start : start + chunk] for t in batch] for start in range(0, len(batch[0]), chunk))
+    return accuracy_metrics(confusion(model, chunks, batch[0].device, len(classes), forward), classes)
 
 
 def train_series(
@@ -333,7 +336,7 @@ def train_series(
         m = score(model, [t.to(device) for t in val], classes, forward)
         return {"val_oa": m["overall_accuracy"], "val_miou": m["miou"], "val_macro_f1": m["macro_f1"]}
 
-    meta = {"format": 1, "model_name": name, "classes": [{"id": i, "name": c} for i, c in enumerate(classes)]}
+    meta = model_meta(name, {}, [{"id": i, "name": c} for i, c in enumerate(classes)])
     with tempfile.TemporaryDirectory(prefix="cropflow-series-") as out:
         result = fit_loop(
             model,

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,15 +232,28 @@ def evaluate_patches(
     class_names: list[str],
     forward: Forward = default_forward,
 ) -> dict:
-    """Overall accuracy and mIoU (`tasks.evaluate.accuracy_metrics`) of `model` over the labelled pixels of `loader`."""
+    """Overall accuracy and mIoU (`tasks.evaluate.accuracy_metrics`) of `model` over the labelled pixels of `loader`
+    (autocast as in training)."""
+    with autocast(device):
+        return accuracy_metrics(confusion(model, loader, device, num_classes, forward), class_names)
+
+
+def confusion(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    device: torch.device,
+    num_classes: int,
+    forward: Forward = default_forward,
+) -> np.ndarray:
+    """Confusion matrix (truth x prediction) of `model` over the labelled pixels (target >= 0) of `batches`."""
     model.eval()
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    with torch.inference_mode(), autocast(device):
-        for batch in loader:
+    with torch.inference_mode():
+        for batch in batches:
             logits = forward(model, [t.to(device) for t in batch])
             pred = logits.argmax(dim=1).cpu().numpy()
-            cm += confusion_matrix(batch[3].numpy(), pred, num_classes)
-    return accuracy_metrics(cm, class_names)
+            cm += confusion_matrix(batch[3].cpu().numpy(), pred, num_classes)
+    return cm
 
 
 def amp_dtype(device: torch.device) -> torch.dtype | None:
@@ -304,21 +317,28 @@ def _norm_dict(norm: tuple[np.ndarray, np.ndarray]) -> dict:
     return {"mean": [float(v) for v in norm[0]], "std": [float(v) for v in norm[1]]}
 
 
+def model_meta(model_name: str, model_config: dict, classes: list[dict]) -> dict:
+    """The checkpoint fields of every run: format, model, classes and cropflow version (`checkpoint_meta` adds the
+    cube's bands and normalisation)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": model_name,
+        "model_config": model_config,
+        "classes": [dict(c) for c in classes],
+        "cropflow_version": cropflow_version(),
+    }
+
+
 def checkpoint_meta(
     model_name: str, model_config: dict, data: TrainData, sensor: str = SENSOR, multimodal: bool = False
 ) -> dict:
     """The parts of a checkpoint fixed for a run: model, bands, sensor, classes, normalisation (and SAR's)."""
     use_sar = sensor == SAR_SENSOR
     cube, norm = (data.sar, data.sar_norm) if use_sar else (data.cube, data.norm)
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "model_name": model_name,
-        "model_config": model_config,
+    meta = model_meta(model_name, model_config, data.classes) | {
         "bands": list(cube.bands),
         "sensor": sensor,
-        "classes": [dict(c) for c in data.classes],
         "norm": _norm_dict(norm),
-        "cropflow_version": cropflow_version(),
     }
     if multimodal:
         meta["sar"] = {"sensor": SAR_SENSOR, "bands": list(data.sar.bands), "norm": _norm_dict(data.sar_norm)}

@@ -134,3 +134,32 @@ def test_bench_accuracy_refuses_unknown_protocols_before_any_work(tmp_path: Path
     assert isinstance(result.exception, CropflowError)
     assert "--protocols: unknown ['maps']" in str(result.exception) and "cloudmasks" in str(result.exception)
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_accuracy_takes_a_parcel_file_without_data_and_trains_only_what_protocols_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CROPFLOW_REAL_DATA", str(tmp_path / "no-such-folder"))
+    parcels = write_parcels(tmp_path / "p.parquet")
+    legend = {"1101060000": "ignore", "1101010011": "wheat", "2001020022": "grasslands"}
+    (tmp_path / "m.json").write_text(json.dumps({"LEGEND": legend}))
+    args = ["accuracy", "--quick", "--parcels", str(parcels), "--mappings", str(tmp_path / "m.json")]
+    args += ["--legend", "LEGEND", "--protocols", "modalities", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert "parcels" not in results and "robustness" not in results and "reproducibility" not in results
+    rows = {f"{m} {s}" for m in ("random_forest", "tempcnn", "ltae") for s in ("s2", "s1", "s2+s1")}
+    assert set(results["modalities"]) == rows | {"s2s1_fusion", "s2s1_distilled"}  # no transformer, no student
+
+
+def test_bench_accuracy_names_the_missing_input_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CROPFLOW_REAL_DATA", str(tmp_path / "no-such-folder"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["accuracy", "--protocols", "cloudmasks,pixels", "--out", str(out)])
+    assert isinstance(result.exception, CropflowError) and "--pixels: no input; give --pixels" in str(result.exception)
+    result = CliRunner().invoke(app, ["accuracy", "--protocols", "pixels", "--pixels", str(tmp_path / "px")])
+    assert "--pixels " + str(tmp_path / "px") + " not found" in str(result.exception)
+    assert not out.exists()
