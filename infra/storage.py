@@ -4,22 +4,19 @@ A location is a `upath.UPath`: a local path is a `pathlib.Path` (local code runs
 on its fsspec filesystem (s3fs, gcsfs, adlfs). Credentials come from the environment of each store's own client
 (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_ENDPOINT_URL`/`AWS_PROFILE`, `GOOGLE_APPLICATION_CREDENTIALS`,
 `AZURE_STORAGE_ACCOUNT_NAME`/`AZURE_STORAGE_ACCOUNT_KEY`, or the machine's role); cropflow never takes, keeps nor
-logs them. Zarr stores are read and written in place (zarr's `FsspecStore`); files that need a local path (COGs,
-PNGs, checkpoints) are written to a local temporary file and uploaded in one request per file, which object stores
-publish atomically, retried with backoff while the store is unreachable.
+logs them. Zarr stores are read and written in place (zarr's `FsspecStore`), outputs beside their location and then
+published (`infra.atomic`); files that need a local path (COGs, PNGs, checkpoints) are written to a local temporary
+file and uploaded in one request per file, which object stores publish atomically, retried with backoff
+(`infra.retry`) while the store is unreachable.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import random
-import shutil
 import tempfile
-import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import fsspec
@@ -28,15 +25,12 @@ import xarray as xr
 from upath import UPath
 from zarr.storage import FsspecStore
 
-from infra.atomic import atomic_path
+from infra.atomic import STORE_RETRY, atomic_path
 from infra.errors import CropflowError
 from infra.retry import HttpRetry
 
-log = logging.getLogger(__name__)
-
 # protocols cropflow is tested or documented with, and the package each needs
 PROTOCOLS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
-UPLOAD_RETRY = HttpRetry(retries=8, backoff=1.0, backoff_max=30.0)
 
 
 def location(url: str | os.PathLike) -> UPath:
@@ -92,44 +86,6 @@ def open_raster(loc: str | os.PathLike) -> rasterio.DatasetReader:
     return rasterio.open(loc.path, opener=loc.fs)
 
 
-def _scratch(loc: UPath) -> UPath:
-    return loc.with_name(f".{loc.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def remove(loc: str | os.PathLike) -> None:
-    """Delete the file or folder (or object prefix) at `loc`, if any."""
-    loc = location(loc)
-    if isinstance(loc, Path):
-        if loc.is_dir():
-            shutil.rmtree(loc)
-        else:
-            loc.unlink(missing_ok=True)
-    elif loc.exists():
-        loc.fs.rm(loc.path, recursive=True)
-
-
-def replace(src: str | os.PathLike, dst: str | os.PathLike) -> UPath:
-    """Move the folder or file `src` onto `dst` of the same store, replacing what was there.
-
-    Locally a rename (readers see the old or the new, never a mixture). On an object store each object is copied
-    server-side then deleted, after the old `dst` was removed: readers may find nothing at `dst` meanwhile.
-    """
-    src, dst = location(src), location(dst)
-    if isinstance(dst, Path):
-        with atomic_path(dst) as tmp:
-            Path(src).rename(tmp)
-        return dst
-    remove(dst)
-    fs, root = src.fs, src.path.rstrip("/")
-    files = fs.find(root) or [root]
-    # objects in sub-folders first, the top level (a Zarr store's root zarr.json) last: it makes the store openable
-    for batch in ([f for f in files if "/" in f[len(root) + 1 :]], [f for f in files if "/" not in f[len(root) + 1 :]]):
-        if batch:
-            fs.copy(batch, [dst.path.rstrip("/") + f[len(root) :] for f in batch])
-    remove(src)
-    return dst
-
-
 def make_folder(loc: str | os.PathLike) -> None:
     """Create the local folder `loc` (and its parents); nothing on an object store, which has no folders (and whose
     client would create a missing bucket, where a misspelt one should fail at the first write)."""
@@ -140,26 +96,18 @@ def make_folder(loc: str | os.PathLike) -> None:
 
 @contextmanager
 def output_store(loc: str | os.PathLike) -> Iterator[Path | FsspecStore]:
-    """A Zarr store to write, beside `loc`; published at `loc` when the block ends without error, else deleted."""
-    loc = location(loc)
-    if isinstance(loc, Path):
-        with atomic_path(loc) as tmp:
-            yield tmp
-        return
-    tmp = _scratch(loc)
-    try:
+    """A Zarr store to write, beside `loc`; published at `loc` when the block ends without error, else deleted
+    (`infra.atomic.atomic_path`)."""
+    with atomic_path(location(loc)) as tmp:
         yield zarr_store(tmp)
-    except BaseException:
-        remove(tmp)
-        raise
-    replace(tmp, loc)
 
 
 @contextmanager
 def output_file(loc: str | os.PathLike) -> Iterator[Path]:
     """A local path to write the file of `loc` to; published at `loc` (atomically) when the block ends without error.
 
-    Locally the scratch file lies beside `loc` and is renamed; remotely it is a temporary file, uploaded (`upload`).
+    Locally the scratch file lies beside `loc` and is renamed (`infra.atomic.atomic_path`); remotely it is a local
+    temporary file, uploaded in one request (`upload`), which publishes it whole: no scratch object is needed.
     """
     loc = location(loc)
     if isinstance(loc, Path):
@@ -172,40 +120,20 @@ def output_file(loc: str | os.PathLike) -> Iterator[Path]:
         upload(tmp, loc)
 
 
-def _transient(exc: BaseException) -> bool:
-    """True for store errors that can go away on their own: an unreachable endpoint, a timeout, a dropped stream."""
-    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
-        return False
-    if isinstance(exc, OSError | TimeoutError):
-        return True
-    try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import HTTPClientError
-    except ImportError:
-        return False
-    return isinstance(exc, BotoConnectionError | HTTPClientError)
-
-
-def upload(src: Path, dst: str | os.PathLike, retry: HttpRetry = UPLOAD_RETRY) -> UPath:
+def upload(src: Path, dst: str | os.PathLike, retry: HttpRetry = STORE_RETRY) -> UPath:
     """Copy the local file or folder `src` to the remote location `dst`, one request per file.
 
-    Each file's upload is retried on transient errors (`retry.retries` times, exponential backoff with jitter), so a
-    store that goes away for a while loses nothing; an object appears whole or not at all. Other errors (no such
-    bucket, access denied) raise `CropflowError` naming `dst`.
+    Each file's upload is retried on transient errors (`retry.call`), so a store that goes away for a while loses
+    nothing; an object appears whole or not at all. Other errors (no such bucket, access denied), or transient ones
+    that outlast the retries, raise `CropflowError` naming `dst`.
     """
     dst = location(dst)
     src = Path(src)
     files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
     for path in files:
         target = dst / path.relative_to(src).as_posix() if src.is_dir() else dst
-        for attempt in range(retry.retries + 1):
-            try:
-                target.fs.put_file(str(path), target.path)
-                break
-            except Exception as exc:
-                if not _transient(exc) or attempt == retry.retries:
-                    raise CropflowError(f"could not upload {path.name} to {target}: {exc}") from exc
-                delay = min(retry.backoff_max, retry.backoff * 2**attempt + random.uniform(0, retry.jitter))
-                log.warning("upload to %s failed (%s); retry %d in %.1f s", target, exc, attempt + 1, delay)
-                time.sleep(delay)
+        try:
+            retry.call(partial(target.fs.put_file, str(path), target.path), f"upload to {target}")
+        except Exception as exc:
+            raise CropflowError(f"could not upload {path.name} to {target}: {exc}") from exc
     return dst

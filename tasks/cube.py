@@ -51,7 +51,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 from zarr.codecs import BloscCodec
 
-from infra import storage
+from infra import atomic, storage
 from infra.errors import CropflowError
 from tasks.catalog import Catalog, sign_href
 from tasks.grid import Bounds, Grid, snap_bounds
@@ -776,7 +776,7 @@ def prepare_cube(
     record = partial / "params.json"
     if partial.exists() and (not record.exists() or json.loads(record.read_text()).get("digest") != digest):
         log.info("%s: parameters changed since the interrupted build; starting over", partial)
-        storage.remove(partial)
+        atomic.remove(partial)
     if not record.exists():
         storage.make_folder(partial)
         _create_store(partial / "cube.zarr", grid, bins, bin_days, plans, chunk, store_attrs)
@@ -869,8 +869,8 @@ def publish_cube(job: CubeJob) -> Path:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(storage.zarr_store(store), zarr_format=3)
-    storage.replace(store, job.out_path)
-    storage.remove(job.partial)
+    atomic.publish(store, job.out_path)
+    atomic.remove(job.partial)
     log.info("cube written to %s", job.out_path)
     return job.out_path
 

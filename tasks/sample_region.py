@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
@@ -27,6 +24,7 @@ from prefect import task
 from rasterio.features import rasterize
 from scipy import ndimage
 
+from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from tasks import sample_phenology as ph
 from tasks import sample_stac as st
@@ -713,23 +711,6 @@ def _write_region(
         log.info("%s: %d items", collection_id, len(items))
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`; an existing `out` is moved aside first and restored on failure."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    try:
-        os.replace(out, trash / out.name)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(trash / out.name, out)
-            raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def generate_region(
     out_dir: Path,
     size: int = 512,
@@ -758,14 +739,9 @@ def generate_region(
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise CropflowError(f"{out} already exists; remove it, pick another folder, or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
         _write_region(tmp, out, int(size), int(seed), start, end, name, (x0, y1))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("sample region %r (%d px, seed %d, origin %.0f, %.0f) written to %s", name, size, seed, x0, y1, out)
     return out
 

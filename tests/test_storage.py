@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import rasterio
 import xarray as xr
 from affine import Affine
+from upath import UPath
 
-from infra import storage
+from infra import atomic, storage
 from infra.errors import CropflowError
 from infra.retry import HttpRetry
 
@@ -76,7 +81,7 @@ def test_files_and_rasters_on_s3(bucket: str, tmp_path: Path):
     local.write_bytes(b"weights")
     assert storage.upload(local, f"{bucket}/maps/model.pt").read_bytes() == b"weights"
 
-    storage.remove(f"{bucket}/maps")
+    atomic.remove(storage.location(f"{bucket}/maps"))
     assert not storage.location(f"{bucket}/maps/crop_map.tif").exists()
     with pytest.raises(CropflowError, match=r"could not upload model\.pt to s3://no-such-bucket"):
         storage.upload(local, "s3://no-such-bucket/model.pt")
@@ -107,7 +112,7 @@ def test_upload_survives_a_server_restart(bucket: str, s3_server, tmp_path: Path
 
     thread = threading.Thread(target=stop_midway_then_restart)
     thread.start()
-    with caplog.at_level(logging.WARNING, logger="infra.storage"):
+    with caplog.at_level(logging.WARNING, logger="infra.retry"):
         storage.upload(src, dst, retry=HttpRetry(retries=10, backoff=0.5, backoff_max=2.0, jitter=0.1))
     thread.join()
     assert any("retry" in r.getMessage() for r in caplog.records), "the outage must have been retried by cropflow"
@@ -116,3 +121,141 @@ def test_upload_survives_a_server_restart(bucket: str, s3_server, tmp_path: Path
     assert uploaded == expected
     for path in src.rglob("*.bin"):
         assert watcher.cat_file(f"{dst.removeprefix('s3://')}/{path.relative_to(src).as_posix()}") == path.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Publishing (infra.atomic): one mechanism for local folders and object-store prefixes
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _folder(path: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(data)
+    return path
+
+
+def test_local_publish_swaps_folders_and_replaces_files(tmp_path: Path):
+    out = _folder(tmp_path / "region", {"region.json": b"old", "cogs/a.tif": b"old a"})
+    with atomic.atomic_path(out) as tmp:
+        _folder(tmp, {"region.json": b"new", "cogs/b.tif": b"new b"})
+        assert _tree(out) == {"region.json": b"old", "cogs/a.tif": b"old a"}, "the old folder stays until the end"
+    assert _tree(out) == {"region.json": b"new", "cogs/b.tif": b"new b"}  # no file of the old folder is left
+    with atomic.atomic_path(tmp_path / "map.json") as tmp:
+        tmp.write_text("{}")
+    with pytest.raises(RuntimeError, match="crashed"), atomic.atomic_path(tmp_path / "map.json") as tmp:
+        tmp.write_text('{"half":')
+        raise RuntimeError("crashed")
+    assert (tmp_path / "map.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.json", "region"]  # no scratch left
+
+
+def test_failed_local_swap_puts_the_old_folder_back(tmp_path: Path):
+    """The new folder cannot be renamed in (it lies on another file system): the old one is renamed back."""
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test folder")
+    out = _folder(tmp_path / "region", {"region.json": b"old"})
+    new = _folder(Path(atomic.scratch(other / "region")), {"region.json": b"new"})
+    try:
+        with pytest.raises(OSError, match="cross-device"):
+            atomic.publish(new, out)
+        assert _tree(out) == {"region.json": b"old"}
+        assert [p.name for p in tmp_path.iterdir()] == ["region"]
+        assert _tree(new) == {"region.json": b"new"}, "the source is left to the caller"
+    finally:
+        shutil.rmtree(new)
+
+
+S3_ERRORS = {403: "AccessDenied", 503: "ServiceUnavailable"}
+
+
+class CopyRefusingProxy:
+    """An HTTP proxy in front of the S3 server that answers the next copy requests (a PUT with `x-amz-copy-source`)
+    with the HTTP statuses in `refusals`, as a store that denies or cannot serve them, and forwards the rest."""
+
+    def __init__(self, upstream: str) -> None:
+        self.refusals: list[int] = []
+        self.copies = 0
+        client = httpx.Client(base_url=upstream, timeout=30, trust_env=False)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers botocore's `Expect: 100-continue`; keeps connections open
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.command == "PUT" and "x-amz-copy-source" in self.headers:
+                    proxy.copies += 1
+                    if proxy.refusals:
+                        status = proxy.refusals.pop(0)
+                        error = f"<Error><Code>{S3_ERRORS[status]}</Code><Message>refused</Message></Error>"
+                        return self._reply(status, {"Content-Type": "application/xml"}, error.encode())
+                skip = {"host", "content-length", "connection", "accept-encoding"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                response = client.request(self.command, self.path, headers=headers, content=body)
+                skip |= {"transfer-encoding", "content-encoding", "date", "server"}
+                kept = {k: v for k, v in response.headers.items() if k.lower() not in skip}
+                if self.command == "HEAD":  # no body, but the object's size
+                    kept["Content-Length"] = response.headers.get("content-length", "0")
+                    return self._reply(response.status_code, kept, b"", length=False)
+                self._reply(response.status_code, kept, response.content)
+
+            def _reply(self, status: int, headers: dict[str, str], data: bytes, length: bool = True) -> None:
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                if length:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def location(self, url: str) -> UPath:
+        """`url` reached through this proxy."""
+        return UPath(url, endpoint_url=self.url, use_listings_cache=False, skip_instance_cache=True)
+
+
+@pytest.fixture
+def s3_proxy(s3_server) -> CopyRefusingProxy:
+    proxy = CopyRefusingProxy(os.environ["AWS_ENDPOINT_URL"])
+    yield proxy
+    proxy.httpd.shutdown()
+    proxy.httpd.server_close()
+
+
+def test_failed_publish_on_s3_leaves_no_scratch_objects(bucket: str, s3_proxy: CopyRefusingProxy, caplog):
+    """The store refuses the server-side copies that publish a Zarr store: no scratch object and no half store is
+    left; copies it fails to serve for a while are retried and the store is published whole."""
+    url = f"{bucket}/run/probabilities.zarr"
+    with storage.output_store(url) as store:
+        _dataset().to_zarr(store, zarr_format=3, mode="w", consolidated=False)
+    run = storage.location(f"{bucket}/run")
+    objects = run.fs.find(f"{run.path}/probabilities.zarr")
+
+    s3_proxy.refusals = [403]
+    with pytest.raises(PermissionError, match="refused"), storage.output_store(s3_proxy.location(url)) as store:
+        (_dataset() * 2).to_zarr(store, zarr_format=3, mode="w", consolidated=False)
+    assert s3_proxy.copies < len(objects), "access denied is final: no copy retried, the top level never copied"
+    assert list(run.fs.find(run.path)) == [], "neither the scratch store nor a half-copied store may be left"
+
+    s3_proxy.refusals = [503] * 3  # more than botocore's own attempts (AWS_MAX_ATTEMPTS=2): cropflow retries
+    tmp = atomic.scratch(s3_proxy.location(url))
+    (_dataset() * 3).to_zarr(storage.zarr_store(tmp), zarr_format=3, mode="w", consolidated=False)
+    with caplog.at_level(logging.WARNING, logger="infra.retry"):
+        atomic.publish(tmp, s3_proxy.location(url), HttpRetry(retries=3, backoff=0.05, jitter=0.0))
+    assert any(r.getMessage().startswith("copying") and "retry" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(storage.open_zarr(url, consolidated=False)["v"].values, _dataset()["v"].values * 3)
+    assert [p.name for p in run.iterdir()] == ["probabilities.zarr"]
