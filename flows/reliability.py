@@ -121,6 +121,22 @@ FAULTS = [
         ("tests/test_storage.py::test_upload_survives_a_server_restart",),
     ),
     Row(
+        "object store refuses (403) or cannot serve (503) the server-side copies that publish a Zarr store",
+        "403 final, not retried: the scratch store and the copies made so far deleted, nothing half-written; 503 "
+        "retried with backoff, the store published whole",
+        ("tests/test_storage.py::test_failed_publish_on_s3_leaves_no_scratch_objects",),
+    ),
+    Row(
+        "a local folder swap failing halfway (the new folder on another file system)",
+        "the old folder renamed back, intact; no scratch left beside it",
+        ("tests/test_storage.py::test_failed_local_swap_puts_the_old_folder_back",),
+    ),
+    Row(
+        "which errors are retried: 429/5xx, timeouts, dropped connections (HTTP, S3) vs 4xx, permissions, full disk",
+        "one predicate (infra.retry.is_retryable) and one backoff for STAC, object-store and Prefect task retries",
+        ("tests/test_retry.py::test_transient_errors", "tests/test_retry.py::test_call_retries_transient_errors_only"),
+    ),
+    Row(
         "inference out of memory (torch.OutOfMemoryError above 2 windows per batch)",
         "batch 8 -> 4 -> 2, logged; the map equals the one of an unconstrained run; 1 window failing is an error",
         ("tests/test_faults.py::test_inference_out_of_memory_halves_the_batch_and_continues",),
