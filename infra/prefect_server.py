@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,9 +19,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from infra import processes
 from infra.errors import CropflowError
 from infra.settings import Settings
-from infra.stac_api import _api_port, _check_port, _cmdline, _http_client, _pid_alive, _signal_group, _tail, _wait_gone
 
 STARTUP_TIMEOUT_S = 120.0  # a cold start migrates the database: up to a minute on a busy 2-core machine
 PREFECT_DATABASE = "prefect"
@@ -56,13 +55,15 @@ def running_state(home: Path) -> dict | None:
         pid, port = int(state["pid"]), urlsplit(state["url"]).port
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    ours = _pid_alive(pid) and _cmdline(pid)[1:5] == SERVER_ARGS and _api_port(pid) == port
+    ours = (
+        processes.pid_alive(pid) and processes.cmdline(pid)[1:5] == SERVER_ARGS and processes.port_argument(pid) == port
+    )
     return state if ours else None
 
 
 def _healthy(url: str) -> bool:
     try:
-        with _http_client() as client:
+        with processes.local_client() as client:
             return client.get(f"{url}/health").status_code == 200
     except httpx.HTTPError:
         return False
@@ -91,7 +92,7 @@ def up(settings: Settings, postgres: bool = False) -> str:
         if _healthy(state["url"]):
             return state["url"]
         down(settings)
-    _check_port(settings.prefect_port, "the Prefect server", "CROPFLOW_PREFECT_PORT")
+    processes.check_port(settings.prefect_port, "the Prefect server", "CROPFLOW_PREFECT_PORT")
     folder = server_dir(settings)
     (folder / "home").mkdir(parents=True, exist_ok=True)
     env = {
@@ -102,8 +103,10 @@ def up(settings: Settings, postgres: bool = False) -> str:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
     }
+    secrets: list[str] = []  # what the server's log could quote: its database URL holds the PostgreSQL password
     if postgres:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = _postgres_url(settings)
+        secrets = [settings.pg_password()]
     log = folder / "server.log"
     cmd = [sys.executable, *SERVER_ARGS, "--host", "127.0.0.1", "--port", str(settings.prefect_port)]
     with log.open("ab") as out:
@@ -117,7 +120,9 @@ def up(settings: Settings, postgres: bool = False) -> str:
     while not _healthy(url):
         if proc.poll() is not None or time.monotonic() > deadline:
             down(settings)
-            raise CropflowError(f"the Prefect server did not start; the end of {log}:\n{_tail(log, settings, offset)}")
+            raise CropflowError(
+                f"the Prefect server did not start; the end of {log}:\n{processes.log_tail(log, secrets, offset)}"
+            )
         time.sleep(0.5)
     return url
 
@@ -127,10 +132,7 @@ def down(settings: Settings) -> None:
     state = _state(settings)
     if state:
         pid = int(state["pid"])
-        _signal_group(pid, signal.SIGTERM)  # start_new_session made it a group leader: the server and its children
-        if not _wait_gone(pid, 30):
-            _signal_group(pid, signal.SIGKILL)
-            _wait_gone(pid, 5)
+        processes.stop(pid, grace=30)  # start_new_session made it a group leader: the server and its children
     _state_file(settings).unlink(missing_ok=True)
 
 

@@ -14,7 +14,6 @@ Everything lives in `settings.stac_dir`:
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -22,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from infra import processes
 from infra.errors import CropflowError
 from infra.settings import Settings
 
@@ -43,7 +42,6 @@ APP = "stac_fastapi.pgstac.app:app"
 API_EXTENSIONS = "query,sort,fields,filter,pagination,collection_search,free_text"
 STARTUP_TIMEOUT_S = 60.0
 SETUP_HINT = "'make setup' installs it (as root)"
-_CHILDREN: dict[int, subprocess.Popen] = {}  # API processes started by this interpreter, so that they get reaped
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -75,20 +73,12 @@ def _as_root() -> bool:
 
 
 def _scrub(text: str, settings: Settings) -> str:
-    """`text` with the password replaced, for messages that quote logs or driver errors."""
-    password = settings.pg_password()
-    return text.replace(password, "***") if password else text
+    """`text` with the password blanked, for messages that quote logs or driver errors."""
+    return processes.blank(text, [settings.pg_password()])
 
 
-def _tail(path: Path, settings: Settings, start: int = 0, lines: int = 15) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(start)
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    tail = "\n".join(text.strip().splitlines()[-lines:])
-    return _scrub(tail, settings)
+def _tail(path: Path, settings: Settings, start: int = 0) -> str:
+    return processes.log_tail(path, [settings.pg_password()], start)
 
 
 def _conninfo(settings: Settings, dbname: str = PG_DATABASE) -> str:
@@ -104,56 +94,6 @@ def _conninfo(settings: Settings, dbname: str = PG_DATABASE) -> str:
         connect_timeout=10,
         application_name="cropflow",
     )
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if `pid` runs (not a zombie)."""
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
-        _CHILDREN.pop(pid, None)
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def _port_free(port: int) -> bool:
-    """True if a server could listen on 127.0.0.1:`port` (as PostgreSQL and uvicorn do, with SO_REUSEADDR)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
-    return True
-
-
-def _check_port(port: int, what: str, env: str) -> None:
-    if not _port_free(port):
-        raise CropflowError(
-            f"port {port} on 127.0.0.1, wanted for {what}, is already in use by another program; stop that program "
-            f"or choose a free port with the environment variable {env} (e.g. {env}={port + 1})."
-        )
 
 
 @contextlib.contextmanager
@@ -291,7 +231,7 @@ def _postmaster(settings: Settings) -> tuple[int, int] | None:
         pid, port = int(lines[0]), int(lines[3])
     except (OSError, ValueError, IndexError):
         return None
-    if not _pid_alive(pid) or str(_pgdata(settings)) not in _cmdline(pid):
+    if not processes.pid_alive(pid) or str(_pgdata(settings)) not in processes.cmdline(pid):
         return None  # stale pid file, or the pid now belongs to another process
     return pid, port
 
@@ -418,10 +358,10 @@ def _stop_pg(settings: Settings) -> None:
         log.warning("pg_ctl stop failed (%s); signalling the postmaster", exc)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGINT)
-        if not _wait_gone(pid, 30):
+        if not processes.wait_gone(pid, 30):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGQUIT)
-            _wait_gone(pid, 10)
+            processes.wait_gone(pid, 10)
 
 
 def _start_pg(settings: Settings, bindir: Path) -> None:
@@ -488,49 +428,20 @@ def _api_pid(settings: Settings) -> int | None:
         pid = int(_api_pid_file(settings).read_text().strip())
     except (OSError, ValueError):
         return None
-    if not _pid_alive(pid):
+    if not processes.pid_alive(pid):
         return None
-    cmd = _cmdline(pid)
+    cmd = processes.cmdline(pid)
     if APP not in cmd:
         return None  # the pid was reused by something else
     return pid
 
 
-def _api_port(pid: int) -> int | None:
-    cmd = _cmdline(pid)
-    with contextlib.suppress(ValueError, IndexError):
-        return int(cmd[cmd.index("--port") + 1])
-    return None
-
-
-def _http_client(timeout: float = 5.0) -> httpx.Client:
-    return httpx.Client(timeout=timeout, trust_env=False)  # never through a proxy: this is 127.0.0.1
-
-
 def _api_healthy(settings: Settings) -> bool:
     try:
-        with _http_client(2.0) as client:
+        with processes.local_client(2.0) as client:
             return client.get(f"{settings.stac_url}/_mgmt/health").status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    """Signal `pid`'s process group if it leads one (as `start_new_session` made it), else `pid` alone."""
-    with contextlib.suppress(ProcessLookupError):
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
 
 
 def _stop_api(settings: Settings) -> None:
@@ -538,11 +449,7 @@ def _stop_api(settings: Settings) -> None:
     if pid is not None:
         log.info("stopping the STAC API (pid %d)", pid)
         # start_new_session made it a process-group leader: signal the group (uvicorn and any worker it forked)
-        _signal_group(pid, signal.SIGTERM)
-        if not _wait_gone(pid, 15):
-            _signal_group(pid, signal.SIGKILL)
-            _wait_gone(pid, 5)
-        _CHILDREN.pop(pid, None)
+        processes.stop(pid, grace=15)
     _api_pid_file(settings).unlink(missing_ok=True)
 
 
@@ -593,7 +500,7 @@ def _start_api(settings: Settings) -> None:
             start_new_session=True,
             close_fds=True,
         )
-    _CHILDREN[proc.pid] = proc
+    processes.track(proc)
     tmp = _api_pid_file(settings).with_suffix(".pid.tmp")
     tmp.write_text(f"{proc.pid}\n")
     tmp.replace(_api_pid_file(settings))
@@ -618,7 +525,7 @@ def _start_api(settings: Settings) -> None:
 
 def _check_filter(settings: Settings) -> None:
     """The API must advertise CQL2 filtering and answer a cql2-json cloud-cover search."""
-    with _http_client(10.0) as client:
+    with processes.local_client(10.0) as client:
         conforms = client.get(f"{settings.stac_url}/").json().get("conformsTo", [])
         wanted = ("item-search#filter", "cql2/1.0/conf/cql2-json", "cql2/1.0/conf/basic-cql2")
         missing = [w for w in wanted if not any(c.endswith(w) or w in c for c in conforms)]
@@ -654,7 +561,7 @@ def up(settings: Settings) -> None:
             pg is not None
             and pg[1] == settings.pg_port
             and api is not None
-            and _api_port(api) == settings.stac_port
+            and processes.port_argument(api) == settings.stac_port
             and _api_healthy(settings)
         ):
             return
@@ -664,13 +571,13 @@ def up(settings: Settings) -> None:
             _stop_api(settings)
             _stop_pg(settings)
             pg = None
-        if api is not None and _api_port(api) != settings.stac_port:
+        if api is not None and processes.port_argument(api) != settings.stac_port:
             _stop_api(settings)
             api = None
         if pg is None:
-            _check_port(settings.pg_port, "PostgreSQL of the local STAC API", "CROPFLOW_PG_PORT")
+            processes.check_port(settings.pg_port, "PostgreSQL of the local STAC API", "CROPFLOW_PG_PORT")
         if api is None:
-            _check_port(settings.stac_port, "the local STAC API", "CROPFLOW_STAC_PORT")
+            processes.check_port(settings.stac_port, "the local STAC API", "CROPFLOW_STAC_PORT")
 
         bindir, major = _pg_bindir(settings)
         _check_postgis(bindir, major)
@@ -721,13 +628,14 @@ def status(settings: Settings) -> dict:
     api = settings.stac_dir.is_dir() and _api_pid(settings) is not None and _api_healthy(settings)
     collections: list[str] = []
     if api:
-        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError), _http_client() as client:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError), processes.local_client() as client:
             body = client.get(f"{settings.stac_url}/collections", params={"limit": 1000}).json()
             collections = sorted(c["id"] for c in body.get("collections", []))
     return {"postgres": postgres, "api": api, "url": settings.stac_url, "collections": collections}
 
 
-def _read_ndjson(path: Path) -> list[dict]:
+def read_items(path: Path) -> list[dict]:
+    """The STAC items of an `.ndjson` file (one per line), each checked to be a Feature with a collection."""
     items = []
     with path.open() as f:
         for number, line in enumerate(f, 1):
@@ -768,7 +676,7 @@ def load(settings: Settings, region_dir: Path) -> dict[str, int]:
         if not isinstance(collection, dict) or collection.get("type") != "Collection" or not collection.get("id"):
             raise CropflowError(f"{path} is not a STAC collection (needs 'type': 'Collection' and an 'id').")
         collections.append(collection)
-    items = [item for path in item_files for item in _read_ndjson(path)]
+    items = [item for path in item_files for item in read_items(path)]
     counts: dict[str, int] = {c["id"]: 0 for c in collections}
     seen: set[tuple[str, str]] = set()
     for item in items:

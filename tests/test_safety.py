@@ -146,6 +146,18 @@ def test_prefect_server_start_failure_quotes_its_log_without_the_password(
     assert secret in (tmp_path / "prefect-server" / "server.log").read_text()  # the log has it, the message not
 
 
+def test_log_quotes_blank_the_environments_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.processes import log_tail
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret-1f9a")
+    monkeypatch.setenv("CROPFLOW_CATALOG_TOKEN", "tok-77c2")
+    monkeypatch.setenv("KEYBOARD_LAYOUT", "fr-azerty")  # not a secret by its name
+    log = tmp_path / "service.log"
+    log.write_text("old line\nconnect with s3-secret-1f9a and tok-77c2 (fr-azerty) pw-given\n")
+    tail = log_tail(log, ["pw-given"], start=len("old line\n"))
+    assert tail == "connect with *** and *** (fr-azerty) ***"
+
+
 def test_local_health_checks_ignore_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     from infra import prefect_server
 
