@@ -49,9 +49,11 @@ SIZES = (512, 1024, 2048)
 
 
 def read_region(region_dir: Path) -> tuple[dict, list[dict], date, date]:
+    """A sample region's `region.json`, its Sentinel-2 items and its season's first and last day."""
+    from infra.stac_api import read_items
+
     meta = json.loads((region_dir / "region.json").read_text())
-    lines = (region_dir / "items" / f"{COLLECTION}.ndjson").read_text().splitlines()
-    items = [json.loads(line) for line in lines if line.strip()]
+    items = read_items(region_dir / "items" / f"{COLLECTION}.ndjson")
     start, end = (date.fromisoformat(d) for d in meta["season"])
     return meta, items, start, end
 

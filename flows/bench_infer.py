@@ -20,7 +20,6 @@ import os
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +32,6 @@ from flows.params import listed
 from infra.errors import CropflowError
 
 SIZES = (512, 1024, 2048)
-COLLECTION = "sentinel-2-l2a"
 COLUMNS = (
     "size",
     "seconds",
@@ -52,17 +50,14 @@ console = Console(width=160)
 
 def ensure_bench_cube(size: int, cache: Path) -> tuple[Path, Path]:
     """The sample region of `size` px and its Sentinel-2 cube in `cache`, generated and built once."""
-    from flows.bench import ensure_bench_region
+    from flows.bench import ensure_bench_region, read_region
     from tasks.cube import build_cube
 
     region = ensure_bench_region(size, cache)
     cube = cache / f"cube-s2-{size}.zarr"
     if not cube.exists():
         console.print(f"building the Sentinel-2 cube of the {size} px region in {cube} (once)")
-        meta = json.loads((region / "region.json").read_text())
-        lines = (region / "items" / f"{COLLECTION}.ndjson").read_text().splitlines()
-        start, end = (date.fromisoformat(d) for d in meta["season"])
-        items = [json.loads(line) for line in lines if line.strip()]
+        meta, items, start, end = read_region(region)
         build_cube({"s2": items}, meta["epsg"], tuple(meta["bounds"]), start, end, cube)
     return region, cube
 

@@ -9,6 +9,7 @@ from datetime import date, timedelta
 import numpy as np
 import pytest
 import xarray as xr
+from region_helpers import region_items, region_season
 
 from infra.errors import CropflowError
 from tasks.cube import build_cube, time_bins
@@ -63,18 +64,13 @@ def test_time_bins_cover_season_and_refuse_inverted():
         time_bins(date(2024, 3, 31), date(2024, 3, 1))
 
 
-def _items(region_dir, collection):
-    lines = (region_dir / "items" / f"{collection}.ndjson").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
 def test_build_cube_from_sample_region(tiny_region, tmp_path):
     """The cube of the tiny sample region: grid, masking against SCL, validity, Zarr v3 layout."""
     import rasterio
 
     meta = json.loads((tiny_region / "region.json").read_text())
-    s2 = _items(tiny_region, "sentinel-2-l2a")
-    s1 = _items(tiny_region, "sentinel-1-rtc")
+    s2 = region_items(tiny_region, "sentinel-2-l2a")
+    s1 = region_items(tiny_region, "sentinel-1-rtc")
     start, end = (date.fromisoformat(d) for d in meta["season"])
     out = build_cube({"s2": s2, "s1": s1}, meta["epsg"], tuple(meta["bounds"]), start, end, tmp_path / "cube.zarr")
     ds = xr.open_zarr(out)
@@ -110,12 +106,6 @@ def test_build_cube_from_sample_region(tiny_region, tmp_path):
 # Block-wise builder: grid, masking, resampling, binning, resume, bad assets, S1, gap filling, bad input.
 
 SCL_CLEAR = [2, 4, 5, 6, 7]
-
-
-def _season(region_dir):
-    meta = json.loads((region_dir / "region.json").read_text())
-    start, end = (date.fromisoformat(d) for d in meta["season"])
-    return meta, start, end
 
 
 def _read(href):
@@ -160,8 +150,8 @@ def test_grid_utm_zone_of_centroid_and_snapping():
 
 
 def test_build_snaps_bounds_and_records_provenance(tiny_region, tmp_path):
-    meta, start, end = _season(tiny_region)
-    s2 = _items(tiny_region, "sentinel-2-l2a")
+    meta, start, end = region_season(tiny_region)
+    s2 = region_items(tiny_region, "sentinel-2-l2a")
     xmin, ymin, xmax, ymax = meta["bounds"]
     out = build_cube(
         {"s2": s2},
@@ -190,8 +180,8 @@ def test_build_snaps_bounds_and_records_provenance(tiny_region, tmp_path):
 
 def test_s2_mask_with_dilation_is_exact_across_blocks(tiny_region, tmp_path):
     """Validity fraction and NaN equal the SCL flags (clouds grown by 1 px), with 4 blocks sharing edges."""
-    meta, start, end = _season(tiny_region)
-    s2 = _items(tiny_region, "sentinel-2-l2a")
+    meta, start, end = region_season(tiny_region)
+    s2 = region_items(tiny_region, "sentinel-2-l2a")
     n = meta["size"]
     out = build_cube(
         {"s2": s2},
@@ -231,10 +221,10 @@ def test_landsat_qa_mask_and_bilinear_20m_band(tiny_region, tmp_path):
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
 
-    meta, start, end = _season(tiny_region)
+    meta, start, end = region_season(tiny_region)
     n = meta["size"]
-    landsat = _items(tiny_region, "landsat-c2-l2")
-    s2 = _items(tiny_region, "sentinel-2-l2a")
+    landsat = region_items(tiny_region, "landsat-c2-l2")
+    s2 = region_items(tiny_region, "sentinel-2-l2a")
     out = build_cube(
         {"landsat": landsat, "s2": s2},
         meta["epsg"],
@@ -291,7 +281,7 @@ def test_blocks_cover_the_grid_once_in_z_order():
 def test_open_assets_are_reused_and_a_failed_one_is_closed(tiny_region):
     from tasks.cube import Datasets
 
-    s2 = _items(tiny_region, "sentinel-2-l2a")
+    s2 = region_items(tiny_region, "sentinel-2-l2a")
     href, other = s2[0]["assets"]["B04"]["href"], s2[0]["assets"]["B05"]["href"]
     datasets = Datasets(limit=1)
     with datasets.open(href) as first:
@@ -316,8 +306,8 @@ class Interrupted(Exception):
 def test_interrupted_build_resumes_only_missing_blocks_and_publishes_atomically(tiny_region, tmp_path):
     from tasks.cube import partial_path
 
-    meta, start, end = _season(tiny_region)
-    items = {"s2": _items(tiny_region, "sentinel-2-l2a"), "s1": _items(tiny_region, "sentinel-1-rtc")}
+    meta, start, end = region_season(tiny_region)
+    items = {"s2": region_items(tiny_region, "sentinel-2-l2a"), "s1": region_items(tiny_region, "sentinel-1-rtc")}
     args = (items, meta["epsg"], tuple(meta["bounds"]), start, end)
     opts = {"chunk": 32, "block": 32, "bands": {"s2": ["B04", "B11"]}}
     out = tmp_path / "cube.zarr"
@@ -359,8 +349,8 @@ def test_missing_and_corrupt_assets_count_as_no_data(tiny_region, tmp_path, capl
 
     import rasterio
 
-    meta, start, end = _season(tiny_region)
-    s2 = _items(tiny_region, "sentinel-2-l2a")
+    meta, start, end = region_season(tiny_region)
+    s2 = region_items(tiny_region, "sentinel-2-l2a")
     bad = [json.loads(json.dumps(it)) for it in s2]
     bad[3]["assets"]["B04"]["href"] = (tmp_path / "gone" / "B04.tif").as_uri()  # 404
     corrupt = tmp_path / "SCL.tif"
@@ -407,8 +397,8 @@ def test_lee_filter_reduces_speckle_and_keeps_the_mean():
 
 
 def test_s1_orbit_choice_decibels_and_speckle(tiny_region, tmp_path):
-    meta, start, end = _season(tiny_region)
-    s1 = _items(tiny_region, "sentinel-1-rtc")
+    meta, start, end = region_season(tiny_region)
+    s1 = region_items(tiny_region, "sentinel-1-rtc")
     args = (meta["epsg"], tuple(meta["bounds"]), start, end)
     asc = build_cube({"s1": s1}, *args, tmp_path / "asc.zarr", s1_orbit="ascending")
     ids = json.loads(xr.open_zarr(asc).attrs["items"])["s1"]
@@ -424,9 +414,9 @@ def test_s1_orbit_choice_decibels_and_speckle(tiny_region, tmp_path):
 def test_fill_cube_gaps_is_a_separate_step(tiny_region, tmp_path):
     from tasks.cube import fill_cube_gaps
 
-    meta, start, end = _season(tiny_region)
+    meta, start, end = region_season(tiny_region)
     cube = build_cube(
-        {"s2": _items(tiny_region, "sentinel-2-l2a")},
+        {"s2": region_items(tiny_region, "sentinel-2-l2a")},
         meta["epsg"],
         tuple(meta["bounds"]),
         start,
@@ -448,8 +438,8 @@ def test_fill_cube_gaps_is_a_separate_step(tiny_region, tmp_path):
 
 
 def test_bad_input_gives_clear_errors(tiny_region, tmp_path):
-    meta, start, end = _season(tiny_region)
-    s2 = _items(tiny_region, "sentinel-2-l2a")
+    meta, start, end = region_season(tiny_region)
+    s2 = region_items(tiny_region, "sentinel-2-l2a")
     bounds = tuple(meta["bounds"])
     out = tmp_path / "cube.zarr"
     with pytest.raises(CropflowError, match="inverted"):
@@ -504,8 +494,8 @@ def test_bands_missing_from_some_items_are_left_out_unless_asked_for(tiny_region
     """Extractions without the 10 m files: the cube keeps the bands every item has; asking for a missing one fails."""
     from tasks.cube import plan_sensor
 
-    _, start, end = _season(tiny_region)
-    items = _items(tiny_region, "sentinel-2-l2a")
+    _, start, end = region_season(tiny_region)
+    items = region_items(tiny_region, "sentinel-2-l2a")
     items[1] = {**items[1], "assets": {k: v for k, v in items[1]["assets"].items() if k not in ("B02", "B08")}}
     bins = time_bins(start, end)
     with caplog.at_level("WARNING", logger="tasks.cube"):

@@ -13,7 +13,6 @@ Faults covered elsewhere are listed in `flows/reliability.py` (FAULTS) with the 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import resource
@@ -24,7 +23,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from region_helpers import file_bytes, region_items, region_season
 from torch import nn
 
 from infra.errors import CropflowError
@@ -42,25 +41,6 @@ from tasks.catalog import search_items
 from tasks.cube import build_cube, partial_path
 
 FAST = HttpRetry(retries=4, backoff=0.05, jitter=0.0, timeout=1.0)
-
-
-def _region(region_dir: Path) -> tuple[dict, date, date]:
-    meta = json.loads((region_dir / "region.json").read_text())
-    return meta, *(date.fromisoformat(d) for d in meta["season"])
-
-
-def _items(region_dir: Path, collection: str = "sentinel-2-l2a") -> list[dict]:
-    lines = (region_dir / "items" / f"{collection}.ndjson").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def _checksums(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder`, by relative path."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 class Quiet(BaseHTTPRequestHandler):
@@ -166,7 +146,7 @@ def proxy(loaded: tuple[Settings, Path]) -> Iterator[FaultyProxy]:
 
 
 def _search(url: str, region_dir: Path, retry: HttpRetry = FAST) -> list[str]:
-    meta, start, end = _region(region_dir)
+    meta, start, end = region_season(region_dir)
     return [i["id"] for i in search_items(url, "s2", start, end, bbox=tuple(meta["bbox"]), retry=retry)]
 
 
@@ -175,7 +155,7 @@ def test_stac_faults_mid_pagination_are_retried_to_the_clean_result(proxy, loade
     clean = _search(proxy.url, region)
     pages = proxy.searches
     assert clean == _search(settings.stac_url, region)  # the proxy itself changes nothing
-    assert pages >= 4 and len(clean) == len(_items(region))
+    assert pages >= 4 and len(clean) == len(region_items(region))
     proxy.searches = 0
     proxy.script = [None, 429, None, 503, 500, 2.0, None, "drop", None]  # faults on pages 2, 3, 4 and 5
     assert _search(proxy.url, region) == clean
@@ -281,7 +261,7 @@ def test_asset_404_truncated_and_timed_out_reads(tiny_region: Path, tmp_path: Pa
     root = tmp_path / "www"
     shutil.copytree(tiny_region / "cogs", root / "cogs")
     srv = CogServer(root, stall=3.0)
-    s2 = _items(tiny_region)
+    s2 = region_items(tiny_region)
     served = json.loads(json.dumps(s2).replace((tiny_region / "cogs").as_uri(), f"{srv.url}/cogs"))
     path = {
         (i, key): served[i]["assets"][key]["href"].removeprefix(srv.url) for i in (1, 2, 3) for key in ("B04", "SCL")
@@ -290,7 +270,7 @@ def test_asset_404_truncated_and_timed_out_reads(tiny_region: Path, tmp_path: Pa
     truncated = root / path[2, "SCL"].lstrip("/")
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 3])
     srv.stall_once.add(path[3, "B04"])
-    meta, start, end = _region(tiny_region)
+    meta, start, end = region_season(tiny_region)
     args = (meta["epsg"], tuple(meta["bounds"]), start, end)
     try:
         with caplog.at_level("WARNING"):
@@ -340,8 +320,8 @@ build_cube(items, meta["epsg"], tuple(meta["bounds"]), start, end, out, chunk=16
 
 
 def test_build_killed_while_writing_a_zarr_region_resumes_to_identical_checksums(tiny_region, tmp_path) -> None:
-    meta, start, end = _region(tiny_region)
-    items = {"s2": _items(tiny_region), "s1": _items(tiny_region, "sentinel-1-rtc")}
+    meta, start, end = region_season(tiny_region)
+    items = {"s2": region_items(tiny_region), "s1": region_items(tiny_region, "sentinel-1-rtc")}
     opts = {"chunk": 16, "block": 32, "bands": {"s2": ["B04", "B08"]}, "threads": 2}
     args = (items, meta["epsg"], tuple(meta["bounds"]), start, end)
     reference = build_cube(*args, tmp_path / "reference.zarr", **opts)
@@ -363,7 +343,7 @@ def test_build_killed_while_writing_a_zarr_region_resumes_to_identical_checksums
     build_cube(*args, out, **opts, on_block=resumed.append)
     assert len(resumed) == 3 and done[0].stem not in {b.name for b in resumed}
     assert not partial_path(out).exists()
-    assert _checksums(out) == _checksums(reference)  # no chunk missing, none extra, every byte the same
+    assert file_bytes(out) == file_bytes(reference)  # no chunk missing, none extra, every byte the same
 
 
 @contextlib.contextmanager
@@ -387,7 +367,7 @@ def test_full_disk_fails_at_the_write_and_keeps_the_published_output(
     home = tmp_path / "home"
     published = home / "regions" / "sample-tiny"
     shutil.copytree(tiny_region, published)
-    before = _checksums(published)
+    before = file_bytes(published)
     monkeypatch.setenv("CROPFLOW_HOME", str(home))
     monkeypatch.delenv("CROPFLOW_REGIONS", raising=False)
     monkeypatch.setattr(sys, "argv", ["cropflow", "sample", "sample-tiny", "--size", "32", "--force"])
@@ -396,7 +376,7 @@ def test_full_disk_fails_at_the_write_and_keeps_the_published_output(
     output = " ".join(capsys.readouterr().out.split())
     assert exit_info.value.code == 2, output
     assert "error: cannot write" in output and "File too large" in output
-    assert _checksums(published) == before  # the region published before is intact
+    assert file_bytes(published) == before  # the region published before is intact
     assert [p.name for p in published.parent.iterdir()] == ["sample-tiny"]  # no half-written copy left
 
 
@@ -457,8 +437,8 @@ def test_inference_out_of_memory_halves_the_batch_and_continues(tiny_region, tmp
     from models.registry import build_model
     from tasks.predict import predict_region
 
-    meta, start, end = _region(tiny_region)
-    args = ({"s2": _items(tiny_region)}, meta["epsg"], tuple(meta["bounds"]), start, end, tmp_path / "cube.zarr")
+    meta, start, end = region_season(tiny_region)
+    args = ({"s2": region_items(tiny_region)}, meta["epsg"], tuple(meta["bounds"]), start, end, tmp_path / "cube.zarr")
     cube = build_cube(*args, bands={"s2": ["B04", "B08"]}, chunk=32)
     torch.manual_seed(0)
     model = build_model("tempcnn", in_channels=2, num_classes=3, widths=(8, 8), hidden=16).eval()

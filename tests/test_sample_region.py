@@ -23,6 +23,7 @@ from pystac.extensions.raster import RasterExtension
 from pystac.extensions.sar import Polarization, SarExtension
 from pystac.validation.stac_validator import JsonSchemaSTACValidator
 from rasterio.features import rasterize
+from region_helpers import file_bytes, region_items
 from scipy import ndimage
 
 from infra.errors import CropflowError
@@ -48,11 +49,6 @@ def wide_region(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def items_of(root: Path, collection: str) -> list[dict]:
-    with open(root / "items" / f"{collection}.ndjson") as f:
-        return [json.loads(line) for line in f]
-
-
 def read(href: str) -> np.ndarray:
     with rasterio.open(href) as src:
         return src.read(1)
@@ -75,10 +71,6 @@ def parcel_classes(root: Path, resolution: int = 10) -> np.ndarray:
     n = -(-meta["size"] * 10 // resolution)
     transform = Affine(resolution, 0.0, meta["bounds"][0], 0.0, -resolution, meta["bounds"][3])
     return rasterize(zip(labels.geometry, labels.class_id, strict=True), (n, n), transform=transform, fill=-1)
-
-
-def all_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------- inputs, atomicity
@@ -142,7 +134,7 @@ def test_regions_at_other_origins_do_not_mix(tmp_path: Path) -> None:
 
     assert not overlap(meta_a["bbox"], meta_b["bbox"])
     for collection in COLLECTIONS:
-        items_a, items_b = items_of(a, collection), items_of(b, collection)
+        items_a, items_b = region_items(a, collection), region_items(b, collection)
         assert len(items_a) == len(items_b) > 0
         assert {it["id"] for it in items_a}.isdisjoint(it["id"] for it in items_b), collection
         for it in items_b:
@@ -156,16 +148,16 @@ def test_regions_at_other_origins_do_not_mix(tmp_path: Path) -> None:
             assert not overlap(it["bbox"], meta_b["bbox"])
     wrs = {
         (it["properties"]["landsat:wrs_path"], it["properties"]["landsat:wrs_row"])
-        for it in items_of(b, "landsat-c2-l2")
+        for it in region_items(b, "landsat-c2-l2")
     }
-    assert len(wrs) == 1 and items_of(b, "landsat-c2-l2")[0]["id"][10:16] == "".join(wrs.pop())
+    assert len(wrs) == 1 and region_items(b, "landsat-c2-l2")[0]["id"][10:16] == "".join(wrs.pop())
     # the origin only moves the region: same parcels (shifted) and the same pixels
     labels_a, labels_b = (gpd.read_parquet(r / "labels.parquet") for r in (a, b))
     assert labels_b.total_bounds == pytest.approx(meta_b["bounds"], abs=1e-6)
     shifted = labels_a.translate(origin[0] - sr.ORIGIN[0], origin[1] - sr.ORIGIN[1])
     assert shifted.geom_equals_exact(labels_b.geometry, tolerance=1e-6).all()
     assert (labels_a[["class_id", "split"]] == labels_b[["class_id", "split"]]).all().all()
-    b02_a, b02_b = (read(items_of(r, "sentinel-2-l2a")[0]["assets"]["B02"]["href"]) for r in (a, b))
+    b02_a, b02_b = (read(region_items(r, "sentinel-2-l2a")[0]["assets"]["B02"]["href"]) for r in (a, b))
     assert np.array_equal(b02_a, b02_b)
 
 
@@ -200,7 +192,7 @@ def test_existing_region_is_kept_unless_overwrite(tmp_path: Path) -> None:
     sr.generate_region(out, size=32, seed=2, season=SHORT_SEASON, overwrite=True)
     assert json.loads((out / "region.json").read_text())["seed"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["r"]
-    href = items_of(out, "sentinel-2-l2a")[0]["assets"]["B02"]["href"]
+    href = region_items(out, "sentinel-2-l2a")[0]["assets"]["B02"]["href"]
     assert Path(urlparse(href).path).is_file()
 
 
@@ -208,7 +200,7 @@ def test_deterministic_in_seed(tmp_path: Path) -> None:
     a = sr.generate_region(tmp_path / "a", size=64, seed=5, season=SHORT_SEASON)
     b = sr.generate_region(tmp_path / "b", size=64, seed=5, season=SHORT_SEASON)
     c = sr.generate_region(tmp_path / "c", size=64, seed=6, season=SHORT_SEASON)
-    files_a, files_b, files_c = all_files(a), all_files(b), all_files(c)
+    files_a, files_b, files_c = file_bytes(a), file_bytes(b), file_bytes(c)
     assert files_a.keys() == files_b.keys()
     cogs = [k for k in files_a if k.endswith(".tif")]
     assert len(cogs) > 50
@@ -223,8 +215,8 @@ def test_deterministic_in_seed(tmp_path: Path) -> None:
     b02_c = [v for k, v in files_c.items() if k.endswith("B02.tif")]
     assert len(b02_a) == len(b02_c) and all(x != y for x, y in zip(b02_a, b02_c, strict=True))
     assert not gpd.read_parquet(a / "labels.parquet").geometry.equals(gpd.read_parquet(c / "labels.parquet").geometry)
-    ids_a = {it["id"] for it in items_of(a, "sentinel-2-l2a")}
-    assert ids_a.isdisjoint(it["id"] for it in items_of(c, "sentinel-2-l2a"))
+    ids_a = {it["id"] for it in region_items(a, "sentinel-2-l2a")}
+    assert ids_a.isdisjoint(it["id"] for it in region_items(c, "sentinel-2-l2a"))
 
 
 def test_prefect_task_wraps_generate_region() -> None:
@@ -365,7 +357,7 @@ REQUIRED = {
 
 @pytest.mark.parametrize("collection", COLLECTIONS)
 def test_items_follow_the_planetary_computer_schemas(region: Path, collection: str) -> None:
-    items = items_of(region, collection)
+    items = region_items(region, collection)
     req = REQUIRED[collection]
     offset, every = {"sentinel-2-l2a": (0, 5), "landsat-c2-l2": (2, 8), "sentinel-1-rtc": (1, 6)}[collection]
     assert len(items) == len(range(offset, (date(2024, 10, 31) - date(2024, 3, 1)).days + 1, every))
@@ -413,7 +405,7 @@ def test_items_follow_the_planetary_computer_schemas(region: Path, collection: s
 
 
 def test_s2_band_metadata(region: Path) -> None:
-    item = items_of(region, "sentinel-2-l2a")[0]
+    item = region_items(region, "sentinel-2-l2a")[0]
     assert item["properties"]["s2:processing_baseline"] == "05.10"
     for band, gsd in ph.S2_BAND_GSD.items():
         asset = item["assets"][band]
@@ -442,7 +434,7 @@ def test_s2_band_metadata(region: Path) -> None:
 
 
 def test_landsat_and_s1_metadata(region: Path) -> None:
-    landsat = items_of(region, "landsat-c2-l2")
+    landsat = region_items(region, "landsat-c2-l2")
     assert [it["properties"]["platform"] for it in landsat[:4]] == ["landsat-8", "landsat-9"] * 2
     blue = landsat[0]["assets"]["blue"]
     assert blue["raster:bands"][0] == {
@@ -462,7 +454,7 @@ def test_landsat_and_s1_metadata(region: Path) -> None:
     assert [(b.name, b.offset) for b in bits][:7] == [
         ("fill", 0), ("dilated_cloud", 1), ("cirrus", 2), ("cloud", 3), ("cloud_shadow", 4), ("snow", 5), ("clear", 6)
     ]  # fmt: skip
-    s1 = items_of(region, "sentinel-1-rtc")
+    s1 = region_items(region, "sentinel-1-rtc")
     assert [it["properties"]["sat:orbit_state"] for it in s1[:4]] == ["descending", "ascending"] * 2
     assert SarExtension.ext(pystac.Item.from_dict(s1[0])).polarizations == [Polarization.VV, Polarization.VH]
     for it in s1:
@@ -479,7 +471,7 @@ def test_assets_are_cogs_on_their_declared_grid(wide_region: Path) -> None:
     shapes = {10: 298, 20: 149, 30: 100, 60: 50}
     n_checked = 0
     for collection in COLLECTIONS:
-        for item in items_of(wide_region, collection):
+        for item in region_items(wide_region, collection):
             for key, asset in item["assets"].items():
                 with rasterio.open(asset["href"]) as src:
                     structure = src.tags(ns="IMAGE_STRUCTURE")
@@ -496,7 +488,7 @@ def test_assets_are_cogs_on_their_declared_grid(wide_region: Path) -> None:
                     assert src.dtypes[0] == rb["data_type"] and src.nodata == rb["nodata"]
                 n_checked += 1
     assert n_checked == 2 * 13 + 1 * 8 + 2 * 2
-    with rasterio.open(items_of(wide_region, "sentinel-2-l2a")[0]["assets"]["B02"]["href"]) as src:
+    with rasterio.open(region_items(wide_region, "sentinel-2-l2a")[0]["assets"]["B02"]["href"]) as src:
         assert src.overviews(1) == [2, 4]
 
 
@@ -505,7 +497,7 @@ def test_assets_are_cogs_on_their_declared_grid(wide_region: Path) -> None:
 
 def test_scl_marks_exactly_the_drawn_clouds(region: Path) -> None:
     covers = []
-    for item in items_of(region, "sentinel-2-l2a"):
+    for item in region_items(region, "sentinel-2-l2a"):
         scl20 = read(item["assets"]["SCL"]["href"])
         assert set(np.unique(scl20)) <= {3, 4, 5, 6, 8, 9, 10}
         scl = scl20.repeat(2, 0).repeat(2, 1)
@@ -523,7 +515,7 @@ def test_scl_marks_exactly_the_drawn_clouds(region: Path) -> None:
 
 
 def test_cloud_shadows_are_dark(region: Path) -> None:
-    items = items_of(region, "sentinel-2-l2a")
+    items = region_items(region, "sentinel-2-l2a")
     nir = np.stack([s2_reflectance(it, "B08") for it in items])
     scl = np.stack([read(it["assets"]["SCL"]["href"]).repeat(2, 0).repeat(2, 1) for it in items])
     clear = np.isin(scl, (4, 5, 6))
@@ -540,7 +532,7 @@ def test_cloud_shadows_are_dark(region: Path) -> None:
 
 
 def test_ndvi_follows_class_phenology(region: Path) -> None:
-    items = items_of(region, "sentinel-2-l2a")
+    items = region_items(region, "sentinel-2-l2a")
     classes = parcel_classes(region)
     names = [c.name for c in ph.CLASSES]
     mean_ndvi: dict[str, list[float]] = {}
@@ -565,7 +557,7 @@ def test_ndvi_follows_class_phenology(region: Path) -> None:
 
 def test_landsat_qa_pixel_bits(region: Path) -> None:
     covers = []
-    for item in items_of(region, "landsat-c2-l2"):
+    for item in region_items(region, "landsat-c2-l2"):
         qa = read(item["assets"]["qa_pixel"]["href"]).astype(np.int64)
         bit = {
             name: (qa >> offset) & 1 == 1
@@ -597,7 +589,7 @@ def test_landsat_qa_pixel_bits(region: Path) -> None:
 
 
 def test_s1_backscatter(region: Path) -> None:
-    items = items_of(region, "sentinel-1-rtc")
+    items = region_items(region, "sentinel-1-rtc")
     classes = parcel_classes(region)
     maize = classes == [c.name for c in ph.CLASSES].index("maize")
     vh_maize: dict[int, list[float]] = {}

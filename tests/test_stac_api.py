@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pystac
 import pytest
+from conftest import free_port
 from pystac_client import Client
 
 from infra import stac_api as stac
@@ -30,12 +31,6 @@ ITEMS = {
     "b1": ("cropflow-test-b", WEST, "2024-04-02T10:30:00Z", 5.0),
 }
 BOTH = ["cropflow-test-a", "cropflow-test-b"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _collection(collection_id: str, items: list[pystac.Item]) -> dict:
