@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 
 from infra import processes
+from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from infra.settings import Settings
 
@@ -501,9 +502,8 @@ def _start_api(settings: Settings) -> None:
             close_fds=True,
         )
     processes.track(proc)
-    tmp = _api_pid_file(settings).with_suffix(".pid.tmp")
-    tmp.write_text(f"{proc.pid}\n")
-    tmp.replace(_api_pid_file(settings))
+    with atomic_path(_api_pid_file(settings)) as tmp:
+        tmp.write_text(f"{proc.pid}\n")
     log.info("starting the STAC API on %s (pid %d, log %s)", settings.stac_url, proc.pid, log_path)
 
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
