@@ -40,7 +40,7 @@ from infra.settings import Settings
 from tasks.catalog import search_items
 from tasks.cube import build_cube, partial_path
 
-FAST = HttpRetry(retries=4, backoff=0.05, jitter=0.0, timeout=1.0)
+FAST = HttpRetry(retries=4, backoff=0.05, jitter=0.0, timeout=4.0)  # a loaded 2-core machine answers in 1-2 s
 
 
 class Quiet(BaseHTTPRequestHandler):
@@ -157,7 +157,7 @@ def test_stac_faults_mid_pagination_are_retried_to_the_clean_result(proxy, loade
     assert clean == _search(settings.stac_url, region)  # the proxy itself changes nothing
     assert pages >= 4 and len(clean) == len(region_items(region))
     proxy.searches = 0
-    proxy.script = [None, 429, None, 503, 500, 2.0, None, "drop", None]  # faults on pages 2, 3, 4 and 5
+    proxy.script = [None, 429, None, 503, 500, 6.0, None, "drop", None]  # faults on pages 2, 3, 4 and 5 (6 s: a stall)
     assert _search(proxy.url, region) == clean
     assert proxy.searches == pages + 5  # each fault cost one more request, no page was skipped
 
