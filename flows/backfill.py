@@ -21,13 +21,12 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelled
 
 from flows.crop_map import check_request, crop_map
-from flows.params import DEFAULT_SENSORS, ModelSpec, parse_seasons
+from flows.params import DEFAULT_SENSORS, START_TIMEOUT_S, ModelSpec, parse_seasons
 from flows.policy import on_server
 from infra.errors import CropflowError
 
 BACKFILL_DEPLOYMENT = "crop_map/backfill"
 POLL_S = 5.0
-START_TIMEOUT_S = 600.0  # a worker polls every 10-15 s and starts a run in seconds; a busy pool can take minutes
 
 
 def _start_hint(pool: str) -> str:

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.params import listed
+from flows.params import START_TIMEOUT_S, listed
 from infra.settings import get_settings
 from infra.storage import location
 from tasks.evaluate import headline
@@ -177,7 +177,7 @@ def backfill_cmd(
     ] = False,
     start_timeout: Annotated[
         float, typer.Option(help="seconds the deployment's runs may wait for a worker before the backfill fails")
-    ] = 600.0,
+    ] = START_TIMEOUT_S,
 ) -> None:
     """Run the backfill flow: one crop_map run per season, cached, so a rerun or a resumed run redoes nothing."""
     from flows.backfill import BACKFILL_DEPLOYMENT, backfill

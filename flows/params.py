@@ -30,6 +30,7 @@ from infra.storage import is_local, location
 
 DEFAULT_SENSORS = ("s2", "s1", "landsat")
 MIN_FREE_BYTES = 100 * 2**20  # a run folder of the smallest region takes tens of MB
+START_TIMEOUT_S = 600.0  # a backfill's wait for a worker: one polls every 10-15 s, a busy pool can take minutes
 # Models that distill a teacher (`ModelSpec.teacher`), and how.
 DISTILLED = {
     "joint_reconstruction": "incomplete-series distillation",
