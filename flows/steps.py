@@ -159,7 +159,9 @@ def train(
 
     With `model.teacher`, distill that optical checkpoint: `joint_reconstruction` (incomplete series) or
     `modality_distillation` (the cube's S2 + S1; auxiliary students in `optical_student/`, `sar_student/`), the
-    student starting from the teacher's weights; with `model.pretrain_epochs`, pre-train STCLN's encoder first."""
+    student taking the teacher's backbone and starting from its weights; `model.params` are then the student's own
+    settings (reconstruction branch, or `embed_dim`, `temperature`, `tau`, loss weights). With
+    `model.pretrain_epochs`, pre-train STCLN's encoder first."""
     run = resolve_run(region, season, outputs, labels, classes)
     key = train_key(run, model)
     labels_path, classes_path = labelled(run)
