@@ -812,7 +812,8 @@ def build_blocks(
         for name, (values, fraction) in composites.items():
             group[name][:, :, blk.r0 : blk.r1, blk.c0 : blk.c1] = values
             group[f"{name}_valid"][:, blk.r0 : blk.r1, blk.c0 : blk.c1] = fraction
-        _write_json(done_dir / f"{blk.name}.json", {"bad": new_bad})
+        valid_sum = {name: float(fraction.sum(dtype=np.float64)) for name, (_, fraction) in composites.items()}
+        _write_json(done_dir / f"{blk.name}.json", {"bad": new_bad, "valid_sum": valid_sum})
         if on_block is not None:
             on_block(blk)
         return blk
@@ -843,6 +844,21 @@ def build_blocks(
         datasets.close()
 
 
+def _valid_fraction(job: CubeJob, records: dict[str, dict], group: zarr.Group) -> dict[str, float]:
+    """Mean of each sensor's `<sensor>_valid` over the whole cube, from the sums the block records hold (a block
+    recorded by an older build without them is summed from the store)."""
+    totals = dict.fromkeys(job.plans, 0.0)
+    for blk in job.blocks:  # in Z order, whichever process recorded them: the same sums for the same cube
+        record = records[blk.name]
+        for sensor in job.plans:
+            if sensor in record.get("valid_sum", {}):
+                totals[sensor] += record["valid_sum"][sensor]
+            else:
+                window = group[f"{sensor}_valid"][:, blk.r0 : blk.r1, blk.c0 : blk.c1]
+                totals[sensor] += float(np.asarray(window).sum(dtype=np.float64))
+    return {sensor: total / math.prod(group[f"{sensor}_valid"].shape) for sensor, total in totals.items()}
+
+
 def publish_cube(job: CubeJob) -> Path:
     """Publish a cube whose blocks are all built: record unreadable assets in its attrs, then move it into place."""
     store, done_dir = job.partial / "cube.zarr", job.partial / "blocks"
@@ -864,6 +880,7 @@ def publish_cube(job: CubeJob) -> Path:
             "bad_assets": json.dumps(bad_list),
             "bad_asset_count": len(bad_list),
             "bad_scene_count": len({r["item"] for r in bad_list}),
+            "valid_fraction": json.dumps(_valid_fraction(job, records, group)),
         }
     )
     with warnings.catch_warnings():
