@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -185,3 +186,27 @@ def prefect_server() -> Iterator[None]:
     with prefect_test_harness(server_startup_timeout=120):
         yield
     stop_concurrency_services()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line: `cropflow ...` refused through the real entry point (flows.cli.main), in this process.
+
+
+@pytest.fixture
+def refused_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> Callable[[list[str]], tuple[int, str]]:
+    """`refused_cli(args)` runs `cropflow args`, which must exit, and returns its exit status and its output on one
+    line (the console made wide enough for one line per message)."""
+    from flows import cli
+
+    monkeypatch.setattr(cli.console, "width", 1000)
+
+    def run(args: list[str]) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["cropflow", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        out = capsys.readouterr()
+        return exit_info.value.code, " ".join((out.out + out.err).split())
+
+    return run

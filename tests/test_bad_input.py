@@ -9,7 +9,6 @@ with their tests in `flows/reliability.py` (BAD_INPUT).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import geopandas as gpd
@@ -127,9 +126,7 @@ def _files(folder: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize(("args", "fragment"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_refused(args, fragment, inputs, tmp_path, monkeypatch, capsys, record_property) -> None:
-    from flows import cli
-
+def test_bad_input_is_refused(args, fragment, inputs, tmp_path, monkeypatch, refused_cli, record_property) -> None:
     record_property("input", " ".join(a.replace("{folder}/", "") for a in args[1:]))  # rows of docs/reliability.md
     record_property("message", fragment)
     home = tmp_path / "home"
@@ -143,13 +140,8 @@ def test_bad_input_is_refused(args, fragment, inputs, tmp_path, monkeypatch, cap
         monkeypatch.setenv("CROPFLOW_CATALOGS", str(catalogs))
     else:
         monkeypatch.delenv("CROPFLOW_CATALOGS", raising=False)
-    monkeypatch.setattr(cli.console, "width", 1000)  # one line per message
-    monkeypatch.setattr(sys, "argv", ["cropflow", *(a.format(**inputs) for a in args)])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    out = capsys.readouterr()
-    message = " ".join((out.out + out.err).split())
-    assert exit_info.value.code == 2, message
+    code, message = refused_cli([a.format(**inputs) for a in args])
+    assert code == 2, message
     assert message.startswith("error: ") and fragment in message, message
     assert "Traceback" not in message
     assert _files(tmp_path) == [home], "a refused run must write nothing"

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,12 +62,6 @@ def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_serv
     assert "Area-adjusted accuracy" in next(a.data for a in found if a.key == "crop-map-accuracy")
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env, timeout=300
-    )
-
-
 @pytest.fixture(scope="module")
 def custom_regions(tmp_path_factory, tiny_sample: Path) -> Path:
     """The shipped region catalog plus broken entries, pointing at the tiny region's labels."""
@@ -111,13 +102,14 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_INPUT, ids=["-".join(a[1:]) for a, _ in BAD_INPUT])
-def test_bad_input_is_refused_cleanly(args, message, stac_api: Settings, custom_regions: Path):
-    env = {**os.environ, "CROPFLOW_REGIONS": str(custom_regions)}
+def test_bad_input_is_refused_cleanly(
+    args, message, stac_api: Settings, custom_regions: Path, prefect_server, refused_cli, monkeypatch
+):
+    monkeypatch.setenv("CROPFLOW_REGIONS", str(custom_regions))
     outputs = stac_api.outputs_dir
     before = sorted(outputs.rglob("*")) if outputs.exists() else []
-    result = _cli(args, env)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert message in " ".join((result.stdout + result.stderr).split())
-    assert "Traceback" not in result.stdout
+    code, output = refused_cli(args)
+    assert code == 2, output
+    assert message in output and "Traceback" not in output
     after = sorted(outputs.rglob("*")) if outputs.exists() else []
     assert after == before, "a refused run must leave no output behind"
