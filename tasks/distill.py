@@ -44,11 +44,11 @@ from tasks.train import (
     TrainOptions,
     TrainResult,
     checkpoint_meta,
+    checkpoint_model,
     datasets,
     default_forward,
     fit_loop,
     load_best,
-    load_checkpoint,
     load_training_data,
     read_checkpoint,
     resolve_device,
@@ -160,7 +160,7 @@ def load_teacher(path: Path, data: TrainData, device: torch.device) -> tuple[nn.
             f"teacher {path} is a {ckpt.get('model_name')} model of {sensors} bands, not of the optical ({SENSOR}) "
             f"bands alone; {hint}"
         )
-    model, ckpt = load_checkpoint(path, data.cube.bands, data.classes)
+    model = checkpoint_model(ckpt, path, data.cube.bands, data.classes)
     return frozen(model, device), ckpt, data.with_norm(ckpt)
 
 

@@ -420,10 +420,17 @@ def load_checkpoint(
     """Model (eval mode, on CPU) and checkpoint dict from `path`, refused if its bands (`sar_bands` for a
     multi-modal model; None = the cube has no SAR) or classes (None: not checked) differ."""
     ckpt = read_checkpoint(path)
+    return checkpoint_model(ckpt, path, bands, classes, sar_bands), ckpt
+
+
+def checkpoint_model(
+    ckpt: dict, path: Path, bands: list[str], classes: list[dict] | None, sar_bands: list[str] | None = None
+) -> nn.Module:
+    """The model (eval mode, on CPU) of the checkpoint `ckpt` read from `path`, checked as `load_checkpoint` does."""
     check_compatible(ckpt, bands, classes, location(path), sar_bands)
     model = build_model(ckpt["model_name"], **ckpt["model_config"])
     model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
+    return model.eval()
 
 
 def load_pretrained_encoder(model: nn.Module, path: Path, bands: list[str]) -> dict:
