@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flows.bench_accuracy import PROTOCOLS
+from flows.params import listed
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from infra.settings import home_dir, real_data_dir
@@ -461,6 +463,7 @@ def markdown(results: dict) -> str:
 
 
 def run_benchmark(
+    *,
     data: Path | None,
     parcels: Path | None,
     mappings: Path | None,
@@ -480,7 +483,7 @@ def run_benchmark(
 ) -> None:
     """Accuracy of cropflow's models on real data (six protocols); prints and writes tables, JSON and a PNG."""
     started = time.monotonic()
-    chosen = [p.strip() for p in protocols.split(",") if p.strip()]
+    chosen = listed(protocols)
     unknown = sorted(set(chosen) - set(PROTOCOLS))
     if unknown:
         raise CropflowError(f"--protocols: unknown {unknown}; valid: {', '.join(PROTOCOLS)}.")
@@ -533,8 +536,6 @@ def run_benchmark(
 
 
 def _argv() -> list[str]:
-    import sys
-
     args = sys.argv[1:]
     return args[args.index("accuracy") + 1 :] if "accuracy" in args else args
 
