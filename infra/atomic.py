@@ -17,15 +17,13 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from infra.retry import HttpRetry
+from infra.retry import STORE_RETRY, HttpRetry
 
 if TYPE_CHECKING:
     from upath import UPath
 
 log = logging.getLogger(__name__)
 L = TypeVar("L", Path, "UPath")
-# object-store requests (uploads, publishing): the store may be unreachable for a while (about 2 minutes of retries)
-STORE_RETRY = HttpRetry(retries=8, backoff=1.0, backoff_max=30.0)
 
 
 def scratch(loc: L) -> L:

@@ -114,6 +114,7 @@ def up(settings: Settings, postgres: bool = False) -> str:
         proc = subprocess.Popen(
             cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
+    processes.track(proc)
     database = "postgresql" if postgres else "sqlite"
     _state_file(settings).write_text(json.dumps({"pid": proc.pid, "url": url, "database": database}))
     deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -87,6 +87,10 @@ class HttpRetry:
                 time.sleep(wait)
 
 
+# object-store requests (uploads, publishing): the store may be unreachable for a while (about 2 minutes of retries)
+STORE_RETRY = HttpRetry(retries=8, backoff=1.0, backoff_max=30.0)
+
+
 def is_retryable(exc: BaseException) -> bool:
     """True for errors that can go away on their own: HTTP 429 and 5xx, timeouts, refused or dropped connections
     (builtin, httpx, requests and botocore ones), and `OSError`s numbered in `TRANSIENT_ERRNOS`; else the error that

@@ -25,9 +25,9 @@ import xarray as xr
 from upath import UPath
 from zarr.storage import FsspecStore
 
-from infra.atomic import STORE_RETRY, atomic_path
+from infra.atomic import atomic_path
 from infra.errors import CropflowError
-from infra.retry import HttpRetry
+from infra.retry import STORE_RETRY, HttpRetry
 
 # protocols cropflow is tested or documented with, and the package each needs
 PROTOCOLS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
