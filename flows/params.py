@@ -57,7 +57,7 @@ Season = Annotated[int | str | None, AfterValidator(check_season)]
 
 def parse_seasons(value: str | list[int | str]) -> list[int | str]:
     """Seasons of a backfill: `2019..2024` (every year), a comma-separated list of seasons, or a list."""
-    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
+    parts = listed(value) if isinstance(value, str) else list(value)
     seasons: list[int | str] = []
     for part in parts:
         years = re.fullmatch(r"(\d{4})\.\.(\d{4})", str(part))

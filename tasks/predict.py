@@ -48,7 +48,7 @@ from infra.runs import in_prefect_run
 from infra.storage import location, open_zarr, output_store
 from tasks.labels import CLASS_NODATA, read_classes
 from tasks.preprocess import prepare_window
-from tasks.train import SAR_SENSOR, SENSOR, autocast, load_checkpoint, resolve_device
+from tasks.train import autocast, load_for_cube, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -450,11 +450,6 @@ def predict_region_task(
 ) -> Path:
     """Load the checkpoint (checked against the cube's bands, SAR bands and, if given, the class map) and predict
     the cube."""
-    ds = open_zarr(cube_path)
-    if SENSOR not in ds:
-        raise CropflowError(f"the cube {cube_path} has no {SENSOR!r} variable; rebuild it with that sensor.")
-    bands = [str(b) for b in ds[SENSOR][ds[SENSOR].dims[1]].values]
-    sar_bands = [str(b) for b in ds[SAR_SENSOR][ds[SAR_SENSOR].dims[1]].values] if SAR_SENSOR in ds else None
     classes = read_classes(classes_path) if classes_path else None  # None: the checkpoint's own classes
-    model, ckpt = load_checkpoint(checkpoint, bands, classes, sar_bands)
+    model, ckpt = load_for_cube(checkpoint, open_zarr(cube_path), classes, cube_path)
     return predict_region(cube_path, model, ckpt, out_path, window, overlap, batch_size, device, progress)

@@ -21,14 +21,13 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from torch.utils.data import ConcatDataset, DataLoader
 
-from infra.errors import CropflowError
 from infra.runs import in_prefect_run
 from infra.storage import location, open_zarr, output_file
 from models.masking import cloud_gap_mask
 from tasks.dataset import CubeArrays, PatchDataset, load_cube_arrays
 from tasks.figures import png_figure
 from tasks.labels import cube_grid, rasterize_labels, read_classes, read_labels
-from tasks.train import SAR_SENSOR, SENSOR, evaluate_patches, load_checkpoint, resolve_device
+from tasks.train import SAR_SENSOR, SENSOR, evaluate_patches, load_for_cube, resolve_device
 
 FRACTIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
 GAP_MODES = ("random", "contiguous")
@@ -50,11 +49,6 @@ def write_robustness_png(rows: list[dict], out_png: Path) -> Path:
         fig.suptitle("test parcels: accuracy against missing dates")
         fig.tight_layout()
     return location(out_png)
-
-
-def _bands(ds: xr.Dataset, sensor: str) -> list[str]:
-    var = ds[sensor]
-    return [str(b) for b in var[var.dims[1]].values]
 
 
 def _model_input(
@@ -93,10 +87,7 @@ def robustness_report(
         )
     classes = read_classes(classes_path)
     ds = open_zarr(cube_path, chunks=None)
-    if SENSOR not in ds:
-        raise CropflowError(f"the cube {cube_path} has no {SENSOR!r} variable; rebuild it with that sensor.")
-    sar_bands = _bands(ds, SAR_SENSOR) if SAR_SENSOR in ds else None
-    model, ckpt = load_checkpoint(checkpoint, _bands(ds, SENSOR), classes, sar_bands)
+    model, ckpt = load_for_cube(checkpoint, ds, classes, cube_path)
     target, split = rasterize_labels(read_labels(labels_path, classes), *cube_grid(ds))
     cube, (mean, std) = _model_input(ds, ckpt, target, split)
     sar = {}

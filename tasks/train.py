@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xarray as xr
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.exceptions import MissingContextError
@@ -421,6 +422,22 @@ def load_checkpoint(
     multi-modal model; None = the cube has no SAR) or classes (None: not checked) differ."""
     ckpt = read_checkpoint(path)
     return checkpoint_model(ckpt, path, bands, classes, sar_bands), ckpt
+
+
+def cube_bands(ds: xr.Dataset, sensor: str) -> list[str]:
+    """The band names of `sensor`'s variable in the cube `ds`, in the cube's order."""
+    var = ds[sensor]
+    return [str(b) for b in var[var.dims[1]].values]
+
+
+def load_for_cube(
+    checkpoint: Path, ds: xr.Dataset, classes: list[dict] | None, cube_path: Path
+) -> tuple[nn.Module, dict]:
+    """`load_checkpoint` checked against the cube `ds` at `cube_path`: its optical bands and its SAR bands if any."""
+    if SENSOR not in ds:
+        raise CropflowError(f"the cube {cube_path} has no {SENSOR!r} variable; rebuild it with that sensor.")
+    sar_bands = cube_bands(ds, SAR_SENSOR) if SAR_SENSOR in ds else None
+    return load_checkpoint(checkpoint, cube_bands(ds, SENSOR), classes, sar_bands)
 
 
 def checkpoint_model(
