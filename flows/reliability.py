@@ -67,9 +67,12 @@ FAULTS = [
     ),
     Row(
         "COG over HTTP: a 404, a truncated file, a read that times out once",
-        "the timed-out read succeeds on retry; the others are retried, then recorded (bad_assets, counts), warned, "
-        "counted as no-data; the build finishes",
-        ("tests/test_faults.py::test_asset_404_truncated_and_timed_out_reads",),
+        "the timed-out read succeeds on retry (GDAL's cache forgets that file only); the others are retried, then "
+        "recorded (bad_assets, counts), warned, counted as no-data; the build finishes",
+        (
+            "tests/test_faults.py::test_asset_404_truncated_and_timed_out_reads",
+            "tests/test_faults.py::test_a_retried_read_forgets_only_its_own_file_in_gdals_cache",
+        ),
     ),
     Row(
         "local COG missing or with a corrupt tile",

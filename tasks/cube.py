@@ -43,6 +43,7 @@ import zarr
 from affine import Affine
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from rasterio._path import _parse_path  # rasterio's own href -> GDAL name rule (no public API)
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.io import DatasetReader
@@ -405,19 +406,27 @@ class BadAssets:
 
 @functools.cache
 def _gdal() -> ctypes.CDLL | None:
-    """The GDAL library rasterio runs on, for `VSICurlClearCache`, which rasterio does not wrap."""
+    """The GDAL library rasterio runs on, for `VSICurlPartialClearCache`, which rasterio does not wrap."""
     maps = Path("/proc/self/maps")
     loaded = [line.split()[-1] for line in maps.read_text().splitlines() if "libgdal" in line] if maps.exists() else []
     path = loaded[0] if loaded else ctypes.util.find_library("gdal")
     return ctypes.CDLL(path) if path else None
 
 
-def forget_failed_reads() -> None:
-    """Empty GDAL's cache of remote files (/vsicurl/, /vsis3/, ...): it remembers a failed request (a timeout, a
-    5xx) as "does not exist" and would answer a retry with that."""
+def gdal_name(href: str) -> str:
+    """The name GDAL opens (and caches) `href` under when rasterio opens it: `/vsicurl/https://...` for a URL,
+    `/vsis3/bucket/key` for `s3://bucket/key`, ..., a plain path for a local file."""
+    return _parse_path(href).as_vsi()
+
+
+def forget_failed_reads(href: str) -> None:
+    """Forget what GDAL's cache of remote files (/vsicurl/, /vsis3/, ...) holds about `href`: it remembers a failed
+    request (a timeout, a 5xx) as "does not exist" and would answer a retry with that. Other files' cached headers
+    and tiles are kept."""
+    name = gdal_name(href)
     lib = _gdal()
-    if lib is not None:
-        lib.VSICurlClearCache()
+    if lib is not None and name.startswith("/vsi"):
+        lib.VSICurlPartialClearCache(name.encode())
 
 
 def read_source(
@@ -455,7 +464,7 @@ def read_source(
                     log.warning("%s: asset %s unreadable (%s); the scene counts as no-data", source.item_id, key, exc)
                     bad.add(source.item_id, key, str(exc).splitlines()[0][:300])
                     return None
-                forget_failed_reads()
+                forget_failed_reads(href)  # unsigned: a prefix of every signed name of the asset
                 time.sleep(retry_delay * 2**attempt)
         if is_mask:
             missing |= ~np.asarray(sensor.mask_fn(raw))

@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import rasterio
 import torch
 import xarray as xr
 from region_helpers import file_bytes, region_items, region_season
@@ -38,7 +39,7 @@ from infra.errors import CropflowError
 from infra.retry import HttpRetry
 from infra.settings import Settings
 from tasks.catalog import search_items
-from tasks.cube import build_cube, partial_path
+from tasks.cube import build_cube, gdal_name, partial_path
 
 FAST = HttpRetry(retries=4, backoff=0.05, jitter=0.0, timeout=4.0)  # a loaded 2-core machine answers in 1-2 s
 
@@ -286,6 +287,41 @@ def test_asset_404_truncated_and_timed_out_reads(tiny_region: Path, tmp_path: Pa
     others = [it for i, it in enumerate(s2) if i not in (1, 2)]
     ref = xr.open_zarr(build_cube({"s2": others}, *args, tmp_path / "ref.zarr", bands={"s2": ["B04"]})).load()
     xr.testing.assert_equal(ds["s2"], ref["s2"])  # the bad scenes are no-data, the stalled one is in
+
+
+def test_a_retried_read_forgets_only_its_own_file_in_gdals_cache(tiny_region, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("GDAL_HTTP_TIMEOUT", "1")
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")
+    monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+    srv = CogServer(tiny_region / "cogs", stall=3.0)
+    s2 = region_items(tiny_region)
+    served = json.loads(json.dumps(s2[:1]).replace((tiny_region / "cogs").as_uri(), srv.url))
+    failing = served[0]["assets"]["B04"]["href"]  # read by the build, times out once
+    other = f"{srv.url}/{Path(s2[1]['assets']['B08']['href']).relative_to((tiny_region / 'cogs').as_uri())}"
+    failing_path, other_path = failing.removeprefix(srv.url), other.removeprefix(srv.url)
+    assert gdal_name(failing) == f"/vsicurl/{failing}" and gdal_name("s3://b/k.tif") == "/vsis3/b/k.tif"
+
+    def read_other() -> np.ndarray:
+        with rasterio.open(other) as src:
+            return src.read(1)
+
+    pixels = read_other()
+    fetched = srv.requests[other_path]
+    assert (read_other() == pixels).all() and srv.requests[other_path] == fetched  # reopened from GDAL's cache
+    srv.stall_once.add(failing_path)
+    meta, start, end = region_season(tiny_region)
+    args = (meta["epsg"], tuple(meta["bounds"]), start, end)
+    try:
+        out = build_cube({"s2": served}, *args, tmp_path / "cube.zarr", bands={"s2": ["B04"]})
+        assert (read_other() == pixels).all()
+    finally:
+        srv.stop()
+    assert srv.requests[failing_path] >= 2  # timed out, forgotten, read again after the server recovered
+    assert srv.requests[other_path] == fetched  # the other file's cached header and tiles survived the retry
+    ds = xr.open_zarr(out).load()
+    assert ds.attrs["bad_asset_count"] == 0
+    ref = xr.open_zarr(build_cube({"s2": s2[:1]}, *args, tmp_path / "ref.zarr", bands={"s2": ["B04"]})).load()
+    xr.testing.assert_equal(ds["s2"], ref["s2"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
