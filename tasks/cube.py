@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -72,6 +73,7 @@ READ_RETRIES = 2  # retries of a failed asset read before the scene is recorded 
 ORBITS = ("both", "ascending", "descending")
 GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 GDAL_CACHE_BYTES = 128 * 2**20  # GDAL's block cache during a build: decoded tiles shared by neighbouring blocks
+MAX_OPEN = 4096  # datasets kept open by a process at most (also: half its soft limit of open files)
 
 
 def cropflow_version() -> str:
@@ -186,45 +188,102 @@ class Block:
         return self.r1 - self.r0, self.c1 - self.c0
 
 
+class OpenFiles:
+    """The datasets that the `Datasets` pools of this process hold open together: at most `limit` (default half the
+    soft limit of open files, at most 4096), whatever the number of pools (builds, Dask tiles in worker threads).
+
+    One more dataset opened at the limit first closes the least recently used idle one of any pool; when none is idle
+    the read goes ahead over the limit (never waits), and datasets given back are closed until it is met again.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.limit = limit or (MAX_OPEN if soft == resource.RLIM_INFINITY else max(1, min(MAX_OPEN, soft // 2)))
+        self.open = 0
+        self.pools: weakref.WeakSet[Datasets] = weakref.WeakSet()
+        self.clock = itertools.count()  # orders idle datasets across pools: the least recently used first
+        self._lock = threading.Lock()
+
+    def join(self, pool: Datasets) -> None:
+        with self._lock:
+            self.pools.add(pool)
+
+    def count(self, n: int) -> None:
+        """`n` datasets opened (closed when negative); then idle ones are closed while over the limit."""
+        with self._lock:
+            self.open += n
+        while True:
+            with self._lock:
+                if self.open <= self.limit:
+                    return
+                ages = [(age, pool) for pool in self.pools if (age := pool.oldest()) is not None]
+                if not ages:
+                    return
+                victim = min(ages, key=lambda age_pool: age_pool[0])[1].take_oldest()
+                if victim is None:  # taken by its pool's reader meanwhile
+                    continue
+                self.open -= 1
+            victim.close()
+
+
+OPEN_FILES = OpenFiles()  # the budget of every `Datasets` pool in this process
+
+
 class Datasets:
     """Open datasets shared by the reader threads across blocks, each used by one thread at a time.
 
     An asset stays open from block to block, so it is opened once and its decoded tiles stay in GDAL's block cache
-    for the neighbouring blocks' margins. At most `limit` idle datasets are kept (the least recently used is closed
-    first), within the process's limit of open files. A dataset whose read failed is closed, never reused.
+    for the neighbouring blocks' margins. Idle datasets are kept within the process's budget of open files
+    (`OpenFiles`, shared by every pool). A dataset whose read failed is closed, never reused.
     """
 
-    def __init__(self, limit: int = 4096) -> None:
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.limit = limit if soft == resource.RLIM_INFINITY else max(1, min(limit, soft // 2))
-        self._idle: OrderedDict[str, DatasetReader] = OrderedDict()
+    def __init__(self, budget: OpenFiles = OPEN_FILES) -> None:
+        self.budget = budget
+        self._idle: OrderedDict[str, tuple[int, DatasetReader]] = OrderedDict()  # href -> (last use, dataset)
         self._lock = threading.Lock()
+        budget.join(self)
 
     @contextmanager
     def open(self, href: str) -> Iterator[DatasetReader]:
         """The dataset of `href`, taken for the duration of the `with` block (opened when none is idle)."""
         with self._lock:
-            src = self._idle.pop(href, None)
+            _, src = self._idle.pop(href, (0, None))
         if src is None:
-            with rasterio.Env(**GDAL_ENV):
-                src = rasterio.open(href)
+            self.budget.count(1)
+            try:
+                with rasterio.Env(**GDAL_ENV):
+                    src = rasterio.open(href)
+            except BaseException:
+                self.budget.count(-1)
+                raise
         try:
             yield src
         except BaseException:
             src.close()
+            self.budget.count(-1)
             raise
         with self._lock:
-            spare = self._idle.pop(href, None)  # another thread's handle of the same asset, returned meanwhile
-            self._idle[href] = src
-            evicted = [self._idle.popitem(last=False)[1] for _ in range(len(self._idle) - self.limit)]
-        for other in [*evicted, *([spare] if spare is not None else [])]:
-            other.close()
+            _, spare = self._idle.pop(href, (0, None))  # another thread's handle of the same asset, returned meanwhile
+            self._idle[href] = (next(self.budget.clock), src)
+        if spare is not None:
+            spare.close()
+        self.budget.count(-1 if spare is not None else 0)  # then idle ones are closed while over the limit
+
+    def oldest(self) -> int | None:
+        """When the least recently used idle dataset was last used (`OpenFiles.clock`); None when none is idle."""
+        with self._lock:
+            return next(iter(self._idle.values()))[0] if self._idle else None
+
+    def take_oldest(self) -> DatasetReader | None:
+        with self._lock:
+            return self._idle.popitem(last=False)[1][1] if self._idle else None
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = list(self._idle.values()), OrderedDict()
+            idle, self._idle = [src for _, src in self._idle.values()], OrderedDict()
         for src in idle:
             src.close()
+        self.budget.count(-len(idle))
 
 
 def _source_axis(n_out: int, start: int, factor: int) -> tuple[np.ndarray, np.ndarray, int, int]:

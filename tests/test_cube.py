@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,11 +284,11 @@ def test_blocks_cover_the_grid_once_in_z_order():
 
 
 def test_open_assets_are_reused_and_a_failed_one_is_closed(tiny_region):
-    from tasks.cube import Datasets
+    from tasks.cube import Datasets, OpenFiles
 
     s2 = region_items(tiny_region, "sentinel-2-l2a")
     href, other = s2[0]["assets"]["B04"]["href"], s2[0]["assets"]["B05"]["href"]
-    datasets = Datasets(limit=1)
+    datasets = Datasets(OpenFiles(limit=1))
     with datasets.open(href) as first:
         pass
     with datasets.open(href) as again:
@@ -298,6 +302,64 @@ def test_open_assets_are_reused_and_a_failed_one_is_closed(tiny_region):
         pass
     assert reopened.closed  # the least recently used one beyond `limit`
     datasets.close()
+
+
+def _open_files(folder: Path) -> int:
+    """How many file descriptors of this process point into `folder`."""
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            count += Path(os.readlink(fd)).is_relative_to(folder)
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts open files in /proc/self/fd (Linux)")
+def test_pools_share_one_budget_of_open_files(tmp_path):
+    import rasterio
+    from affine import Affine
+
+    from tasks.cube import OPEN_FILES, Datasets, OpenFiles
+
+    hrefs = []
+    for i in range(8):
+        hrefs.append(str(tmp_path / f"{i}.tif"))
+        profile = {"driver": "GTiff", "width": 4, "height": 4, "count": 1, "dtype": "uint8", "crs": "EPSG:32631"}
+        profile["transform"] = Affine(10, 0, 600000, 0, -10, 5650000)
+        with rasterio.open(hrefs[-1], "w", **profile) as dst:
+            dst.write(np.full((1, 4, 4), i, dtype="uint8"))
+    budget = OpenFiles(limit=3)
+    pools = [Datasets(budget), Datasets(budget)]
+
+    def reads(pool: Datasets, seed: int) -> None:
+        for i in np.random.default_rng(seed).integers(0, len(hrefs), 40):
+            with pool.open(hrefs[i]) as src:
+                assert src.read(1)[0, 0] == i
+                assert _open_files(tmp_path) <= 3
+            assert _open_files(tmp_path) <= 3
+
+    with ThreadPoolExecutor(2) as threads:  # two builds' readers in one process, at the same time
+        list(threads.map(reads, pools, [0, 1]))
+    assert budget.open == _open_files(tmp_path) == 3
+    a, b = pools
+    a.close()
+    b.close()
+    assert budget.open == _open_files(tmp_path) == 0
+
+    with a.open(hrefs[0]) as oldest:
+        pass
+    for pool, href in [(b, hrefs[1]), (a, hrefs[2])]:
+        with pool.open(href):
+            pass
+    with b.open(hrefs[3]):
+        assert oldest.closed and _open_files(tmp_path) == 3  # the least recently used idle one of either pool went
+    with contextlib.ExitStack() as busy:  # nothing idle to close: the read goes ahead over the limit, never waits
+        held = [busy.enter_context(pool.open(href)) for pool, href in zip([a, a, b, b], hrefs[4:], strict=True)]
+        assert _open_files(tmp_path) == budget.open == 4 and not any(src.closed for src in held)
+    assert _open_files(tmp_path) == budget.open == 3  # back within the limit once given back
+    a.close()
+    b.close()
+    assert _open_files(tmp_path) == budget.open == 0
+    assert Datasets().budget is Datasets().budget is OPEN_FILES  # every pool of the process, by default
 
 
 class Interrupted(Exception):
