@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from flows.params import START_TIMEOUT_S, listed
+from infra.errors import CropflowError
 from infra.settings import get_settings
 from infra.storage import location
 from tasks.evaluate import headline
@@ -46,6 +48,13 @@ TeacherOpt = Annotated[
         "modality_distillation (S2 + S1 of the cube)"
     ),
 ]
+ParamsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="the model's settings over its defaults: inline JSON, e.g. '{\"widths\": [8, 16, 32, 64]}', or a YAML or "
+        "JSON file"
+    ),
+]
 LabelsOpt = Annotated[Path | None, typer.Option(help="labels file (default: the region's)")]
 ClassesOpt = Annotated[Path | None, typer.Option(help="class map classes.json (default: the region's)")]
 Outputs = Annotated[
@@ -54,6 +63,28 @@ Outputs = Annotated[
         help="root of the run folders: a folder or an s3://, gs://, az:// URL (default: $CROPFLOW_HOME/outputs)"
     ),
 ]
+
+
+def read_params(text: str | None) -> dict | None:
+    """The model settings of `--params`: inline JSON (text starting with `{`) or the path of a YAML or JSON file."""
+    if text is None:
+        return None
+    hint = "give inline JSON such as '{\"widths\": [8, 16, 32, 64]}' or the path of a YAML or JSON file"
+    if text.lstrip().startswith("{"):
+        try:
+            params = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CropflowError(f"--params {text!r} is not valid JSON ({exc}); {hint}.") from None
+    else:
+        try:
+            params = yaml.safe_load(Path(text).read_text())
+        except OSError as exc:
+            raise CropflowError(f"--params file {text} cannot be read ({exc.strerror}); {hint}.") from None
+        except yaml.YAMLError as exc:
+            raise CropflowError(f"--params file {text} is not valid YAML or JSON ({exc}); {hint}.") from None
+    if not isinstance(params, dict) or not all(isinstance(key, str) for key in params):
+        raise CropflowError(f"--params {text} is not a mapping of setting names to values; {hint}.")
+    return params
 
 
 def print_outputs(outputs: dict[str, str], seconds: float) -> None:
@@ -84,13 +115,19 @@ def crop_map_cmd(
     robustness: Annotated[bool, typer.Option(help="also report test metrics against 0-80 % missing dates")] = False,
     pretrain_epochs: PretrainOpt = 0,
     teacher: TeacherOpt = None,
+    params: ParamsOpt = None,
 ) -> None:
     """Run the crop_map flow: search, cube, train, predict, export, evaluate, report."""
     from flows.crop_map import check_request, crop_map
     from flows.params import ModelSpec
 
     spec = ModelSpec(
-        name=model, epochs=epochs, time_budget_s=time_budget, pretrain_epochs=pretrain_epochs, teacher=teacher
+        name=model,
+        params=read_params(params),
+        epochs=epochs,
+        time_budget_s=time_budget,
+        pretrain_epochs=pretrain_epochs,
+        teacher=teacher,
     )
     check_request(region, season, listed(sensors), catalog, labels, classes, outputs, spec)
     t0 = time.perf_counter()
@@ -137,6 +174,7 @@ def train_cmd(
     outputs: Outputs = None,
     pretrain_epochs: PretrainOpt = 0,
     teacher: TeacherOpt = None,
+    params: ParamsOpt = None,
 ) -> None:
     """Run the train flow on the cube of `build-cube` and the region's labels (with STCLN pre-training or a
     teacher to distill, for the models that use them)."""
@@ -144,7 +182,12 @@ def train_cmd(
     from flows.steps import train
 
     spec = ModelSpec(
-        name=model, epochs=epochs, time_budget_s=time_budget, pretrain_epochs=pretrain_epochs, teacher=teacher
+        name=model,
+        params=read_params(params),
+        epochs=epochs,
+        time_budget_s=time_budget,
+        pretrain_epochs=pretrain_epochs,
+        teacher=teacher,
     )
     trained = train(region, season, spec, labels, classes, outputs)
     console.print(f"model {trained.checkpoint}: best val mIoU {trained.best_val_miou:.3f} (epoch {trained.best_epoch})")
@@ -171,6 +214,7 @@ def backfill_cmd(
     model: ModelOpt = "fcn3d",
     epochs: Epochs = 40,
     time_budget: Budget = 480.0,
+    params: ParamsOpt = None,
     outputs: Outputs = None,
     here: Annotated[
         bool, typer.Option(help="run the seasons in this process even when the crop_map/backfill deployment exists")
@@ -188,7 +232,7 @@ def backfill_cmd(
         seasons=seasons,
         sensors=listed(sensors),
         catalog=catalog,
-        model=ModelSpec(name=model, epochs=epochs, time_budget_s=time_budget),
+        model=ModelSpec(name=model, params=read_params(params), epochs=epochs, time_budget_s=time_budget),
         outputs=outputs,
         deployment=None if here else BACKFILL_DEPLOYMENT,
         start_timeout_s=start_timeout,

@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -88,7 +88,11 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: Annotated[str, AfterValidator(check_model_name)] = "fcn3d"
-    params: dict | None = Field(default=None, description="model settings, e.g. {'widths': [16, 32]}")
+    params: dict[str, Any] | None = Field(
+        default=None,
+        description="the model's settings (arguments of its class in models/), merged over its defaults, e.g. "
+        "{'widths': [16, 32, 64, 128]} for fcn3d",
+    )
     epochs: PositiveInt = 40
     time_budget_s: PositiveFloat | None = Field(default=480.0, description="stop training after this many seconds")
     seed: int = 0
@@ -103,6 +107,10 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _method_fits_model(self) -> ModelSpec:
+        from models.registry import check_settings
+
+        if self.params:
+            check_settings(self.name, self.params)
         if self.pretrain_epochs and self.name != "stcln":
             raise CropflowError(f"pretrain_epochs applies to stcln (masked pre-training), not to {self.name!r}.")
         if self.name == "joint_reconstruction" and self.teacher is None:

@@ -28,6 +28,8 @@ from infra.settings import REPO_ROOT
 console = Console()
 REPORT = REPO_ROOT / "docs" / "reliability.md"
 BAD_INPUT_TEST = "tests/test_bad_input.py::test_bad_input_is_refused"
+MODEL_PARAMS_BAD = "tests/test_model_params.py::test_bad_params_on_the_command_line"
+COMMANDS = ("train", "crop-map")
 
 
 class Row(NamedTuple):
@@ -180,6 +182,25 @@ BAD_INPUT = [  # covered by other tests; the rows of tests/test_bad_input.py are
         "flow parameters: unknown key, unknown model",
         "Extra inputs are not permitted; model ... is unknown",
         ("tests/test_bad_input.py::test_flow_parameters_with_unknown_keys_or_names_are_refused",),
+    ),
+    *(
+        Row(f"train / crop-map --params {given}", expected, tuple(f"{MODEL_PARAMS_BAD}[{case}-{c}]" for c in COMMANDS))
+        for case, given, expected in [
+            (
+                "unknown-key",
+                "'{\"width\": [8, 16]}'",
+                "params: 'width' of model 'fcn3d' is unknown; accepted keys (default): ...",
+            ),
+            ("wrong-type", "'{\"widths\": 8}'", "params: widths=8 is not of type tuple[int, ...] for model 'fcn3d'"),
+            ("file-missing", "none.yaml", "--params file none.yaml cannot be read (No such file or directory)"),
+            ("invalid-json", "'{\"widths\": [8, 16}'", "is not valid JSON (Expecting ',' delimiter ...)"),
+            ("not-a-mapping", "list.yaml (a YAML list)", "is not a mapping of setting names to values"),
+        ]
+    ),
+    Row(
+        "flow parameter model.params: unknown key, wrong type, a data size, a value the model refuses",
+        "names the key, the model and the accepted keys with their defaults",
+        ("tests/test_model_params.py::test_bad_params_are_refused_naming_key_model_and_accepted_keys",),
     ),
     Row(
         "region schedule: unknown field, bad cron, unknown time zone, twice the same slug, a parameter crop_map "

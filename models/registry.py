@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import json
+import typing
+from collections.abc import Mapping
 
 import torch
+from pydantic import TypeAdapter
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -28,6 +33,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "tempcnn": TempCNN,
     "utae": UTAE,
 }
+DATA_SIZES = ("in_channels", "num_classes", "sar_channels")  # set by training from the cube and the class map
 
 
 def build_model(name: str, **config: object) -> nn.Module:
@@ -35,6 +41,38 @@ def build_model(name: str, **config: object) -> nn.Module:
     if name not in MODELS:
         raise CropflowError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
     return MODELS[name](**config)
+
+
+def model_settings(name: str) -> dict[str, object]:
+    """The settings a user may give model `name`, with their defaults: its constructor's arguments but `DATA_SIZES`."""
+    parameters = inspect.signature(MODELS[name]).parameters
+    return {key: p.default for key, p in parameters.items() if key not in DATA_SIZES}
+
+
+def check_settings(name: str, settings: Mapping[str, object]) -> None:
+    """Refuse settings of model `name` that its constructor does not take, of another type than its annotation
+    (JSON's types, strictly: no "8" for an int), or whose values it rejects (built once on the meta device):
+    a `CropflowError` naming the key, the model and the accepted keys with their defaults."""
+    cls = MODELS[name]
+    parameters = inspect.signature(cls).parameters
+    accepted = model_settings(name)
+    listing = f"accepted keys (default): {', '.join(f'{k}={v!r}' for k, v in accepted.items())}"
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in settings.items():
+        if key not in accepted:
+            what = "is set from the cube and the class map" if key in DATA_SIZES else "is unknown"
+            raise CropflowError(f"params: {key!r} of model {name!r} {what}; {listing}.")
+        try:
+            TypeAdapter(hints[key]).validate_json(json.dumps(value), strict=True)
+        except (TypeError, ValueError):  # not JSON (json.dumps), or pydantic's ValidationError
+            wanted = f"{key}={value!r} is not of type {parameters[key].annotation}"
+            raise CropflowError(f"params: {wanted} for model {name!r}; {listing}.") from None
+    sizes = {key: 2 for key in DATA_SIZES if key in parameters}
+    try:
+        with torch.device("meta"):
+            cls(**sizes, **settings)
+    except (ValueError, TypeError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+        raise CropflowError(f"params {dict(settings)} do not make a {name} model: {exc}; {listing}.") from None
 
 
 def example_inputs(

@@ -715,10 +715,10 @@ def fit_forest(
 
 
 def model_config_for(model_name: str, model_config: dict | None, data: TrainData, device: torch.device) -> dict:
-    """`model_config` (default: `DEFAULT_MODEL_CONFIG[device type][model_name]`) with the input and output sizes
+    """`model_config` merged over `DEFAULT_MODEL_CONFIG[device type][model_name]`, with the input and output sizes
     of the data: `in_channels`, `num_classes`, and `sar_channels` for multi-modal models."""
     defaults = DEFAULT_MODEL_CONFIG.get(device.type, DEFAULT_MODEL_CONFIG["cpu"]).get(model_name, {})
-    config = dict(defaults if model_config is None else model_config)
+    config = defaults | dict(model_config or {})
     config |= {"in_channels": len(data.cube.bands), "num_classes": len(data.classes)}
     if data.sar is not None:
         config["sar_channels"] = len(data.sar.bands)
@@ -754,7 +754,7 @@ def train_model(
 ) -> TrainResult:
     """Train `model_name` (any registry model) on the cube at `cube_path` with the labels of `labels_path`.
 
-    `model_config` defaults to `DEFAULT_MODEL_CONFIG[device type][model_name]`; `in_channels`, `num_classes`
+    `model_config` is merged over `DEFAULT_MODEL_CONFIG[device type][model_name]`; `in_channels`, `num_classes`
     (and `sar_channels`) come from the cube and the class map. Training stops after `epochs`, after `patience`
     epochs without a better validation mIoU, or once the next epoch would overrun `time_budget_s` (see
     `fit_loop`). `resume=True` continues from `out_dir/last.pt` (weights, optimizer, early-stopping state,

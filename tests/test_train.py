@@ -373,6 +373,37 @@ def test_task_in_a_flow_publishes_metrics_table(region, prefect_server, tmp_path
     assert table[1]["val_miou"] == pytest.approx(result.history[1]["val_miou"])
 
 
+@pytest.mark.slow
+def test_cli_params_shape_the_trained_model_and_predict_loads_it(region, prefect_server, tmp_path):
+    """`cropflow train --params` inline and from a YAML file: the checkpoint holds the merged config, its layers
+    have the widths asked for, predict rebuilds it; other params are another cache key, so the model is retrained."""
+    from test_distill import _run_folder
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.predict import predict_region_task
+
+    bbox, season, run = _run_folder(region, tmp_path)
+    where = ["--region", bbox, "--season", season, "--labels", str(region["labels"]), "--classes"]
+    train = ["train", *where, str(region["classes"]), "--outputs", str(tmp_path), "--epochs", "1"]
+    (tmp_path / "wide.yaml").write_text(json.dumps({"widths": [8, 16], "use_valid_channel": False}))
+    configs, sizes = [], []
+    for params, first_width in [('{"widths": [4, 8]}', 4), (str(tmp_path / "wide.yaml"), 8)]:
+        result = CliRunner().invoke(app, [*train, "--params", params])
+        assert result.exit_code == 0, result.output
+        model, ckpt = load_checkpoint(run.out / "model.pt", BANDS, None)
+        assert model.head.in_channels == first_width // 2  # the full-resolution features: widths[0] // 2
+        configs.append(ckpt["model_config"])
+        sizes.append(sum(p.numel() for p in model.parameters()))
+        probs = predict_region_task.fn(run.out / "cube.zarr", run.out / "model.pt", tmp_path / f"p{first_width}.zarr")
+        assert xr.open_zarr(probs)["class"].shape == (SIZE, SIZE)
+    assert configs == [
+        {"widths": [4, 8], "in_channels": len(BANDS), "num_classes": 3},
+        {"widths": [8, 16], "use_valid_channel": False, "in_channels": len(BANDS), "num_classes": 3},
+    ]
+    assert sizes[1] > 2 * sizes[0]
+
+
 # Small configs: every registry model trains in a few seconds on 2 CPU cores.
 LTAE = {"embed_dims": [16], "d_model": 16, "n_head": 4, "d_k": 4, "mlp_dims": [16], "decoder_dims": [16]}
 STCLN = {"hidden": 8, "d_model": 16, "num_layers": 1, "num_heads": 2, "window": 16}
