@@ -17,6 +17,12 @@ does not depend on the block size. Inputs are decoded and prepared per cube chun
 strip's row of blocks and its halo, and the next block is read in a background thread while the model runs: memory
 does not grow with the region's area.
 
+The same region can be predicted in parts by several processes (`flows/predict.py` runs them on Dask workers):
+`create_output` makes the output store once, `region_parts` splits the region into vertical strips of whole output
+chunks, and `predict_part` predicts one strip into that store. A part runs every window touching it (on the same
+region-wide grid), so a window straddling two parts runs in both, and it writes only its own chunks: the parts
+together give the store `predict_region` writes in one piece.
+
 Inputs follow `tasks.preprocess.prepare_window` (gaps filled in time, standardised, `valid` marks real
 observations), as in training. A model with SAR input (`sar_channels`, e.g. `modality_distillation`) also gets the
 checkpoint's `"sar"` sensor from the cube (`x_sar`, `doy_sar`, `valid_sar`, same grid and dates).
@@ -40,12 +46,14 @@ import xarray as xr
 import zarr
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 from rich.progress import Progress
 from torch import nn
 
+from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from infra.runs import in_prefect_run
-from infra.storage import location, open_zarr, output_store
+from infra.storage import location, open_zarr, zarr_store
 from tasks.labels import CLASS_NODATA, read_classes
 from tasks.preprocess import prepare_window
 from tasks.train import autocast, load_for_cube, resolve_device
@@ -76,17 +84,18 @@ def window_starts(size: int, window: int, overlap: int) -> np.ndarray:
     return -pad + stride * np.arange(n)
 
 
-def _blocks(size: int, block: int) -> list[tuple[int, int]]:
-    return [(s, min(size, s + block)) for s in range(0, size, block)]
+def _blocks(lo: int, hi: int, block: int) -> list[tuple[int, int]]:
+    return [(s, min(hi, s + block)) for s in range(lo, hi, block)]
 
 
 def _touching(starts: np.ndarray, window: int, lo: int, hi: int) -> np.ndarray:
     return starts[(starts < hi) & (starts + window > lo)]
 
 
-def _owned(starts: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """Starts of the windows whose first pixel inside the region lies in `[lo, hi)`: the block that computes them."""
-    first = np.maximum(starts, 0)
+def _owned(starts: np.ndarray, lo: int, hi: int, start: int = 0) -> np.ndarray:
+    """Starts of the windows whose first pixel at or after `start` (the region's or part's first pixel) lies in
+    `[lo, hi)`: the block that computes them."""
+    first = np.maximum(starts, start)
     return starts[(first >= lo) & (first < hi)]
 
 
@@ -354,6 +363,118 @@ class _Tiler:
         return np.where(ok, probs, np.nan).astype(np.float32)
 
 
+def _check_options(window: int, overlap: float, batch_size: int, block_chunks: int) -> int:
+    """The overlap in pixels, once the options are checked."""
+    if window < 1 or not 0 <= overlap < 1 or batch_size < 1 or block_chunks < 1:
+        raise ValueError(
+            "need window >= 1, 0 <= overlap < 1, batch_size >= 1, block_chunks >= 1; "
+            f"got {window}, {overlap}, {batch_size}, {block_chunks}"
+        )
+    return min(round(window * overlap), window - 1)
+
+
+def _classes(ckpt: dict) -> list[dict]:
+    """The checkpoint's classes by id, refused when an id does not fit the uint8 class map beside its no-data."""
+    classes = sorted(ckpt["classes"], key=lambda c: c["id"])
+    if not all(0 <= c["id"] < NODATA for c in classes):
+        raise CropflowError(f"class ids must lie in 0..{NODATA - 1} ({NODATA} marks no-data); renumber the classes.")
+    return classes
+
+
+def _chunks(inp: _Input) -> tuple[int, int]:
+    """The `(y, x)` chunk of an input's cube variable, clipped to the region: the output store's chunk too."""
+    chunks = inp.var.encoding.get("chunks") or (256, 256)
+    return tuple(min(int(c), inp.var.sizes[d]) for c, d in zip(chunks[-2:], ("y", "x"), strict=True))
+
+
+def create_output(cube_path: Path, ckpt: dict, store: Path, model_name: str) -> None:
+    """The empty output store at `store` (a location) for the prediction of the cube at `cube_path` with `ckpt`'s
+    classes and bands, chunked like the cube; `predict_part` fills it."""
+    ds = open_zarr(cube_path, chunks=None)
+    chunks = _chunks(_sensor_input(ds, ckpt, ("x", "doy", "valid")))
+    _create_store(zarr_store(store), ds, _classes(ckpt), chunks, model_name)
+
+
+def region_parts(cube_path: Path, ckpt: dict, n: int) -> list[tuple[int, int]]:
+    """At most `n` parts of the region for `predict_part`: column ranges `[x0, x1)` of whole output chunks, in
+    vertical strips of nearly equal width."""
+    ds = open_zarr(cube_path, chunks=None)
+    inp = _sensor_input(ds, ckpt, ("x", "doy", "valid"))
+    cx, w = _chunks(inp)[1], inp.var.sizes["x"]
+    columns = np.arange(math.ceil(w / cx))
+    return [(int(c[0]) * cx, min(w, (int(c[-1]) + 1) * cx)) for c in np.array_split(columns, min(n, columns.size))]
+
+
+def _predict_columns(
+    cube_path: Path,
+    model: nn.Module,
+    ckpt: dict,
+    store: Path,
+    cols: tuple[int, int] | None,
+    window: int,
+    overlap: float,
+    batch_size: int,
+    device: str,
+    progress: bool,
+    block_chunks: int,
+) -> int:
+    """Predict the region's columns `cols` (all when None) into the output store at `store`; the windows visited.
+
+    Every window touching the columns is run (the window grid stays the region's), so a pixel's result does not
+    depend on the part it lies in; only the part's own output chunks are written.
+    """
+    ov = _check_options(window, overlap, batch_size, block_chunks)
+    ids = np.array([c["id"] for c in _classes(ckpt)], dtype=np.uint8)
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+
+    ds = open_zarr(cube_path, chunks=None)
+    inputs = _model_inputs(ds, ckpt, model)
+    h, w = ds.sizes["y"], ds.sizes["x"]
+    c0, c1 = cols or (0, w)
+    cy, cx = _chunks(inputs[0])
+    ys, xs = window_starts(h, window, ov), _touching(window_starts(w, window, ov), window, c0, c1)
+    weights = ramp_weights(window, ov)
+    blocks_y, blocks_x = _blocks(0, h, cy * block_chunks), _blocks(c0, c1, cx * block_chunks)
+    doy = torch.from_numpy(ds["doy"].values.astype(np.int64))[None].to(dev)
+
+    label = f"predict {location(cube_path).name}" + (f" columns {c0}-{c1}" if cols else "")
+    with _Progress(ys.size * xs.size, progress, label) as prog:
+        out = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3)
+        tiler = _Tiler(model, [i.keys for i in inputs], weights, doy, batch_size, ids.size, prog)
+        plan, strip_rows = [], []  # blocks in visiting order; the extent of each strip's row of blocks
+        for s0 in range(0, len(blocks_x), STRIP_BLOCKS):
+            for y0, y1 in blocks_y:
+                ty, oy = _touching(ys, window, y0, y1), _owned(ys, y0, y1)
+                rows = _extent(oy, window, y0, y1)
+                for x0, x1 in blocks_x[s0 : s0 + STRIP_BLOCKS]:
+                    tx, ox = _touching(xs, window, x0, x1), _owned(xs, x0, x1, c0)
+                    plan.append(((y0, y1, x0, x1), (ty, tx), (oy, ox), (rows, _extent(ox, window, x0, x1))))
+                first_col = plan[-min(STRIP_BLOCKS, len(blocks_x) - s0)][3][1][0]
+                strip_rows.append((rows, np.arange(first_col, plan[-1][3][1][-1] + 1)))
+
+        readers = [_ChunkReader(i, strip_rows) for i in inputs]
+
+        def load(extent: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+            return [reader.read(*extent) for reader in readers]
+
+        with ThreadPoolExecutor(1) as prefetch:  # reads and prepares the next block while the model runs
+            pending = prefetch.submit(load, plan[0][3])
+            for n, (core, touching, owned, (rows, cols_read)) in enumerate(plan):
+                block = pending.result()
+                if n + 1 < len(plan):
+                    pending = prefetch.submit(load, plan[n + 1][3])
+                probs = tiler.block(block, (rows[0], cols_read[0]), touching, owned, core)
+                del block
+                y0, y1, x0, x1 = core
+                mapped = ~np.isnan(probs[0])
+                out["probabilities"][:, y0:y1, x0:x1] = probs
+                out["class"][y0:y1, x0:x1] = np.where(mapped, ids[np.argmax(np.nan_to_num(probs), axis=0)], NODATA)
+                out["confidence"][y0:y1, x0:x1] = np.max(probs, axis=0)
+                prog.flush()
+    return int(ys.size * xs.size)
+
+
 def predict_region(
     cube_path: Path,
     model: nn.Module,
@@ -374,66 +495,42 @@ def predict_region(
     per side. Pixels without a valid observation (of any input sensor) at any date get class 255 and NaN
     probabilities/confidence. A batch that runs out of memory is run again at half the size (logged), down to 1.
     """
-    if window < 1 or not 0 <= overlap < 1 or batch_size < 1 or block_chunks < 1:
-        raise ValueError(
-            "need window >= 1, 0 <= overlap < 1, batch_size >= 1, block_chunks >= 1; "
-            f"got {window}, {overlap}, {batch_size}, {block_chunks}"
-        )
-    ov = min(round(window * overlap), window - 1)
-    classes = sorted(ckpt["classes"], key=lambda c: c["id"])
-    if not all(0 <= c["id"] < NODATA for c in classes):
-        raise CropflowError(f"class ids must lie in 0..{NODATA - 1} ({NODATA} marks no-data); renumber the classes.")
-    ids = np.array([c["id"] for c in classes], dtype=np.uint8)
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
-
-    ds = open_zarr(cube_path, chunks=None)
-    inputs = _model_inputs(ds, ckpt, model)
-    h, w = ds.sizes["y"], ds.sizes["x"]
-    chunks = inputs[0].var.encoding.get("chunks") or (256, 256)
-    cy, cx = (min(int(c), s) for c, s in zip(chunks[-2:], (h, w), strict=True))
-    ys, xs = window_starts(h, window, ov), window_starts(w, window, ov)
-    weights = ramp_weights(window, ov)
-    blocks_y, blocks_x = _blocks(h, cy * block_chunks), _blocks(w, cx * block_chunks)
-    doy = torch.from_numpy(ds["doy"].values.astype(np.int64))[None].to(dev)
-
-    label = f"predict {location(cube_path).name}"
-    with output_store(out_path) as tmp, _Progress(ys.size * xs.size, progress, label) as prog:
-        _create_store(tmp, ds, classes, (cy, cx), str(ckpt.get("model_name", type(model).__name__)))
-        store = zarr.open_group(tmp, mode="r+", zarr_format=3)
-        tiler = _Tiler(model, [i.keys for i in inputs], weights, doy, batch_size, len(classes), prog)
-        plan, strip_rows = [], []  # blocks in visiting order; the extent of each strip's row of blocks
-        for s0 in range(0, len(blocks_x), STRIP_BLOCKS):
-            for y0, y1 in blocks_y:
-                ty, oy = _touching(ys, window, y0, y1), _owned(ys, y0, y1)
-                rows = _extent(oy, window, y0, y1)
-                for x0, x1 in blocks_x[s0 : s0 + STRIP_BLOCKS]:
-                    tx, ox = _touching(xs, window, x0, x1), _owned(xs, x0, x1)
-                    plan.append(((y0, y1, x0, x1), (ty, tx), (oy, ox), (rows, _extent(ox, window, x0, x1))))
-                first_col = plan[-min(STRIP_BLOCKS, len(blocks_x) - s0)][3][1][0]
-                strip_rows.append((rows, np.arange(first_col, plan[-1][3][1][-1] + 1)))
-
-        readers = [_ChunkReader(i, strip_rows) for i in inputs]
-
-        def load(extent: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-            return [reader.read(*extent) for reader in readers]
-
-        with ThreadPoolExecutor(1) as prefetch:  # reads and prepares the next block while the model runs
-            pending = prefetch.submit(load, plan[0][3])
-            for n, (core, touching, owned, (rows, cols)) in enumerate(plan):
-                block = pending.result()
-                if n + 1 < len(plan):
-                    pending = prefetch.submit(load, plan[n + 1][3])
-                probs = tiler.block(block, (rows[0], cols[0]), touching, owned, core)
-                del block
-                y0, y1, x0, x1 = core
-                mapped = ~np.isnan(probs[0])
-                store["probabilities"][:, y0:y1, x0:x1] = probs
-                store["class"][y0:y1, x0:x1] = np.where(mapped, ids[np.argmax(np.nan_to_num(probs), axis=0)], NODATA)
-                store["confidence"][y0:y1, x0:x1] = np.max(probs, axis=0)
-                prog.flush()
-    log.info("probabilities of %d x %d px written to %s", h, w, out_path)
+    _check_options(window, overlap, batch_size, block_chunks)
+    with atomic_path(location(out_path)) as tmp:
+        create_output(cube_path, ckpt, tmp, str(ckpt.get("model_name", type(model).__name__)))
+        _predict_columns(cube_path, model, ckpt, tmp, None, window, overlap, batch_size, device, progress, block_chunks)
+    log.info("probabilities of %s written to %s", location(cube_path).name, out_path)
     return location(out_path)
+
+
+def load_model(cube_path: Path, checkpoint: Path, classes_path: Path | None = None) -> tuple[nn.Module, dict]:
+    """The checkpoint's model and dict, checked against the cube's bands, SAR bands and, if given, the class map."""
+    classes = read_classes(classes_path) if classes_path else None  # None: the checkpoint's own classes
+    return load_for_cube(checkpoint, open_zarr(cube_path), classes, cube_path)
+
+
+def predict_part(
+    cube_path: Path,
+    checkpoint: Path,
+    store: Path,
+    cols: tuple[int, int],
+    classes_path: Path | None = None,
+    window: int = 64,
+    overlap: float = 0.25,
+    batch_size: int = 16,
+    device: str = "auto",
+    threads: int | None = 1,
+) -> int:
+    """Predict one part of `region_parts` (columns `cols`) into the store `create_output` made at `store`, in this
+    process (e.g. a Dask worker) with `threads` torch threads (None: unchanged); the windows visited.
+
+    The checkpoint is read here, so only its path travels to a worker. Parts write disjoint output chunks, so any
+    number of them can run at once; together they give the same store as `predict_region` in one piece.
+    """
+    if threads:
+        torch.set_num_threads(threads)  # per process: one thread per Dask thread running a part
+    model, ckpt = load_model(cube_path, checkpoint, classes_path)
+    return _predict_columns(cube_path, model, ckpt, store, cols, window, overlap, batch_size, device, False, 1)
 
 
 @task(name="predict-region", tags=["gpu"])
@@ -450,6 +547,21 @@ def predict_region_task(
 ) -> Path:
     """Load the checkpoint (checked against the cube's bands, SAR bands and, if given, the class map) and predict
     the cube."""
-    classes = read_classes(classes_path) if classes_path else None  # None: the checkpoint's own classes
-    model, ckpt = load_for_cube(checkpoint, open_zarr(cube_path), classes, cube_path)
+    model, ckpt = load_model(cube_path, checkpoint, classes_path)
     return predict_region(cube_path, model, ckpt, out_path, window, overlap, batch_size, device, progress)
+
+
+@task(name="predict-part", cache_policy=NO_CACHE, retries=1)
+def predict_part_task(
+    cube_path: Path,
+    checkpoint: Path,
+    store: Path,
+    cols: tuple[int, int],
+    classes_path: Path | None = None,
+    window: int = 64,
+    overlap: float = 0.25,
+    batch_size: int = 16,
+    device: str = "auto",
+) -> int:
+    """Predict one part of the region on a worker (one torch thread); the windows visited."""
+    return predict_part(cube_path, checkpoint, store, cols, classes_path, window, overlap, batch_size, device)

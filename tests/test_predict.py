@@ -134,14 +134,9 @@ def cube(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _cube(tmp_path_factory.mktemp("cube") / "cube.zarr")
 
 
-@pytest.fixture(scope="module")
-def trained(cube: Path) -> tuple[nn.Module, dict]:
-    """The tiny net trained briefly on part of the cube (inputs from `prepare_window`), and its checkpoint dict."""
-    values = xr.open_zarr(cube)["s2"].values
-    mean, std = band_statistics(values)
+def _fit(model: nn.Module, values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> nn.Module:
+    """`model` trained briefly (15 Adam steps) on part of the cube's values, in eval mode."""
     x, valid = prepare_window(values[..., 20:100, 40:120], mean, std)
-    torch.manual_seed(0)
-    model = TinyConvNet(T, len(BANDS), len(CLASSES))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     xt, vt = torch.from_numpy(x)[None], torch.from_numpy(valid)[None]
     target = torch.from_numpy(_truth()[20:100, 40:120])[None]
@@ -150,6 +145,16 @@ def trained(cube: Path) -> tuple[nn.Module, dict]:
         loss = nn.functional.cross_entropy(model(xt, torch.zeros(1, T, dtype=torch.long), vt), target)
         loss.backward()
         opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(cube: Path) -> tuple[nn.Module, dict]:
+    """The tiny net trained briefly on part of the cube (inputs from `prepare_window`), and its checkpoint dict."""
+    values = xr.open_zarr(cube)["s2"].values
+    mean, std = band_statistics(values)
+    torch.manual_seed(0)
+    model = _fit(TinyConvNet(T, len(BANDS), len(CLASSES)), values, mean, std)
     ckpt = {
         "format": 1,
         "model_name": "tiny",
@@ -447,3 +452,50 @@ def test_each_window_runs_once_across_blocks(cube, trained, tiled, tmp_path):
     np.testing.assert_allclose(
         xr.open_zarr(out)["probabilities"].values, xr.open_zarr(tiled)["probabilities"].values, atol=1e-5
     )
+
+
+def test_parts_on_two_dask_workers_match_one_piece(prefect_server, cube, trained, tmp_path):
+    """`flows.predict.predict_parts` on a Dask cluster of 2 workers (by its scheduler address; thread workers, which
+    start in a moment): 2 parts (chunk columns 0-1 and 2 of the 64 px chunks), the checkpoint read by each worker,
+    one store published, progress up to 100 %, and the same map as `predict_region` in one piece. Same windows and
+    weights: equal up to float rounding of the batch composition."""
+    from distributed import LocalCluster
+    from prefect import flow, get_client
+    from prefect.context import get_run_context
+
+    from flows.predict import predict_parts
+    from infra.dask_cluster import DaskSettings
+    from models.registry import build_model
+    from tasks.predict import load_model, region_parts
+
+    values, norm = xr.open_zarr(cube)["s2"].values, trained[1]["norm"]
+    config = {"in_channels": len(BANDS), "num_classes": len(CLASSES), "widths": [8, 16]}
+    torch.manual_seed(0)
+    fcn = _fit(build_model("fcn3d", **config), values, np.float32(norm["mean"]), np.float32(norm["std"]))
+    ckpt = {**trained[1], "model_config": config, "model_name": "fcn3d", "state_dict": fcn.state_dict()}
+    torch.save(ckpt, tmp_path / "m.pt")
+    model, ckpt = load_model(cube, tmp_path / "m.pt")
+    assert region_parts(cube, ckpt, 2) == [(0, 128), (128, W)]
+    assert region_parts(cube, ckpt, 9) == [(0, 64), (64, 128), (128, W)]
+    options = {"window": 48, "batch_size": 8}
+    whole = xr.open_zarr(predict_region(cube, model, ckpt, tmp_path / "whole.zarr", progress=False, **options))
+
+    @flow(name="predict-on-dask-test")
+    def on_dask(address: str) -> tuple[Path, str]:
+        out = tmp_path / "out" / "probabilities.zarr"
+        got = predict_parts(cube, tmp_path / "m.pt", out, **options, dask=DaskSettings(address))
+        return got, str(get_run_context().flow_run.id)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        out, run_id = on_dask(cluster.scheduler_address)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["probabilities.zarr"]  # no scratch store left
+    parts = xr.open_zarr(out)
+    mapped = whole["class"].values != 255
+    assert mapped.mean() > 0.9 and len(np.unique(whole["class"].values[mapped])) == len(CLASSES)
+    np.testing.assert_array_equal(parts["class"].values, whole["class"].values)
+    np.testing.assert_allclose(parts["probabilities"].values, whole["probabilities"].values, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(parts["confidence"].values, whole["confidence"].values, rtol=0, atol=1e-6)
+    assert parts.attrs == whole.attrs
+    with get_client(sync_client=True) as client:
+        progress = [a.data for a in client.read_artifacts() if str(a.flow_run_id) == run_id and a.type == "progress"]
+    assert 100.0 in progress
