@@ -20,12 +20,12 @@ is seeded; `--quick` runs a subset (the CI smoke test). Results go to `OUT/accur
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flows.bench_accuracy import PROTOCOLS
-from flows.params import listed
+from flows.bench_common import markdown_table
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from infra.settings import home_dir, real_data_dir
@@ -138,29 +137,32 @@ def parcel_fold(
     channels = {"s2": len(data.bands), "s1": len(data.sar_bands), "s2+s1": len(data.bands) + len(data.sar_bands)}
     every_series = bool({"parcels", "robustness"} & chosen)
     modalities = ("s2", "s1", "s2+s1") if data.sar is not None and "modalities" in chosen else ("s2",)
-    models, results = {}, {"modalities": {}}
-    forward = {}
-    for modality in modalities:
-        fit_b, val_b = model_batch(fit, norms, modality), model_batch(val, norms, modality)
-        keys = SERIES_MODELS if modality == "s2" and every_series else MODALITY_MODELS
+    batches = {modality: [model_batch(part, norms, modality) for part in (fit, val, test)] for modality in modalities}
+    results: dict = {"modalities": {}}
+
+    def trained(modality: str, keys: Iterable[str]) -> dict[str, torch.nn.Module]:
+        """The series models `keys` on `modality`, each scored on the test parcels into `results["modalities"]`."""
+        fit_b, val_b, test_b = batches[modality]
+        models = {}
         for key in keys:
-            model = bench.series_model(key, data, channels[modality], fit_b, val_b)
-            results["modalities"][f"{key} {modality}"] = _metrics(
-                score(model, model_batch(test, norms, modality), data.classes)
-            )
-            if modality == "s2":
-                models[key] = model
-                forward[key] = "s2"
-        if modality == "s2":
-            teacher = frozen(copy.deepcopy(models["ltae"]), torch.device("cpu"))
-        if modality == "s2" and every_series:
-            student = bench.build(
-                "joint_reconstruction", in_channels=channels["s2"], num_classes=len(data.classes), backbone="ltae"
-            )
-            warm_start(student.student, teacher)
-            loss = incomplete_loss(student, teacher, seed, GAP_RATE)
-            models[INCOMPLETE] = train_series(student, loss, fit_b, val_b, data.classes, bench.student_options)
-            forward[INCOMPLETE] = "s2"
+            models[key] = bench.series_model(key, data, channels[modality], fit_b, val_b)
+            results["modalities"][f"{key} {modality}"] = _metrics(score(models[key], test_b, data.classes))
+        return models
+
+    models = trained("s2", SERIES_MODELS if every_series else MODALITY_MODELS)
+    forward = dict.fromkeys(models, "s2")
+    teacher = frozen(models["ltae"], torch.device("cpu"))  # the fold's L-TAE is only scored from here on: no copy
+    if every_series:
+        fit_b, val_b, _ = batches["s2"]
+        student = bench.build(
+            "joint_reconstruction", in_channels=channels["s2"], num_classes=len(data.classes), backbone="ltae"
+        )
+        warm_start(student.student, teacher)
+        loss = incomplete_loss(student, teacher, seed, GAP_RATE)
+        models[INCOMPLETE] = train_series(student, loss, fit_b, val_b, data.classes, bench.student_options)
+        forward[INCOMPLETE] = "s2"
+    for modality in modalities[1:]:  # S1 and S2 + S1 for the modalities protocol
+        trained(modality, MODALITY_MODELS)
     if data.sar is not None:
         fusion = bool({"robustness", "modalities"} & chosen)
         models |= modality_models(bench, data, fit, val, norms, teacher, seed, fusion)
@@ -399,12 +401,6 @@ def targets(results: dict) -> list[str]:
     return lines
 
 
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Markdown table lines (then an empty line)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return [*lines, *("| " + " | ".join(row) + " |" for row in rows), ""]
-
-
 def markdown(results: dict) -> str:
     """The results as markdown tables (percentages)."""
     lines = [f"# cropflow accuracy benchmark\n\n`{results['command']}`\n", f"{results['environment']}\n"]
@@ -417,7 +413,7 @@ def markdown(results: dict) -> str:
         lines += [f"- {n}" for n in p["notes"]] + [""]
         metrics = ("overall_accuracy", "kappa", "macro_f1")
         rows = [[key, *(_pm(m[k]) for k in metrics)] for key, m in p["models"].items()]
-        lines += table(["model", "OA %", "kappa %", "macro-F1 %"], rows)
+        lines += markdown_table(["model", "OA %", "kappa %", "macro-F1 %"], rows)
         r = results["reproducibility"]
         lines.append(
             f"Reproducibility: L-TAE fold 0 retrained with the same seed: macro-F1 {100 * r['macro_f1_first']:.2f} "
@@ -430,11 +426,12 @@ def markdown(results: dict) -> str:
             rows = [
                 [key, *(_pm(modes[mode][str(f)]) for f in rob["fractions"])] for key, modes in rob["macro_f1"].items()
             ]
-            lines += [f"{mode} gaps:\n", *table(["model", *(f"{100 * f:.0f} %" for f in rob["fractions"])], rows)]
+            header = ["model", *(f"{100 * f:.0f} %" for f in rob["fractions"])]
+            lines += [f"{mode} gaps:\n", *markdown_table(header, rows)]
     if "modalities" in results:
         lines.append("## 3. Optical vs SAR vs both (mean ± std over folds)\n")
         rows = [[key, _pm(m["macro_f1"]), _pm(m["overall_accuracy"])] for key, m in results["modalities"].items()]
-        lines += table(["model", "macro-F1 %", "OA %"], rows)
+        lines += markdown_table(["model", "macro-F1 %", "OA %"], rows)
     if "pixels" in results:
         px = results["pixels"]
         lines.append(
@@ -444,7 +441,7 @@ def markdown(results: dict) -> str:
         rows = [
             [k, f"{100 * m['overall_accuracy']:.1f}", f"{100 * m['macro_f1']:.1f}"] for k, m in px["models"].items()
         ]
-        lines += table(["model", "OA %", "macro-F1 %"], rows)
+        lines += markdown_table(["model", "OA %", "macro-F1 %"], rows)
     if "patches" in results:
         lines.append(results["patches"]["markdown"])
     if "cloudmasks" in results:
@@ -454,7 +451,7 @@ def markdown(results: dict) -> str:
             for scene, options in results["cloudmasks"].items()
             for option, m in options.items()
         ]
-        lines += table(["scene", "option", "kappa 3 classes", "kappa invalid/valid"], rows)
+        lines += markdown_table(["scene", "option", "kappa 3 classes", "kappa invalid/valid"], rows)
     lines.append(
         f"Run time {results['seconds'] / 60:.1f} min; load average (1, 5, 15 min) at the start "
         f"{results.get('load_start', '?')}, at the end {results['load_end']}.\n"
@@ -472,7 +469,7 @@ def run_benchmark(
     pixels: Path | None,
     cloudmasks: Path | None,
     out: Path | None,
-    protocols: str,
+    protocols: list[str],
     folds: int,
     epochs: int,
     patience: int,
@@ -481,14 +478,13 @@ def run_benchmark(
     threads: int,
     quick: bool,
 ) -> None:
-    """Accuracy of cropflow's models on real data (six protocols); prints and writes tables, JSON and a PNG."""
+    """Accuracy of cropflow's models on real data (the `protocols` of the six, checked by the command); prints and
+    writes tables, JSON and a PNG."""
     started = time.monotonic()
-    chosen = listed(protocols)
-    unknown = sorted(set(chosen) - set(PROTOCOLS))
-    if unknown:
-        raise CropflowError(f"--protocols: unknown {unknown}; valid: {', '.join(PROTOCOLS)}.")
+    chosen = set(protocols)
+    series_protocols = SERIES_PROTOCOLS & chosen
     given = {"parcels": parcels, "pixels": pixels, "patches": patches, "cloudmasks": cloudmasks}
-    needed = set(chosen) | ({"parcels"} if SERIES_PROTOCOLS & set(chosen) else set())
+    needed = chosen | ({"parcels"} if series_protocols else set())
     root = data or real_data_dir()
     inputs = {key: _input(given[key], root, key) for key in INPUTS if key in needed}
     if "patches" in chosen:  # imported now: a module that changed on disk during a long run cannot break it later
@@ -509,14 +505,14 @@ def run_benchmark(
     )
     with progress:
         bench = Bench(seed, epochs, patience, 32, progress)
-        if SERIES_PROTOCOLS & set(chosen):
+        if series_protocols:
             parcels_file = inputs["parcels"]
             series = load_parcels(
                 parcels_file, mappings or parcels_file.parent / MAPPINGS_FILE.name, legend, min_parcels
             )
             if quick:
                 series = series.subset(_quick_subset(series, 60, seed))
-            results |= run_parcels(bench, series, folds, SERIES_PROTOCOLS & set(chosen))
+            results |= run_parcels(bench, series, folds, series_protocols)
         if "pixels" in chosen:
             results["pixels"] = run_pixels(bench, inputs["pixels"], 60 if quick else None)
         if "patches" in chosen:

@@ -8,6 +8,9 @@ from typing import Annotated
 
 import typer
 
+from flows.params import listed
+from infra.errors import CropflowError
+
 PROTOCOLS = ("parcels", "robustness", "modalities", "pixels", "patches", "cloudmasks")
 LEGEND = "CROPTYPE_INSEASON_FRANCE"
 
@@ -48,7 +51,11 @@ def bench_accuracy(
     ] = False,
 ) -> None:
     """Accuracy of cropflow's models on real data (six protocols); prints and writes tables, JSON and a PNG."""
-    from flows.accuracy_protocols import run_benchmark
+    chosen = listed(protocols)
+    unknown = sorted(set(chosen) - set(PROTOCOLS))
+    if unknown:
+        raise CropflowError(f"--protocols: unknown {unknown}; valid: {', '.join(PROTOCOLS)}.")
+    from flows.accuracy_protocols import run_benchmark  # here: torch and the models load only for this command
 
     run_benchmark(
         data=data,
@@ -59,7 +66,7 @@ def bench_accuracy(
         pixels=pixels,
         cloudmasks=cloudmasks,
         out=out,
-        protocols=protocols,
+        protocols=chosen,
         folds=folds,
         epochs=epochs,
         patience=patience,

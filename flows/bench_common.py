@@ -1,4 +1,4 @@
-"""What the benchmarks share: their cache folder option, peak memory, child processes."""
+"""What the benchmarks share: their cache folder option, markdown tables, peak memory, child processes."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ def bench_cache(cache: Path | None) -> Path:
     folder = cache or get_settings().home / "bench"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines (then an empty line)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return [*lines, *("| " + " | ".join(row) + " |" for row in rows), ""]
 
 
 def max_rss_mb() -> float:

@@ -28,7 +28,7 @@ import torch
 import xarray as xr
 from rich.progress import Progress
 
-from flows.accuracy_protocols import table
+from flows.bench_common import markdown_table
 from infra import stac_api
 from infra.errors import CropflowError
 from infra.settings import Settings
@@ -241,7 +241,7 @@ def _markdown(summary: dict, names: list[str], n: int, layer: str) -> str:
     return "\n".join(
         [
             f"## 5. Real multi-sensor patches ({n} patches, leave-one-patch-out, {layer} labels, pixels pooled)\n",
-            *table(header, rows),
+            *markdown_table(header, rows),
             f"Labelled pixels per class: {support}.\n",
         ]
     )
