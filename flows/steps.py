@@ -19,7 +19,9 @@ from prefect.concurrency.sync import rate_limit
 from flows.cube import build_cube_task
 from flows.params import DEFAULT_SENSORS, ModelSpec, Run, Season, labelled, resolve_run
 from flows.policy import CATALOG_RATE_LIMIT, cached, digest, limit_exists, step_key
+from flows.predict import predict_parts_task
 from flows.report import CubeInfo, emit_cube_ready, emit_map_published
+from infra.dask_cluster import DaskSettings
 from infra.errors import CropflowError
 from infra.storage import location, open_zarr
 from tasks.catalog import Catalog, get_catalog, search_items_task
@@ -214,14 +216,18 @@ def predict(
     outputs: str | Path | None = None,
 ) -> dict[str, str]:
     """Map the region and season with the model `train` left in the run folder: probabilities, class and
-    confidence COGs, preview, STAC item, and the accuracy on the held-out labels. Returns the output paths."""
+    confidence COGs, preview, STAC item, and the accuracy on the held-out labels. Returns the output paths.
+
+    With `CROPFLOW_DASK` set, the tiled inference runs in parts on that Dask cluster's workers (`flows/predict.py`);
+    otherwise in this process, on the GPU when there is one."""
     run = resolve_run(region, season, outputs, labels, classes)
     labels_path, classes_path = labelled(run)
     cube = _existing(run.out / "cube.zarr", "build-cube")
     checkpoint = _existing(run.out / "model.pt", "train")
     depends = {"cube": cube_fingerprint(cube), "model": file_digest(checkpoint), "classes": file_digest(classes_path)}
     probs_key = step_key("predict", run, **depends)
-    probs = cached(predict_region_task, probs_key, [run.out / "probabilities.zarr"])(
+    on_dask = DaskSettings.configured() is not None  # CROPFLOW_DASK set: parts on the cluster's workers
+    probs = cached(predict_parts_task if on_dask else predict_region_task, probs_key, [run.out / "probabilities.zarr"])(
         cube, checkpoint, run.out / "probabilities.zarr", classes_path
     )
     export_key = step_key("export", run, after=probs_key)

@@ -50,6 +50,12 @@ class DaskSettings:
             )
         return cls(cluster, _count("CROPFLOW_DASK_WORKERS"), _count("CROPFLOW_DASK_THREADS"))
 
+    @classmethod
+    def configured(cls) -> DaskSettings | None:
+        """`from_env()` when `CROPFLOW_DASK` is set, else None: for steps that use a cluster only when asked to
+        (tiled inference, which otherwise runs in one process, on the GPU when there is one)."""
+        return cls.from_env() if os.environ.get("CROPFLOW_DASK", "").strip() else None
+
     @property
     def address(self) -> str | None:
         """The scheduler address when the cluster already runs elsewhere."""

@@ -25,10 +25,12 @@ K8S_VERSION = "1.33"  # the oldest Kubernetes the specs must fit
 def test_cluster_choice_from_env(monkeypatch):
     monkeypatch.delenv("CROPFLOW_DASK", raising=False)
     assert DaskSettings.from_env() == DaskSettings("local")
+    assert DaskSettings.configured() is None  # tiled inference then runs in one process
     monkeypatch.setenv("CROPFLOW_DASK", "tcp://10.0.0.5:8786")
     monkeypatch.setenv("CROPFLOW_DASK_WORKERS", "8")
     settings = DaskSettings.from_env()
     assert (settings.address, settings.workers) == ("tcp://10.0.0.5:8786", 8)
+    assert DaskSettings.configured() == settings
     assert task_runner(settings).address == "tcp://10.0.0.5:8786"
     monkeypatch.setenv("CROPFLOW_DASK", "yarn")
     with pytest.raises(CropflowError, match=r"CROPFLOW_DASK='yarn'.*local, kubernetes, slurm, pbs"):
