@@ -349,6 +349,14 @@ def search_items(
     if absent and set(absent) != set(sensor_def.assets) and sensor_def.mask_asset not in absent:
         # some bands exist nowhere (e.g. a product with the 20 m bands only): the cube uses the bands there are
         log.warning("%s at %s: no item has band(s) %s", collection, catalog.name, ", ".join(absent))
+    elif sensor == "s2" and absent == [sensor_def.mask_asset]:  # the cube masks clouds by reflectance instead
+        log.warning(
+            "%s at %s: no item has the %s asset; the cube masks them by the spectral cloud test (s2_cloud_mask "
+            "'auto' or 'spectral'; 'scl' refuses them)",
+            collection,
+            catalog.name,
+            sensor_def.mask_asset,
+        )
     elif absent:
         raise CropflowError(
             f"no {collection!r} item of catalog {catalog.name!r} has the asset(s) {', '.join(absent)} after renaming "

@@ -1,10 +1,10 @@
 """Cloud and cloud-shadow masks from reflectance alone, and their agreement with reference masks.
 
 cropflow's cubes mask Sentinel-2 with the SCL layer and Landsat with QA_PIXEL (`tasks.sensors`), cloud classes
-grown by `scl_dilation` pixels (`tasks.cube.dilate`). Scenes without such a layer (as the reference scenes of
-`cloudmask-reference/`, six reflectance bands only) need a spectral test; this one is the first pass of Fmask
-(Zhu & Woodcock 2012, "Object-based cloud and cloud shadow detection in Landsat imagery", RSE 118: 83-94) without
-its thermal test, with the paper's thresholds:
+grown by `scl_dilation` pixels (`dilate`). Scenes without such a layer (Sentinel-2 items without SCL, see the cube's
+`s2_cloud_mask`; the reference scenes of `cloudmask-reference/`, six reflectance bands only) need a spectral test;
+this one is the first pass of Fmask (Zhu & Woodcock 2012, "Object-based cloud and cloud shadow detection in Landsat
+imagery", RSE 118: 83-94) without its thermal test, with the paper's thresholds:
 
 - cloud: NDSI < 0.8, NDVI < 0.8, SWIR2 > 0.03, whiteness < 0.7 (mean absolute deviation of blue, green, red
   from their mean, over the mean), HOT = blue - 0.5 red - 0.08 > 0, NIR / SWIR1 > 0.75;
@@ -18,14 +18,21 @@ clear, cloud) as the reference's own tests score it, or two (invalid = cloud or 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
-from tasks.cube import dilate
 from tasks.evaluate import accuracy_metrics, confusion_matrix
 
 SHADOW, CLEAR, CLOUD = 0, 1, 2
 CLASSES = ("shadow", "clear", "cloud")
 REFERENCE_CODES = {0: SHADOW, 1: CLEAR, 2: CLEAR, 3: CLEAR, 4: CLOUD}  # ukis-csmask test files
 DARK = 0.12
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """`mask` grown by `pixels` in every direction (a square of side 2 x pixels + 1)."""
+    if pixels <= 0:
+        return mask
+    return ndimage.maximum_filter(mask, size=2 * pixels + 1, mode="constant", cval=False)
 
 
 def spectral_mask(img: np.ndarray, shadows: bool = True, dilation: int = 0) -> np.ndarray:

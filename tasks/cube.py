@@ -56,6 +56,7 @@ from zarr.codecs import BloscCodec
 from infra import atomic, storage
 from infra.errors import CropflowError
 from tasks.catalog import Catalog, sign_href
+from tasks.cloudmask import CLEAR, dilate, spectral_mask
 from tasks.grid import Bounds, Grid, snap_bounds
 from tasks.preprocess import fill_time_gaps
 from tasks.sensors import SENSORS, Sensor, scale_offset
@@ -67,6 +68,10 @@ CUBE_COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
 
 # Sentinel-2 SCL codes grown by `scl_dilation`: cloud shadow, cloud medium/high probability, thin cirrus.
 SCL_CLOUDS = (3, 8, 9, 10)
+# How Sentinel-2 clouds are masked: SCL where an item has it, else the spectral test (auto); SCL only (items without
+# it are refused); the spectral test for every item (`tasks.cloudmask.spectral_mask`).
+S2_CLOUD_MASKS = ("auto", "scl", "spectral")
+SPECTRAL_BANDS = ("B02", "B03", "B04", "B08", "B11", "B12")  # blue, green, red, NIR, SWIR1, SWIR2 of `spectral_mask`
 S1_FLOOR = 1e-4  # linear backscatter below this (-40 dB) is border noise or no-data, never a real return
 S1_ENL = 4.4  # equivalent number of looks of Sentinel-1 IW GRD, when the item does not say
 READ_RETRIES = 2  # retries of a failed asset read before the scene is recorded as no-data
@@ -101,13 +106,6 @@ def item_date(item: dict) -> date:
 
 
 # ------------------------------------------------------------------------------------------------ pixel operations
-
-
-def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """`mask` grown by `pixels` in every direction (a square of side 2 x pixels + 1)."""
-    if pixels <= 0:
-        return mask
-    return ndimage.maximum_filter(mask, size=2 * pixels + 1, mode="constant", cval=False)
 
 
 def lee_filter(image: np.ndarray, window: int, enl: float = S1_ENL) -> np.ndarray:
@@ -420,11 +418,12 @@ class Source:
 
     item_id: str
     time_bin: int
-    keys: tuple[str, ...]  # band asset keys, then the mask asset key (if any)
+    keys: tuple[str, ...]  # band asset keys, bands read for the spectral cloud test only, then the mask asset key
     hrefs: tuple[str, ...]
-    scale: np.ndarray  # (bands,) float32
-    offset: np.ndarray  # (bands,) float32
+    scale: np.ndarray  # (bands read,) float32
+    offset: np.ndarray  # (bands read,) float32
     enl: float = S1_ENL
+    spectral: tuple[int, ...] = ()  # the bands read that are SPECTRAL_BANDS, when masked by the spectral test
 
 
 @dataclass(frozen=True)
@@ -503,7 +502,7 @@ def read_source(
     """
     sensor, halo = plan.sensor, plan.halo
     outer = block.grown(halo)
-    n = len(plan.bands)
+    n = len(source.scale)  # the cube's bands, then those read for the spectral cloud test only
     values = np.empty((n, *outer.shape), dtype=np.float32)
     missing = np.zeros(outer.shape, dtype=bool)
     for j, (key, href) in enumerate(zip(source.keys, source.hrefs, strict=True)):
@@ -533,6 +532,10 @@ def read_source(
             missing |= invalid
             np.multiply(raw, source.scale[j], out=values[j], casting="unsafe")
             values[j] += source.offset[j]
+    if source.spectral:  # clouds and shadows by reflectance alone; no-data pixels (NaN) are clear, never grown
+        reflectance = np.where(missing, np.float32(np.nan), values[list(source.spectral)])
+        missing |= spectral_mask(np.moveaxis(reflectance, 0, -1), dilation=plan.scl_dilation) != CLEAR
+    values = values[: len(plan.bands)]
     if not sensor.mask_asset:  # SAR: no-data, border noise and speckle
         missing |= ~(values >= S1_FLOOR).all(axis=0)
         np.copyto(values, np.float32(np.nan), where=missing)
@@ -586,14 +589,21 @@ def plan_sensor(
     scl_dilation: int = 0,
     s1_orbit: str = "both",
     speckle_window: int = 5,
+    s2_cloud_mask: str = "auto",
 ) -> SensorPlan:
     """The sources of one sensor: items in the season (S1: of the chosen orbit direction), their assets and scaling.
 
     Without `bands`, the sensor's bands that every item has (with a warning naming those left out); a band asked
-    for, or the mask asset, missing from an item is an error.
+    for, or the mask asset, missing from an item is an error. S2 items are masked as `s2_cloud_mask` says (one of
+    `S2_CLOUD_MASKS`); those masked by the spectral test also read the `SPECTRAL_BANDS` the cube does not hold.
     """
     if name not in SENSORS:
         raise CropflowError(f"unknown sensor {name!r}; valid sensors: {', '.join(SENSORS)}.")
+    if s2_cloud_mask not in S2_CLOUD_MASKS:
+        raise CropflowError(
+            f"s2_cloud_mask={s2_cloud_mask!r}; choose one of {', '.join(S2_CLOUD_MASKS)} (auto: SCL where an item "
+            "has it, else the spectral test; scl: SCL only, items without it refused; spectral: the test for all)."
+        )
     sensor = SENSORS[name]
     if bands is not None:
         unknown = [b for b in bands if b not in sensor.bands]
@@ -621,26 +631,44 @@ def plan_sensor(
             absent = [sensor.assets[k] for k in keys if k not in shared]
             log.warning("%s: band(s) %s missing from some items; the cube holds %s", name, absent, shared)
             keys, chosen = shared, [sensor.assets[k] for k in shared]
-    all_keys = [*keys, sensor.mask_asset] if sensor.mask_asset else keys
+    by_band = {band: key for key, band in sensor.assets.items()}
+    spectral_keys = [by_band[b] for b in SPECTRAL_BANDS] if name == "s2" else []
+    sources = []
     for it in in_season:
-        missing = [k for k in all_keys if k not in it["assets"]]
-        if missing:
-            raise CropflowError(
-                f"{name} item {it['id']} has no asset(s) {', '.join(missing)}; is it {sensor.collection}?"
-            )
-    scale, offset = scale_offset(in_season, keys, name)
-    sources = [
-        Source(
-            item_id=it["id"],
-            time_bin=(item_date(it) - start).days // bin_days,
-            keys=tuple(all_keys),
-            hrefs=tuple(it["assets"][k]["href"] for k in all_keys),
-            scale=scale[i].astype(np.float32),
-            offset=offset[i].astype(np.float32),
-            enl=float(it["properties"].get("sar:looks_equivalent_number", S1_ENL)),
+        spectral = name == "s2" and (
+            s2_cloud_mask == "spectral" or (s2_cloud_mask == "auto" and sensor.mask_asset not in it["assets"])
         )
-        for i, it in enumerate(in_season)
-    ]
+        read = [*keys, *(k for k in spectral_keys if k not in keys)] if spectral else keys
+        all_keys = read if spectral or not sensor.mask_asset else [*keys, sensor.mask_asset]
+        missing = [k for k in all_keys if k not in it["assets"]]
+        for_test = [k for k in missing if k not in keys] if spectral else []  # bands read for the test only
+        if for_test:
+            raise CropflowError(
+                f"{name} item {it['id']} has no SCL asset and no asset(s) {', '.join(for_test)} for the spectral "
+                f"cloud test (it reads {', '.join(SPECTRAL_BANDS)}); give items with SCL or these bands, or leave "
+                "the item out."
+            )
+        if missing:
+            hint = " (s2_cloud_mask='auto' masks items without SCL by a spectral test)" if name == "s2" else ""
+            raise CropflowError(
+                f"{name} item {it['id']} has no asset(s) {', '.join(missing)}; is it {sensor.collection}?{hint}"
+            )
+        scale, offset = scale_offset([it], read, name)
+        sources.append(
+            Source(
+                item_id=it["id"],
+                time_bin=(item_date(it) - start).days // bin_days,
+                keys=tuple(all_keys),
+                hrefs=tuple(it["assets"][k]["href"] for k in all_keys),
+                scale=scale[0].astype(np.float32),
+                offset=offset[0].astype(np.float32),
+                enl=float(it["properties"].get("sar:looks_equivalent_number", S1_ENL)),
+                spectral=tuple(read.index(k) for k in spectral_keys) if spectral else (),
+            )
+        )
+    spectral_count = sum(1 for s in sources if s.spectral)
+    if spectral_count:
+        log.info("%s: %d of %d item(s) masked by the spectral cloud test", name, spectral_count, len(sources))
     return SensorPlan(
         sensor=sensor,
         bands=chosen,
@@ -780,6 +808,7 @@ def prepare_cube(
     scl_dilation: int = 0,
     s1_orbit: str = "both",
     speckle_window: int = 5,
+    s2_cloud_mask: str = "auto",
     block: int = 256,
     query: dict | None = None,
     catalog: Catalog | None = None,
@@ -790,9 +819,11 @@ def prepare_cube(
 
     `bounds` (in `epsg`) are snapped outward to `resolution`. Bins of `bin_days` from `start`; each sensor's
     `bands` (default: those every item has); S2 masks by SCL with cloud/shadow/cirrus grown by `scl_dilation`
-    pixels; S1 of `s1_orbit` ("both", "ascending", "descending"), Lee-filtered over `speckle_window` pixels (0:
-    none). Blocks of `block` pixels (a multiple of the `chunk` of the store); hrefs are signed for `catalog` right
-    before each read (Planetary Computer tokens expire during long builds).
+    pixels, or by the spectral test (`tasks.cloudmask.spectral_mask`, grown alike) as `s2_cloud_mask` says: "auto"
+    (SCL where an item has it, else the test), "scl" (items without SCL refused) or "spectral"; S1 of `s1_orbit`
+    ("both", "ascending", "descending"), Lee-filtered over `speckle_window` pixels (0: none). Blocks of `block`
+    pixels (a multiple of the `chunk` of the store); hrefs are signed for `catalog` right before each read
+    (Planetary Computer tokens expire during long builds).
     """
     out_path = storage.location(out_path)
     grid = Grid(int(epsg), snap_bounds(bounds, resolution), float(resolution))
@@ -804,14 +835,22 @@ def prepare_cube(
     if unknown:
         raise CropflowError(f"bands given for sensor(s) {unknown} without items; sensors: {list(items_by_sensor)}.")
     plans = {
-        name: plan_sensor(name, items, bins, bin_days, bands.get(name), scl_dilation, s1_orbit, speckle_window)
+        name: plan_sensor(
+            name, items, bins, bin_days, bands.get(name), scl_dilation, s1_orbit, speckle_window, s2_cloud_mask
+        )
         for name, items in items_by_sensor.items()
     }
     if catalog is not None and catalog.signing is not None:
         plans = {name: replace(plan, sign=partial(sign_href, catalog=catalog)) for name, plan in plans.items()}
     chunk = max(1, min(chunk, max(grid.shape)))
     block = max(chunk, block // chunk * chunk)
-    options = {"scl_dilation": scl_dilation, "s1_orbit": s1_orbit, "speckle_window": speckle_window}
+    options = {
+        "scl_dilation": scl_dilation,
+        "s1_orbit": s1_orbit,
+        "speckle_window": speckle_window,
+        "s2_cloud_mask": s2_cloud_mask,
+    }
+    spectral = [s.item_id for plan in plans.values() for s in plan.sources if s.spectral]
     items_per_bin = {
         name: [[s.item_id for s in plan.in_bin(b)] for b in range(len(bins))] for name, plan in plans.items()
     }
@@ -825,6 +864,8 @@ def prepare_cube(
         "items_per_bin": json.dumps(items_per_bin),
         "query": json.dumps(query or {}, default=str),
         "options": json.dumps(options),
+        "spectral_masked_count": len(spectral),
+        "spectral_masked_items": json.dumps(spectral),
         "software": json.dumps(_software()),
         "cropflow_version": cropflow_version(),
         **(attrs or {}),

@@ -466,7 +466,9 @@ def test_search_of_planetary_computer_items_stays_unsigned(
     assert sign_items(s2, "earth-search") is s2
 
 
-def test_search_earth_search_layout(server: StacServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_search_earth_search_layout(
+    server: StacServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     v0 = server.collections["sentinel-s2-l2a-cogs"][0]
     server.collections["sentinel-2-l2a"] = [earth_search_v1(v0, applied=True)]
     es = (-17.0, 20.0, -16.0, 21.0)
@@ -476,6 +478,10 @@ def test_search_earth_search_layout(server: StacServer, monkeypatch: pytest.Monk
     assert set(S2_BANDS) | {"SCL"} <= set(items[0]["assets"])
     assert items[0]["assets"]["B08"]["href"] == v0["assets"]["B08"]["href"]
     assert np.allclose(scale_offset(items, list(S2_BANDS), "s2")[1], 0.0)  # offset applied by the catalog
+    server.collections["sentinel-2-l2a"][0]["assets"].pop("scl")  # no cloud mask: the cube tests reflectance
+    with caplog.at_level("WARNING", logger="tasks.catalog"):
+        unmasked = search_items(get_catalog("earth-search", url=server.url), "s2", *SEASON, bbox=es, retry=FAST)
+    assert "SCL" not in unmasked[0]["assets"] and "no item has the SCL asset" in caplog.text
 
     legacy = {"s2": {"collection": "sentinel-s2-l2a-cogs"}}  # Earth Search v0: B02.. keys as on PC
     use_catalogs(monkeypatch, tmp_path, {"es-v0": {"url": server.url, "sensors": legacy}})

@@ -521,6 +521,70 @@ def test_bad_input_gives_clear_errors(tiny_region, tmp_path):
     assert not out.exists()
 
 
+def test_s2_items_without_scl_are_masked_by_the_spectral_test(tiny_region, tmp_path):
+    """`s2_cloud_mask="auto"`: items with SCL are masked by it, the others exactly where `spectral_mask` (grown by
+    `scl_dilation`) flags the scaled reflectance, whose bands are read for the test though the cube lacks them."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    from tasks.cloudmask import CLEAR, dilate, spectral_mask
+    from tasks.cube import SCL_CLOUDS, SPECTRAL_BANDS, Block, plan_sensor, read_window
+    from tasks.grid import Grid, snap_bounds
+
+    meta, _, _ = region_season(tiny_region)
+    n, bounds = meta["size"], tuple(meta["bounds"])
+    items = json.loads(json.dumps(region_items(tiny_region)[:6]))  # one per 5-day bin
+    scl = {i: items[i]["assets"].pop("SCL") for i in (0, 2, 5)}
+    start, end = date(2024, 3, 1), date(2024, 3, 30)
+    grid, whole = Grid(meta["epsg"], snap_bounds(bounds, 10.0), 10.0), Block(0, n, 0, n)
+
+    def read(href: str, resampling: Resampling = Resampling.bilinear) -> tuple[np.ndarray, np.ndarray]:
+        with rasterio.open(href) as src:
+            return read_window(src, grid, whole, resampling, 0)
+
+    def reflectance(item: dict, bands: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(bands, n, n) scaled reflectance on the grid, and where any band has no data."""
+        scale, offset = scale_offset([item], bands, "s2")
+        raw = [read(item["assets"][b]["href"]) for b in bands]
+        values = [r * np.float32(scale[0, j]) + np.float32(offset[0, j]) for j, (r, _) in enumerate(raw)]
+        return np.stack(values), np.any([invalid for _, invalid in raw], axis=0)
+
+    opts = {"bin_days": 5, "chunk": 32, "block": 32, "bands": {"s2": ["B04", "B08"]}, "scl_dilation": 1}
+    ds = xr.open_zarr(build_cube({"s2": items}, meta["epsg"], bounds, start, end, tmp_path / "c.zarr", **opts)).load()
+    differs = False
+    for b, item in enumerate(items):
+        values, invalid = reflectance(item, ["B04", "B08"])
+        if b in scl:
+            img, invalid = reflectance(item, list(SPECTRAL_BANDS))
+            classes = spectral_mask(np.moveaxis(np.where(invalid, np.nan, img), 0, -1), dilation=1)
+            valid = (classes == CLEAR) & ~invalid
+            codes = read(scl[b]["href"], Resampling.nearest)[0]
+            differs |= not np.array_equal(valid, scl_valid(codes) & ~invalid)
+            assert 0 < valid.mean() < 1
+        else:
+            codes = read(item["assets"]["SCL"]["href"], Resampling.nearest)[0]
+            valid = scl_valid(codes) & ~dilate(np.isin(codes, SCL_CLOUDS), 1) & ~invalid
+        assert np.array_equal(ds["s2_valid"].values[b], valid.astype("float32"))
+        expected = np.where(valid, values, np.float32(np.nan))
+        assert np.array_equal(ds["s2"].values[b], expected, equal_nan=True)
+    assert differs  # the spectral test, not the SCL left out, masked those items
+    assert ds.attrs["spectral_masked_count"] == 3
+    assert json.loads(ds.attrs["spectral_masked_items"]) == [items[i]["id"] for i in sorted(scl)]
+    assert json.loads(ds.attrs["options"])["s2_cloud_mask"] == "auto"
+
+    bins = time_bins(start, end, 5)
+    spectral = plan_sensor("s2", items, bins, 5, ["B04"], s2_cloud_mask="spectral")
+    assert all(s.spectral for s in spectral.sources) and spectral.sources[1].keys[-1] == "B12"  # SCL not read
+    with pytest.raises(CropflowError, match=f"{items[0]['id']} has no asset\\(s\\) SCL.*s2_cloud_mask='auto'"):
+        plan_sensor("s2", items, bins, 5, ["B04"], s2_cloud_mask="scl")
+    with pytest.raises(CropflowError, match="s2_cloud_mask='fmask'; choose one of auto, scl, spectral"):
+        build_cube({"s2": items}, meta["epsg"], bounds, start, end, tmp_path / "bad.zarr", s2_cloud_mask="fmask")
+    del items[2]["assets"]["B11"]
+    with pytest.raises(CropflowError, match="no SCL asset and no asset\\(s\\) B11 for the spectral cloud test"):
+        plan_sensor("s2", items, bins, 5, ["B04"])
+    assert not (tmp_path / "bad.zarr").exists()
+
+
 @pytest.mark.parametrize(("factor", "shift"), [(2, 0), (2, 1), (3, 0), (3, 2)])
 def test_coarse_bands_resampled_in_numpy_match_gdal_warp(tmp_path, factor, shift):
     """Integer-factor bilinear upsampling (20 m and 30 m bands), with no-data holes and a source that ends inside
@@ -573,4 +637,4 @@ def test_bands_missing_from_some_items_are_left_out_unless_asked_for(tiny_region
         plan_sensor("s2", items, bins, 10, bands=["B02", "B03"])
     items[2] = {**items[2], "assets": {k: v for k, v in items[2]["assets"].items() if k != "SCL"}}
     with pytest.raises(CropflowError, match="has no asset\\(s\\) SCL"):
-        plan_sensor("s2", items, bins, 10)
+        plan_sensor("s2", items, bins, 10, s2_cloud_mask="scl")
