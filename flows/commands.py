@@ -13,7 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from flows.params import START_TIMEOUT_S, listed
+from flows.params import START_TIMEOUT_S, ModelSpec, listed
 from infra.errors import CropflowError
 from infra.settings import get_settings
 from infra.storage import location
@@ -87,6 +87,20 @@ def read_params(text: str | None) -> dict | None:
     return params
 
 
+def model_spec(
+    name: str, epochs: int, time_budget: float, params: str | None, pretrain_epochs: int = 0, teacher: str | None = None
+) -> ModelSpec:
+    """The model options as the flows' `ModelSpec`, checked (`--params` read by `read_params`) before any work."""
+    return ModelSpec(
+        name=name,
+        params=read_params(params),
+        epochs=epochs,
+        time_budget_s=time_budget,
+        pretrain_epochs=pretrain_epochs,
+        teacher=teacher,
+    )
+
+
 def print_outputs(outputs: dict[str, str], seconds: float) -> None:
     """The output paths of a crop map run and its headline metrics."""
     table = Table(title=f"crop_map outputs ({seconds / 60:.1f} min)")
@@ -119,16 +133,8 @@ def crop_map_cmd(
 ) -> None:
     """Run the crop_map flow: search, cube, train, predict, export, evaluate, report."""
     from flows.crop_map import check_request, crop_map
-    from flows.params import ModelSpec
 
-    spec = ModelSpec(
-        name=model,
-        params=read_params(params),
-        epochs=epochs,
-        time_budget_s=time_budget,
-        pretrain_epochs=pretrain_epochs,
-        teacher=teacher,
-    )
+    spec = model_spec(model, epochs, time_budget, params, pretrain_epochs, teacher)
     check_request(region, season, listed(sensors), catalog, labels, classes, outputs, spec)
     t0 = time.perf_counter()
     paths = crop_map(
@@ -178,17 +184,9 @@ def train_cmd(
 ) -> None:
     """Run the train flow on the cube of `build-cube` and the region's labels (with STCLN pre-training or a
     teacher to distill, for the models that use them)."""
-    from flows.params import ModelSpec
     from flows.steps import train
 
-    spec = ModelSpec(
-        name=model,
-        params=read_params(params),
-        epochs=epochs,
-        time_budget_s=time_budget,
-        pretrain_epochs=pretrain_epochs,
-        teacher=teacher,
-    )
+    spec = model_spec(model, epochs, time_budget, params, pretrain_epochs, teacher)
     trained = train(region, season, spec, labels, classes, outputs)
     console.print(f"model {trained.checkpoint}: best val mIoU {trained.best_val_miou:.3f} (epoch {trained.best_epoch})")
 
@@ -225,14 +223,13 @@ def backfill_cmd(
 ) -> None:
     """Run the backfill flow: one crop_map run per season, cached, so a rerun or a resumed run redoes nothing."""
     from flows.backfill import BACKFILL_DEPLOYMENT, backfill
-    from flows.params import ModelSpec
 
     results = backfill(
         region=region,
         seasons=seasons,
         sensors=listed(sensors),
         catalog=catalog,
-        model=ModelSpec(name=model, params=read_params(params), epochs=epochs, time_budget_s=time_budget),
+        model=model_spec(model, epochs, time_budget, params),
         outputs=outputs,
         deployment=None if here else BACKFILL_DEPLOYMENT,
         start_timeout_s=start_timeout,
