@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -175,11 +178,13 @@ S3_ERRORS = {403: "AccessDenied", 503: "ServiceUnavailable"}
 
 class CopyRefusingProxy:
     """An HTTP proxy in front of the S3 server that answers the next copy requests (a PUT with `x-amz-copy-source`)
-    with the HTTP statuses in `refusals`, as a store that denies or cannot serve them, and forwards the rest."""
+    with the HTTP statuses in `refusals`, as a store that denies or cannot serve them, and forwards the rest (503
+    while the server is stopped)."""
 
     def __init__(self, upstream: str) -> None:
         self.refusals: list[int] = []
         self.copies = 0
+        self.on_copy: Callable[[int], None] | None = None  # called with each copy's number before it is served
         client = httpx.Client(base_url=upstream, timeout=30, trust_env=False)
         proxy = self
 
@@ -193,19 +198,27 @@ class CopyRefusingProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.command == "PUT" and "x-amz-copy-source" in self.headers:
                     proxy.copies += 1
+                    if proxy.on_copy:
+                        proxy.on_copy(proxy.copies)
                     if proxy.refusals:
-                        status = proxy.refusals.pop(0)
-                        error = f"<Error><Code>{S3_ERRORS[status]}</Code><Message>refused</Message></Error>"
-                        return self._reply(status, {"Content-Type": "application/xml"}, error.encode())
+                        return self._error(proxy.refusals.pop(0))
                 skip = {"host", "content-length", "connection", "accept-encoding"}
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-                response = client.request(self.command, self.path, headers=headers, content=body)
+                try:
+                    response = client.request(self.command, self.path, headers=headers, content=body)
+                except httpx.TransportError:  # the server is stopped: unavailable, as a gateway without a backend says
+                    return self._error(503)
                 skip |= {"transfer-encoding", "content-encoding", "date", "server"}
                 kept = {k: v for k, v in response.headers.items() if k.lower() not in skip}
                 if self.command == "HEAD":  # no body, but the object's size
                     kept["Content-Length"] = response.headers.get("content-length", "0")
                     return self._reply(response.status_code, kept, b"", length=False)
                 self._reply(response.status_code, kept, response.content)
+
+            def _error(self, status: int) -> None:
+                error = f"<Error><Code>{S3_ERRORS[status]}</Code><Message>refused</Message></Error>"
+                data = b"" if self.command == "HEAD" else error.encode()  # an answer to HEAD has no body
+                self._reply(status, {"Content-Type": "application/xml"}, data)
 
             def _reply(self, status: int, headers: dict[str, str], data: bytes, length: bool = True) -> None:
                 self.send_response(status)
@@ -223,9 +236,9 @@ class CopyRefusingProxy:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
-    def location(self, url: str) -> UPath:
-        """`url` reached through this proxy."""
-        return UPath(url, endpoint_url=self.url, use_listings_cache=False, skip_instance_cache=True)
+    def location(self, url: str, **options: object) -> UPath:
+        """`url` reached through this proxy (`options`: more of s3fs's)."""
+        return UPath(url, endpoint_url=self.url, use_listings_cache=False, skip_instance_cache=True, **options)
 
 
 @pytest.fixture
@@ -248,8 +261,9 @@ def test_failed_publish_on_s3_leaves_no_scratch_objects(bucket: str, s3_proxy: C
     s3_proxy.refusals = [403]
     with pytest.raises(PermissionError, match="refused"), storage.output_store(s3_proxy.location(url)) as store:
         (_dataset() * 2).to_zarr(store, zarr_format=3, mode="w", consolidated=False)
-    assert s3_proxy.copies < len(objects), "access denied is final: no copy retried, the top level never copied"
-    assert list(run.fs.find(run.path)) == [], "neither the scratch store nor a half-copied store may be left"
+    assert s3_proxy.copies < len(objects), "access denied is final: no copy retried"
+    assert run.fs.find(run.path) == objects, "no scratch object, no copied chunk left; the old store stays"
+    np.testing.assert_array_equal(storage.open_zarr(url, consolidated=False)["v"].values, _dataset()["v"].values)
 
     s3_proxy.refusals = [503] * 3  # more than botocore's own attempts (AWS_MAX_ATTEMPTS=2): cropflow retries
     tmp = atomic.scratch(s3_proxy.location(url))
@@ -259,3 +273,54 @@ def test_failed_publish_on_s3_leaves_no_scratch_objects(bucket: str, s3_proxy: C
     assert any(r.getMessage().startswith("copying") and "retry" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(storage.open_zarr(url, consolidated=False)["v"].values, _dataset()["v"].values * 3)
     assert [p.name for p in run.iterdir()] == ["probabilities.zarr"]
+
+
+def _store(scale: int, extra: bool) -> xr.Dataset:
+    """A store of 4 chunks of `v` (times `scale`), with the variable `old_only` when `extra`."""
+    ds = (_dataset() * scale).chunk({"t": 1, "y": 3})
+    return ds.assign(old_only=ds["v"] + 1) if extra else ds
+
+
+def test_s3_publish_keeps_the_old_store_until_the_new_one_is_complete(bucket: str, s3_server, s3_proxy, caplog):
+    """Readers find the old store, whole, while a new one is published over it and after the server stopped midway;
+    the publish retried once the server is back leaves the new store and no object of the old."""
+    url = f"{bucket}/run/cube.zarr"
+    with storage.output_store(url) as store:
+        _store(1, extra=True).to_zarr(store, zarr_format=3, mode="w", consolidated=True)
+    fs, path = storage.location(url).fs, storage.location(url).path
+    old = {f: fs.cat_file(f) for f in fs.find(path)}
+    proxied = s3_proxy.location(url, config_kwargs={"retries": {"max_attempts": 1}})  # cropflow's retries only
+    tmp = atomic.scratch(proxied)
+    _store(2, extra=False).to_zarr(storage.zarr_store(tmp), zarr_format=3, mode="w", consolidated=True)
+    new = {f.removeprefix(tmp.path + "/") for f in fs.find(tmp.path)}
+    seen, read = [], threading.Event()
+
+    def read_then_stop(copy: int) -> None:  # in the proxy's threads, while the publish copies chunks concurrently
+        if copy == 3:
+            deadline = time.monotonic() + 10
+            while len(set(fs.find(path)) - set(old)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until copies 1 and 2 have landed
+            seen.append((len(set(fs.find(path)) - set(old)), storage.open_zarr(url).load()))
+            read.set()
+        if copy == 4 and read.wait(20):
+            s3_server.stop()
+
+    s3_proxy.on_copy = read_then_stop
+    with pytest.raises(OSError) as failed, caplog.at_level(logging.WARNING, logger="infra.atomic"):
+        atomic.publish(tmp, proxied, HttpRetry(retries=1, backoff=0.05, jitter=0.0))
+    assert failed.value.errno == errno.EBUSY, "S3's 503, as s3fs raises it"
+    s3_server.start()
+    s3_proxy.on_copy = None
+    (copied, during), after = seen[0], storage.open_zarr(url)
+    assert copied >= 2, "new chunks had landed beside the old store"
+    for ds in (during, after, storage.open_zarr(url, consolidated=False)):
+        xr.testing.assert_identical(ds.load(), _store(1, extra=True).load())
+    assert all(fs.cat_file(f) == data for f, data in old.items()), "no object of the old store was overwritten"
+    assert any("could not remove the objects copied" in r.getMessage() for r in caplog.records)
+
+    atomic.publish(tmp, storage.location(url), HttpRetry(retries=1, backoff=0.05, jitter=0.0))
+    for consolidated in (True, False):
+        xr.testing.assert_identical(storage.open_zarr(url, consolidated=consolidated).load(), _store(2, False).load())
+    v2_keys = {re.sub(r"(^|/)c/([\d/]+)$", lambda m: m[1] + m[2].replace("/", "."), n) for n in new}
+    assert {f.removeprefix(path + "/") for f in fs.find(path)} == v2_keys, "the new store's objects, no old one"
+    assert [p.name for p in storage.location(f"{bucket}/run").iterdir()] == ["cube.zarr"]
