@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from infra import processes
+from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from infra.settings import Settings
 
@@ -35,6 +36,12 @@ def server_dir(settings: Settings) -> Path:
 
 def _state_file(settings: Settings) -> Path:
     return settings.home / STATE_FILE
+
+
+def _save_state(settings: Settings, state: dict) -> None:
+    """Write the state file whole or not at all: beside it, then renamed into place (`infra.atomic.atomic_path`)."""
+    with atomic_path(_state_file(settings)) as tmp, tmp.open("w") as out:
+        json.dump(state, out)
 
 
 def api_url(settings: Settings) -> str:
@@ -116,7 +123,7 @@ def up(settings: Settings, postgres: bool = False) -> str:
         )
     processes.track(proc)
     database = "postgresql" if postgres else "sqlite"
-    _state_file(settings).write_text(json.dumps({"pid": proc.pid, "url": url, "database": database}))
+    _save_state(settings, {"pid": proc.pid, "url": url, "database": database})
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not _healthy(url):
         if proc.poll() is not None or time.monotonic() > deadline:

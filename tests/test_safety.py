@@ -129,6 +129,21 @@ def test_prefect_server_trusts_no_stale_pid_file(tmp_path: Path) -> None:
         other.wait()
 
 
+def test_prefect_server_state_file_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A state that fails to serialise midway leaves the previous state file as it was, and no scratch file."""
+    from infra import prefect_server
+
+    settings = Settings(home=tmp_path, stac_port=18081, pg_port=15431)  # nothing is started
+    state = {"pid": 4242, "url": prefect_server.api_url(settings), "database": "sqlite"}
+    prefect_server._save_state(settings, state)
+    path = tmp_path / prefect_server.STATE_FILE
+    assert json.loads(path.read_text()) == state
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        prefect_server._save_state(settings, {**state, "pid": 4343, "database": object()})  # fails after "pid"
+    assert json.loads(path.read_text()) == state
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
 def test_prefect_server_start_failure_quotes_its_log_without_the_password(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
