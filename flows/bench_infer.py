@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -30,6 +30,9 @@ from rich.table import Table
 from flows.bench_common import CacheOption, ChildFailed, bench_cache, max_rss_mb, run_child
 from flows.params import listed
 from infra.errors import CropflowError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 SIZES = (512, 1024, 2048)
 COLUMNS = (
@@ -62,28 +65,41 @@ def ensure_bench_cube(size: int, cache: Path) -> tuple[Path, Path]:
     return region, cube
 
 
+def bench_model(cube: Path, classes_path: Path, device_type: str) -> tuple[nn.Module, dict]:
+    """The demo's `fcn3d` at the device type's default widths with random weights (seed 0), and its checkpoint dict
+    (format, config, weights, the cube's bands, the classes, normalisation of the cube's first 256 px)."""
+    import torch
+    import xarray as xr
+
+    from models.registry import build_model
+    from tasks.labels import read_classes
+    from tasks.preprocess import band_statistics
+    from tasks.train import DEFAULT_MODEL_CONFIG, model_meta
+
+    ds = xr.open_zarr(cube, chunks=None)
+    bands, classes = [str(b) for b in ds["band"].values], read_classes(classes_path)
+    config = DEFAULT_MODEL_CONFIG[device_type]["fcn3d"] | {"in_channels": len(bands), "num_classes": len(classes)}
+    torch.manual_seed(0)
+    model = build_model("fcn3d", **config).eval()
+    mean, std = band_statistics(ds["s2"][..., :256, :256].values)
+    ckpt = model_meta("fcn3d", config, classes) | {"sensor": "s2", "bands": bands, "state_dict": model.state_dict()}
+    return model, ckpt | {"norm": {"mean": mean.tolist(), "std": std.tolist()}}
+
+
 def run_size(cube: Path, classes_path: Path, window: int, batch: int, device: str, bare_batches: int) -> dict:
     """Tiled inference over `cube` then the bare forward, in this process; timings, window counts, peak memory."""
     import torch
     import xarray as xr
 
-    from models.registry import build_model, example_inputs
-    from tasks.labels import read_classes
+    from models.registry import example_inputs
     from tasks.predict import predict_region, window_starts
-    from tasks.preprocess import band_statistics
-    from tasks.train import DEFAULT_MODEL_CONFIG, autocast, resolve_device
+    from tasks.train import autocast, resolve_device
 
     dev = resolve_device(device)
     ds = xr.open_zarr(cube, chunks=None)
     h, w, t = ds.sizes["y"], ds.sizes["x"], ds.sizes["time"]
-    bands = [str(b) for b in ds["band"].values]
-    classes = read_classes(classes_path)
-    config = DEFAULT_MODEL_CONFIG[dev.type]["fcn3d"] | {"in_channels": len(bands), "num_classes": len(classes)}
-    torch.manual_seed(0)
-    model = build_model("fcn3d", **config).to(dev).eval()
-    mean, std = band_statistics(ds["s2"][..., :256, :256].values)
-    ckpt = {"sensor": "s2", "bands": bands, "classes": classes, "model_name": "fcn3d"}
-    ckpt["norm"] = {"mean": mean.tolist(), "std": std.tolist()}
+    model, ckpt = bench_model(cube, classes_path, dev.type)
+    model, config, bands = model.to(dev), ckpt["model_config"], ckpt["bands"]
     inputs = example_inputs(model, (batch, t, len(bands), window, window), dev)
 
     def bare(n: int) -> tuple[float, float]:

@@ -43,3 +43,17 @@ def test_bench_scale_cube_on_dask_workers_prints_its_table(tmp_path: Path) -> No
     assert [(c[1], c[2], c[3]) for c in cells] == [("1", "64", "0.4"), ("1", "128", "1.6")]
     assert cells[0][6] == "1.00x" and cells[1][7] == "1.00x" and cells[1][8].endswith("Mpx-dates/s")
     assert all(float(c[9]) > 0 for c in cells)
+
+
+def test_bench_scale_inference_on_dask_workers_prints_its_table(tmp_path: Path) -> None:
+    """A tiny region predicted in parts on a 1-worker LocalCluster: its row, with the windows run, and no Dask INFO
+    logs in the output."""
+    args = ["bench", "scale", "--sizes", "64", "--workers", "1", "--steps", "infer", "--cache", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if re.match(r"\W*infer\W", line) and "│" in line]
+    cells = [[c.strip() for c in re.split(r"[│┃|]", row) if c.strip()] for row in rows]
+    assert [(c[1], c[2], c[3]) for c in cells] == [("1", "64", "0.4")]
+    # 64 px, window 64, overlap 16: 2 x 2 windows
+    assert cells[0][8].endswith("kpx/s") and float(cells[0][9]) > 0 and cells[0][11] == "4"
+    assert "distributed." not in result.output and "INFO" not in result.output
