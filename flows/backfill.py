@@ -20,7 +20,7 @@ from prefect.client.schemas.objects import WorkPoolStatus
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled
 
-from flows.crop_map import check_request, crop_map
+from flows.crop_map import check_requests, crop_map
 from flows.params import DEFAULT_SENSORS, START_TIMEOUT_S, ModelSpec, parse_seasons
 from flows.policy import on_server
 from infra.errors import CropflowError
@@ -91,7 +91,7 @@ def backfill(
     none of them running. Every season is checked before any runs; the flow fails if any season's run failed."""
     logger = get_run_logger()
     wanted = parse_seasons(seasons)
-    runs = [check_request(region, s, sensors, catalog, labels, classes, outputs, model) for s in wanted]
+    runs = check_requests(region, wanted, sensors, catalog, labels, classes, outputs, model)
     params = {
         "region": region,
         "sensors": sensors,

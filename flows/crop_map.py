@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.params import DEFAULT_SENSORS, ModelSpec, Run, Season, check_writable, labelled, resolve_run
+from flows.params import DEFAULT_SENSORS, ModelSpec, Run, Season, check_writable, labelled, resolve_runs
 from flows.policy import cached, step_key
 from flows.report import publish_report
 from flows.steps import build_cube, check_sensors, file_digest, predict, train
@@ -35,13 +35,28 @@ def check_request(
 ) -> Run:
     """Validate a request before any long work: region, season, catalog and sensors, the model's teacher and
     inputs, labels and class map."""
-    run = resolve_run(region, season, outputs, labels, classes)
+    return check_requests(region, [season], sensors, catalog, labels, classes, outputs, model)[0]
+
+
+def check_requests(
+    region: str,
+    seasons: list[int | str | None],
+    sensors: list[str],
+    catalog: str = "local",
+    labels: Path | None = None,
+    classes: Path | None = None,
+    outputs: str | Path | None = None,
+    model: ModelSpec | None = None,
+) -> list[Run]:
+    """`check_request` for each of `seasons` (a backfill): what does not depend on the season is checked once."""
+    runs = resolve_runs(region, seasons, outputs, labels, classes)
     check_sensors(sensors, catalog)
     if model is not None:
         check_model_inputs(model, sensors)
-    check_labels(run)
-    check_writable(run.out)
-    return run
+    check_labels(runs[0])  # the same region, labels and class map for every season
+    for run in runs:
+        check_writable(run.out)
+    return runs
 
 
 _LABELS_FIT: set[tuple] = set()  # (grid, labels and class map files with their size and mtime) checked here

@@ -147,9 +147,20 @@ def resolve_run(
     classes: Path | None = None,
 ) -> Run:
     """The region, season dates and output folder of a run (`outputs` defaults to `$CROPFLOW_HOME/outputs`)."""
+    return resolve_runs(region, [season], outputs, labels, classes)[0]
+
+
+def resolve_runs(
+    region: str,
+    seasons: list[int | str | None],
+    outputs: str | Path | None = None,
+    labels: Path | None = None,
+    classes: Path | None = None,
+) -> list[Run]:
+    """`resolve_run` for each of `seasons`, the region resolved once."""
     settings = get_settings()
     reg = resolve_region(region, settings, labels=labels, classes=classes)
-    start, end = reg.season_dates(season)
+    dates = [reg.season_dates(season) for season in seasons]
     if reg.name in ("", ".", "..") or any(c in reg.name for c in "/\\\0"):
         raise CropflowError(f"region name {reg.name!r} cannot name a run folder; give one without '/', '\\' or '..'.")
     if outputs and is_local(outputs) and not Path(outputs).is_absolute() and ".." in Path(outputs).parts:
@@ -158,7 +169,7 @@ def resolve_run(
             f"path or an object-store URL (default: {settings.outputs_dir})."
         )
     root = location(outputs or settings.outputs_dir)
-    return Run(reg, start, end, root / reg.name / f"{start}_{end}")
+    return [Run(reg, start, end, root / reg.name / f"{start}_{end}") for start, end in dates]
 
 
 def check_writable(folder: str | Path, min_free: int = MIN_FREE_BYTES) -> None:

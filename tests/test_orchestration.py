@@ -102,6 +102,27 @@ def test_labels_are_read_and_reprojected_once_per_request(tiny_region, tmp_path,
     assert reads == [labels, labels]
 
 
+def test_a_backfills_seasons_share_one_check_of_the_region_and_catalog(tiny_region, tmp_path, monkeypatch):
+    """`check_requests` resolves the region and checks the catalog and sensors once for all seasons; each season
+    gets the run (dates, folder) its own `check_request` gives."""
+    import flows.crop_map as crop_map_module
+    import flows.params as params_module
+
+    monkeypatch.setenv("CROPFLOW_HOME", str(tmp_path / "home"))
+    labels, classes = tiny_region / "labels.parquet", tiny_region / "classes.json"
+    bbox = ",".join(str(v) for v in json.loads((tiny_region / "region.json").read_text())["bbox"])
+    seasons = ["2023", "2024", "2024-03-01..2024-05-31"]
+    request = (["s2"], "local", labels, classes, tmp_path / "out")
+    alone = [crop_map_module.check_request(bbox, season, *request) for season in seasons]
+    calls = Counter()
+    for module, name in ((params_module, "resolve_region"), (crop_map_module, "check_sensors")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: calls.update([name]) or real(*a, **k))
+    assert crop_map_module.check_requests(bbox, seasons, *request) == alone
+    assert calls == {"resolve_region": 1, "check_sensors": 1}
+    assert len({(run.start, run.end, run.out) for run in alone}) == 3
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # A local Prefect server for the module
 
