@@ -24,6 +24,7 @@ from flows.crop_map import check_requests, crop_map
 from flows.params import DEFAULT_SENSORS, START_TIMEOUT_S, ModelSpec, parse_seasons
 from flows.policy import on_server
 from infra.errors import CropflowError
+from tasks.cube import check_s2_cloud_mask
 
 BACKFILL_DEPLOYMENT = "crop_map/backfill"
 POLL_S = 5.0
@@ -84,13 +85,16 @@ def backfill(
     robustness: bool = False,
     deployment: str | None = BACKFILL_DEPLOYMENT,
     start_timeout_s: float = START_TIMEOUT_S,
+    s2_cloud_mask: str = "auto",
 ) -> dict[str, str]:
     """Map `region` for every season of `seasons` (`2019..2024`, `2023,2024`, date ranges `START..END`, or a list);
     returns the final state of each season's run. `deployment` (None: always here) receives the runs when it
     exists; it fails at once when no worker serves its work pool, and when its runs wait `start_timeout_s` with
-    none of them running. Every season is checked before any runs; the flow fails if any season's run failed."""
+    none of them running. Every season is checked before any runs; the flow fails if any season's run failed.
+    `s2_cloud_mask` as in `crop_map`."""
     logger = get_run_logger()
     wanted = parse_seasons(seasons)
+    check_s2_cloud_mask(s2_cloud_mask)
     runs = check_requests(region, wanted, sensors, catalog, labels, classes, outputs, model)
     params = {
         "region": region,
@@ -103,6 +107,7 @@ def backfill(
         "classes": classes,
         "outputs": outputs,
         "robustness": robustness,
+        "s2_cloud_mask": s2_cloud_mask,
     }
     seasons_dates = [f"{r.start}..{r.end}" for r in runs]
     if deployment and on_server(lambda client: client.read_deployment_by_name(deployment)):

@@ -35,6 +35,13 @@ CatalogOpt = Annotated[
 ]
 StacUrl = Annotated[str | None, typer.Option(help="STAC API URL of the catalog (default: the catalog's)")]
 CloudOpt = Annotated[float | None, typer.Option(help="keep items with eo:cloud_cover <= this")]
+CloudMaskOpt = Annotated[
+    str,
+    typer.Option(
+        help="Sentinel-2 cloud mask: auto (SCL where an item has it, else a spectral test), scl (items without SCL "
+        "refused) or spectral (the test for every item)"
+    ),
+]
 ModelOpt = Annotated[str, typer.Option(help="model name (models/registry.py)")]
 Epochs = Annotated[int, typer.Option(help="maximum training epochs")]
 Budget = Annotated[float, typer.Option(help="training time budget in seconds")]
@@ -130,9 +137,13 @@ def crop_map_cmd(
     pretrain_epochs: PretrainOpt = 0,
     teacher: TeacherOpt = None,
     params: ParamsOpt = None,
+    s2_cloud_mask: CloudMaskOpt = "auto",
 ) -> None:
     """Run the crop_map flow: search, cube, train, predict, export, evaluate, report."""
     from flows.crop_map import check_request, crop_map
+    from tasks.cube import check_s2_cloud_mask
+
+    check_s2_cloud_mask(s2_cloud_mask)
 
     spec = model_spec(model, epochs, time_budget, params, pretrain_epochs, teacher)
     check_request(region, season, listed(sensors), catalog, labels, classes, outputs, spec)
@@ -149,6 +160,7 @@ def crop_map_cmd(
         classes=classes,
         outputs=outputs,
         robustness=robustness,
+        s2_cloud_mask=s2_cloud_mask,
     )
     print_outputs(paths, time.perf_counter() - t0)
 
@@ -161,11 +173,14 @@ def build_cube_cmd(
     stac_url: StacUrl = None,
     max_cloud_cover: CloudOpt = None,
     outputs: Outputs = None,
+    s2_cloud_mask: CloudMaskOpt = "auto",
 ) -> None:
     """Run the build_cube flow: STAC search and the cloud-masked Zarr cube of a region and season."""
     from flows.steps import build_cube
+    from tasks.cube import check_s2_cloud_mask
 
-    cube = build_cube(region, season, listed(sensors), catalog, stac_url, max_cloud_cover, outputs)
+    check_s2_cloud_mask(s2_cloud_mask)
+    cube = build_cube(region, season, listed(sensors), catalog, stac_url, max_cloud_cover, outputs, s2_cloud_mask)
     console.print(f"cube {cube.path}: items {cube.items}, clear-sky fraction {cube.clear_fraction:.1%}")
 
 

@@ -18,6 +18,7 @@ from flows.report import publish_report
 from flows.steps import build_cube, check_sensors, file_digest, predict, train
 from infra.errors import CropflowError
 from infra.storage import location
+from tasks.cube import check_s2_cloud_mask
 from tasks.labels import labels_on_grid, read_classes, read_labels
 from tasks.robustness import robustness_report_task
 from tasks.train import SAR_SENSOR, needs_sar
@@ -108,6 +109,7 @@ def crop_map(
     classes: Path | None = None,
     outputs: str | Path | None = None,
     robustness: bool = False,
+    s2_cloud_mask: str = "auto",
 ) -> dict[str, str]:
     """Make the crop map of `region` for one season and return the paths of every output.
 
@@ -117,12 +119,21 @@ def crop_map(
     CROPFLOW_CATALOGS) or is a STAC API URL, `stac_url` points it at another address; outputs go to
     `<outputs>/<region>/<start>_<end>/` (default `$CROPFLOW_HOME/outputs`). `model`: the model, its training budget
     and method (`pretrain_epochs`, `teacher`; see `flows.steps.train`). `robustness` adds the report of test
-    metrics against missing dates.
+    metrics against missing dates. `s2_cloud_mask`: how the cube masks Sentinel-2 clouds, "auto" (SCL where an item
+    has it, else a spectral test), "scl" or "spectral".
     """
+    check_s2_cloud_mask(s2_cloud_mask)
     run = check_request(region, season, sensors, catalog, labels, classes, outputs, model)
     dates = f"{run.start}..{run.end}"  # the subflows get the dates: `current` moves with the clock
     common = {"region": region, "season": dates, "outputs": outputs}
-    cube = build_cube(**common, sensors=sensors, catalog=catalog, stac_url=stac_url, max_cloud_cover=max_cloud_cover)
+    cube = build_cube(
+        **common,
+        sensors=sensors,
+        catalog=catalog,
+        stac_url=stac_url,
+        max_cloud_cover=max_cloud_cover,
+        s2_cloud_mask=s2_cloud_mask,
+    )
     trained = train(**common, model=model, labels=labels, classes=classes)
     paths = predict(**common, labels=labels, classes=classes)
     if robustness:

@@ -25,6 +25,7 @@ from infra.dask_cluster import DaskSettings
 from infra.errors import CropflowError
 from infra.storage import location, open_zarr
 from tasks.catalog import Catalog, get_catalog, search_items_task
+from tasks.cube import check_s2_cloud_mask
 from tasks.distill import distill_incomplete_task, distill_modalities_task
 from tasks.evaluate import HEADLINE, evaluate_map_task
 from tasks.export import export_map_task
@@ -71,6 +72,11 @@ def _mean_cloud_cover(items: list[dict]) -> float | None:
     return sum(covers) / len(covers) if covers else None
 
 
+def cube_key(run: Run, query: dict, items: dict[str, list[str]], s2_cloud_mask: str) -> str:
+    """The cache key of a cube: the query, the ids of the items found, the region's bounds and the cloud mask."""
+    return step_key("cube", run, query=query, items=items, bounds=run.region.bounds, s2_cloud_mask=s2_cloud_mask)
+
+
 @flow(name="build_cube", log_prints=True)
 def build_cube(
     region: str = "sample",
@@ -80,14 +86,18 @@ def build_cube(
     stac_url: str | None = None,
     max_cloud_cover: float | None = None,
     outputs: str | Path | None = None,
+    s2_cloud_mask: str = "auto",
 ) -> CubeInfo:
     """Search the catalog for every sensor over the region and season, then build the cloud-masked Zarr cube.
 
     `region`: a name of the region catalog, a GeoJSON file or a bbox `west,south,east,north`; `season`: a year,
     `START..END`, `current` or `last`; `catalog`: a name (tasks/catalogs.yaml, CROPFLOW_CATALOGS) or a STAC API URL,
-    `stac_url` another address for it; `outputs`: the root of the run folders (default `$CROPFLOW_HOME/outputs`).
+    `stac_url` another address for it; `outputs`: the root of the run folders (default `$CROPFLOW_HOME/outputs`);
+    `s2_cloud_mask`: "auto" (SCL where an item has it, else a spectral test), "scl" or "spectral"
+    (`tasks.cube.prepare_cube`).
     """
     logger = get_run_logger()
+    check_s2_cloud_mask(s2_cloud_mask)
     run = resolve_run(region, season, outputs)
     stac = check_sensors(sensors, catalog, stac_url)
     items, limited = {}, limit_exists(CATALOG_RATE_LIMIT)
@@ -108,8 +118,7 @@ def build_cube(
     query |= {"sensors": list(items), "max_cloud_cover": max_cloud_cover}
     ids = {s: [it["id"] for it in found] for s, found in items.items()}
     out = run.out / "cube.zarr"
-    key = step_key("cube", run, query=query, items=ids, bounds=run.region.bounds)
-    cube = cached(build_cube_task, key, [out])(
+    cube = cached(build_cube_task, cube_key(run, query, ids, s2_cloud_mask), [out])(
         items,
         run.region.epsg,
         run.region.bounds,
@@ -119,6 +128,7 @@ def build_cube(
         attrs={"region": run.region.name},
         catalog=stac,
         query=query,
+        s2_cloud_mask=s2_cloud_mask,
     )
     clear = json.loads(open_zarr(cube).attrs["valid_fraction"])["s2"]  # summed block by block while it was built
     info = CubeInfo(

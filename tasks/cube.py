@@ -580,6 +580,16 @@ def composite_block(
 # ------------------------------------------------------------------------------------------------ planning
 
 
+def check_s2_cloud_mask(value: str) -> str:
+    """`value` when it is one of `S2_CLOUD_MASKS`, else an error naming them."""
+    if value not in S2_CLOUD_MASKS:
+        raise CropflowError(
+            f"s2_cloud_mask={value!r}; choose one of {', '.join(S2_CLOUD_MASKS)} (auto: SCL where an item has it, "
+            "else the spectral test; scl: SCL only, items without it refused; spectral: the test for all)."
+        )
+    return value
+
+
 def plan_sensor(
     name: str,
     items: list[dict],
@@ -599,11 +609,7 @@ def plan_sensor(
     """
     if name not in SENSORS:
         raise CropflowError(f"unknown sensor {name!r}; valid sensors: {', '.join(SENSORS)}.")
-    if s2_cloud_mask not in S2_CLOUD_MASKS:
-        raise CropflowError(
-            f"s2_cloud_mask={s2_cloud_mask!r}; choose one of {', '.join(S2_CLOUD_MASKS)} (auto: SCL where an item "
-            "has it, else the spectral test; scl: SCL only, items without it refused; spectral: the test for all)."
-        )
+    check_s2_cloud_mask(s2_cloud_mask)
     sensor = SENSORS[name]
     if bands is not None:
         unknown = [b for b in bands if b not in sensor.bands]

@@ -62,6 +62,17 @@ def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_serv
     assert "Area-adjusted accuracy" in next(a.data for a in found if a.key == "crop-map-accuracy")
 
 
+def test_cube_cache_key_includes_the_s2_cloud_mask(tmp_path):
+    """Another `s2_cloud_mask` is another cube: the cube step's cache key differs per option, stable for each."""
+    from flows.params import resolve_run
+    from flows.steps import cube_key
+
+    run = resolve_run("4.40,50.90,4.41,50.91", "2024-03-01..2024-03-15", tmp_path)
+    query, items = {"catalog": "local", "sensors": ["s2"]}, {"s2": ["a", "b"]}
+    keys = {mask: cube_key(run, query, items, mask) for mask in ("auto", "scl", "spectral")}
+    assert len(set(keys.values())) == 3 and keys["auto"] == cube_key(run, query, items, "auto")
+
+
 @pytest.fixture(scope="module")
 def custom_regions(tmp_path_factory, tiny_sample: Path) -> Path:
     """The shipped region catalog plus broken entries, pointing at the tiny region's labels."""
@@ -98,6 +109,8 @@ BAD_INPUT = [
     (["crop-map", "--region", "inverted"], "inverted"),
     (["crop-map", "--region", "no-season"], "season.start and season.end"),
     (["stac", "load", "/nonexistent/region"], "has no items/ folder"),
+    (["crop-map", "--region", "sample-tiny", "--s2-cloud-mask", "fmask"], "s2_cloud_mask='fmask'; choose one of"),
+    (["build-cube", "--region", "sample-tiny", "--s2-cloud-mask", "SCL"], "s2_cloud_mask='SCL'; choose one of auto"),
 ]
 
 
