@@ -655,7 +655,7 @@ def plan_sensor(
                 "the item out."
             )
         if missing:
-            hint = " (s2_cloud_mask='auto' masks items without SCL by a spectral test)" if name == "s2" else ""
+            hint = " (s2_cloud_mask='auto' masks items without SCL by a spectral test)" if "SCL" in missing else ""
             raise CropflowError(
                 f"{name} item {it['id']} has no asset(s) {', '.join(missing)}; is it {sensor.collection}?{hint}"
             )
