@@ -12,6 +12,9 @@ Sample regions of 1x, 4x and 16x the default area (512, 1024, 2048 px a side at 
   publish, as `flows/predict.py` runs it). Time from the first part submitted to the last one done; peak memory
   per worker; `windows`: windows run by all parts (those straddling two parts run in both).
 
+Both report the CPU time (user + system) the workers used while timed and `cores used` = CPU time / wall time:
+on a machine shared with other jobs, 2 workers that get less than 2 cores cannot run 2x faster.
+
 Dask's INFO logs are silenced (`distributed` at WARNING, in the workers too).
 
 Targets (issue 8): time linear in area (within 20 %), flat peak memory per worker, 2 workers >= 1.6x faster than 1
@@ -23,6 +26,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -45,6 +49,22 @@ if TYPE_CHECKING:
 SIZES = (512, 1024, 2048)
 WORKERS = (1, 2)
 console = Console(width=160)
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system, all threads) this process has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def worker_usage(client: Client, baseline: dict, cpu: dict) -> dict:
+    """Peak RSS per worker, its growth over `baseline`, and the CPU seconds all workers used since `cpu`."""
+    peaks, now = client.run(max_rss_mb), client.run(cpu_seconds)
+    return {
+        "peak_rss_mb": max(peaks.values()),
+        "growth_mb": max(peaks[w] - baseline[w] for w in peaks),
+        "cpu_seconds": sum(now[w] - cpu[w] for w in now),
+    }
 
 
 @contextmanager
@@ -75,17 +95,12 @@ def cube_on_workers(region: Path, workers: int, scratch: Path) -> dict:
         baseline = client.run(max_rss_mb)
         job = prepare_cube({"s2": items}, meta["epsg"], tuple(meta["bounds"]), start, end, scratch / "cube.zarr")
         tiles = job.tiles(workers * TILES_PER_WORKER)
-        t0 = time.perf_counter()
+        cpu, t0 = client.run(cpu_seconds), time.perf_counter()
         client.gather(client.map(build_blocks, [job] * len(tiles), tiles, [1] * len(tiles), pure=False))
         seconds = time.perf_counter() - t0
-        peaks = client.run(max_rss_mb)
+        usage = worker_usage(client, baseline, cpu)
     publish_cube(job)
-    return {
-        "seconds": seconds,
-        "pixel_dates": meta["size"] ** 2 * len(items),
-        "peak_rss_mb": max(peaks.values()),
-        "growth_mb": max(peaks[w] - baseline[w] for w in peaks),
-    }
+    return {"seconds": seconds, "pixel_dates": meta["size"] ** 2 * len(items), **usage}
 
 
 def infer_on_workers(region: Path, cube: Path, workers: int, scratch: Path) -> dict:
@@ -107,18 +122,12 @@ def infer_on_workers(region: Path, cube: Path, workers: int, scratch: Path) -> d
         with atomic_path(scratch / "probabilities.zarr") as store:
             create_output(cube, ckpt, store, "fcn3d")
             run = partial(predict_part, cube, checkpoint, store, window=64, batch_size=16, device="cpu", threads=1)
-            t0 = time.perf_counter()
+            cpu, t0 = client.run(cpu_seconds), time.perf_counter()
             windows = sum(client.gather(client.map(run, parts, pure=False)))
             seconds = time.perf_counter() - t0
-        peaks = client.run(max_rss_mb)
+            usage = worker_usage(client, baseline, cpu)
     sizes = open_zarr(cube).sizes
-    return {
-        "seconds": seconds,
-        "pixels": sizes["x"] * sizes["y"],
-        "windows": windows,
-        "peak_rss_mb": max(peaks.values()),
-        "growth_mb": max(peaks[w] - baseline[w] for w in peaks),
-    }
+    return {"seconds": seconds, "pixels": sizes["x"] * sizes["y"], "windows": windows, **usage}
 
 
 def bench_scale(
@@ -167,7 +176,7 @@ def table(rows: list[dict]) -> Table:
     out = Table(title="scaling with area and workers (Dask LocalCluster, worker processes of 1 thread)")
     for col in ("step", "workers", "size px", "km²", "seconds", "s/km²", "vs 1x area", "speed-up", "throughput"):
         out.add_column(col, justify="right")
-    for col in ("peak RSS MB / worker", "growth MB", "windows"):
+    for col in ("CPU s", "cores used", "peak RSS MB / worker", "growth MB", "windows"):
         out.add_column(col, justify="right")
     for r in rows:
         same = [o for o in rows if o["step"] == r["step"] and o["workers"] == r["workers"]]
@@ -184,6 +193,8 @@ def table(rows: list[dict]) -> Table:
             f"{per_km2 / (first['seconds'] / first['km2']):.2f}x",
             f"{one[0]['seconds'] / r['seconds']:.2f}x" if one else "",
             r["rate"],
+            f"{r['cpu_seconds']:.1f}",
+            f"{r['cpu_seconds'] / r['seconds']:.2f}",
             f"{r['peak_rss_mb']:.0f}",
             f"{r['growth_mb']:.0f}",
             str(r.get("windows", "")),

@@ -29,19 +29,16 @@ def predict_parts(
     checkpoint: Path,
     out_path: Path,
     classes_path: Path | None = None,
-    window: int = 64,
-    overlap: float = 0.25,
-    batch_size: int = 16,
-    device: str = "auto",
     *,
     dask: DaskSettings | None = None,
+    **options: object,
 ) -> Path:
     """Predict the cube at `cube_path` with the checkpoint in parts on the Dask cluster of `dask` (default:
     `CROPFLOW_DASK`, see `infra/dask_cluster.py`) into the probabilities store at `out_path`, published atomically.
     Call it inside a flow or task run; a progress artifact follows the parts as they finish.
 
-    Arguments as `tasks.predict.predict_region_task`; the checkpoint is checked against the cube (bands, classes)
-    before the cluster starts.
+    `options` (`window`, `overlap`, `batch_size`, `device`) as `tasks.predict.predict_part`; the checkpoint is
+    checked against the cube (bands, classes) before the cluster starts.
     """
     logger = get_run_logger()
     dask = dask or DaskSettings.from_env()
@@ -52,15 +49,8 @@ def predict_parts(
         with task_runner(dask) as runner:  # closed (its parts stopped) before a failed store is discarded
             parts = region_parts(cube_path, ckpt, sum(runner.client.nthreads().values()))
             logger.info("predict %s: %d parts (columns %s) on the Dask cluster", name, len(parts), parts)
-            options = {"classes_path": classes_path, "window": window, "overlap": overlap, "batch_size": batch_size}
-            futures = [
-                runner.submit(
-                    predict_part_task,
-                    {"cube_path": cube_path, "checkpoint": checkpoint, "store": store, "cols": cols, "device": device}
-                    | options,
-                )
-                for cols in parts
-            ]
+            common = {"cube_path": cube_path, "checkpoint": checkpoint, "store": store, "classes_path": classes_path}
+            futures = [runner.submit(predict_part_task, common | options | {"cols": cols}) for cols in parts]
             progress = create_progress_artifact(0.0, description=f"predict {name}: parts done")
             windows = 0
             for done, future in enumerate(as_completed(futures), 1):

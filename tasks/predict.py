@@ -551,17 +551,4 @@ def predict_region_task(
     return predict_region(cube_path, model, ckpt, out_path, window, overlap, batch_size, device, progress)
 
 
-@task(name="predict-part", cache_policy=NO_CACHE, retries=1)
-def predict_part_task(
-    cube_path: Path,
-    checkpoint: Path,
-    store: Path,
-    cols: tuple[int, int],
-    classes_path: Path | None = None,
-    window: int = 64,
-    overlap: float = 0.25,
-    batch_size: int = 16,
-    device: str = "auto",
-) -> int:
-    """Predict one part of the region on a worker (one torch thread); the windows visited."""
-    return predict_part(cube_path, checkpoint, store, cols, classes_path, window, overlap, batch_size, device)
+predict_part_task = task(name="predict-part", cache_policy=NO_CACHE, retries=1)(predict_part)
