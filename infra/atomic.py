@@ -112,8 +112,9 @@ def _publish_objects(fs: AbstractFileSystem, root: str, target: str, files: list
     3. The old objects the new store does not have are deleted (a reader still reading chunks of the old store then
        finds them gone, which zarr reads as fill values: open the store again after a publish).
 
-    Other objects (plain files, Zarr v2 chunks) replace theirs at `target` in step 1. If step 1 fails, the objects it copied that the old store does not name are deleted (the old store is left as it
-    was); after a failure in step 2 or 3, a publish retried with the same `src` completes the new store.
+    Other objects (plain files, Zarr v2 chunks) replace theirs at `target` in step 1. If step 1 fails, the objects
+    it copied that the old store does not name are deleted (the old store is left as it was); after a failure in
+    step 2 or 3, a publish retried with the same `src` completes the new store.
     """
     names = {f: f[len(root) + 1 :] for f in files}
     metadata = [f for f in files if f.rsplit("/", 1)[-1] in ZARR_METADATA]
