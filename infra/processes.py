@@ -18,7 +18,7 @@ import httpx
 
 from infra.errors import CropflowError
 
-SECRET_NAMES = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|(^|_)KEY($|_)|ACCESS_KEY", re.IGNORECASE)
+SECRET_NAMES = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|(^|_)KEY($|_)|ACCESS_KEY|CONNECTION_STRING", re.IGNORECASE)
 _CHILDREN: dict[int, subprocess.Popen] = {}  # processes started by this interpreter, so that they get reaped
 
 

@@ -27,10 +27,18 @@ from zarr.storage import FsspecStore
 
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
+from infra.processes import blank
 from infra.retry import STORE_RETRY, HttpRetry
 
 # protocols cropflow is tested or documented with, and the package each needs
 PROTOCOLS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+# what to set when a package's client finds no credentials in the environment (gcsfs would go on anonymously)
+CREDENTIALS = {
+    "gcsfs": "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (or sign in with 'gcloud auth "
+    "application-default login', or run on Google Cloud; STORAGE_EMULATOR_HOST for an emulator)",
+    "adlfs": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN (or a signed-in "
+    "Azure identity), or AZURE_STORAGE_CONNECTION_STRING",
+}
 
 
 def location(url: str | os.PathLike) -> UPath:
@@ -57,7 +65,22 @@ def location(url: str | os.PathLike) -> UPath:
             f"install it (pip install {PROTOCOLS[protocol]}, or cropflow[cloud])."
         ) from None
     # no cached listings: zarr's store and other processes write to the same prefixes, and `exists` must see them
-    return UPath(text, use_listings_cache=False)
+    loc = UPath(text, use_listings_cache=False)
+    if PROTOCOLS[protocol] in CREDENTIALS:
+        _check_credentials(loc, PROTOCOLS[protocol])
+    return loc
+
+
+def _check_credentials(loc: UPath, package: str) -> None:
+    """Refuse `loc` with a `CropflowError` naming the variables to set when its client (`package`) finds no
+    credentials in the environment; their values are never quoted."""
+    needed = f"location {str(loc)!r}: no usable credentials for it in the environment; set {CREDENTIALS[package]}"
+    try:
+        fs = loc.fs
+    except ValueError as exc:  # adlfs: neither an account nor a connection string, or one it cannot use
+        raise CropflowError(f"{needed} ({blank(str(exc))}).") from None
+    if package == "gcsfs" and fs.credentials.method == "anon" and not os.environ.get("STORAGE_EMULATOR_HOST"):
+        raise CropflowError(f"{needed}.")
 
 
 def is_local(loc: str | os.PathLike) -> bool:

@@ -17,6 +17,8 @@ from infra.settings import Settings, get_settings
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cropflow-test-prefect-")
+# Google's clients: no probe of a Google Cloud metadata server for credentials (seconds of timeouts off Google Cloud)
+os.environ["NO_GCE_CHECK"] = "true"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Local STAC API (infra/stac_api.py): a real PostgreSQL + pgstac + stac-fastapi in a temporary CROPFLOW_HOME.

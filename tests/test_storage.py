@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import errno
+import json
 import logging
 import os
 import re
@@ -45,6 +47,71 @@ def test_missing_filesystem_package_is_named():
             storage.location("gs://bucket/x")
     else:
         pytest.skip("gcsfs is installed here")
+
+
+@pytest.fixture
+def no_cloud_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """An environment without Google Cloud or Azure credentials (nor a gcloud sign-in), and no cached clients."""
+    import adlfs
+    import gcsfs
+
+    for name in [n for n in os.environ if n.startswith(("GOOGLE_", "AZURE_", "STORAGE_EMULATOR"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # where a gcloud sign-in would be
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    adlfs.AzureBlobFileSystem.clear_instance_cache()
+    yield monkeypatch
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    adlfs.AzureBlobFileSystem.clear_instance_cache()
+
+
+def test_gs_and_az_locations_use_the_environments_credentials(no_cloud_credentials, tmp_path: Path):
+    import gcsfs
+    from adlfs import AzureBlobFileSystem
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    account = {
+        "type": "service_account",
+        "project_id": "cropflow-test",
+        "private_key_id": "0",
+        "private_key": pem.decode(),
+        "client_email": "maps@cropflow-test.iam.gserviceaccount.com",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+    (tmp_path / "key.json").write_text(json.dumps(account))
+    no_cloud_credentials.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "key.json"))
+    gs = storage.location("gs://maps-bucket/runs/cube.zarr")
+    assert isinstance(gs.fs, gcsfs.GCSFileSystem) and gs.path == "maps-bucket/runs/cube.zarr"
+    assert gs.fs.credentials.credentials.service_account_email == account["client_email"]
+
+    no_cloud_credentials.setenv("AZURE_STORAGE_ACCOUNT_NAME", "cropflowmaps")
+    no_cloud_credentials.setenv("AZURE_STORAGE_ACCOUNT_KEY", base64.b64encode(b"azure-key-3c9e").decode())
+    az = storage.location("az://maps/runs/cube.zarr")
+    assert isinstance(az.fs, AzureBlobFileSystem) and az.path == "maps/runs/cube.zarr"
+    assert az.fs.account_url == "https://cropflowmaps.blob.core.windows.net"
+    assert az.fs.service_client.credential.account_name == "cropflowmaps"
+
+
+def test_missing_cloud_credentials_name_the_variables_to_set(no_cloud_credentials, tmp_path: Path):
+    with pytest.raises(
+        CropflowError, match=r"gs://maps-bucket/x': no usable credentials.*GOOGLE_APPLICATION_CREDENTIALS"
+    ):
+        storage.location("gs://maps-bucket/x")
+    no_cloud_credentials.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    with pytest.raises(CropflowError, match="set GOOGLE_APPLICATION_CREDENTIALS"):
+        storage.location("gs://maps-bucket/y")
+
+    secret = base64.b64encode(b"azure-key-5d1f").decode()
+    no_cloud_credentials.setenv("AZURE_STORAGE_ACCOUNT_KEY", secret)  # a key, but no account to use it with
+    with pytest.raises(CropflowError, match=r"maps/x': no usable credentials.*AZURE_STORAGE_ACCOUNT_NAME") as refused:
+        storage.location("az://maps/x")
+    no_cloud_credentials.setenv("AZURE_STORAGE_CONNECTION_STRING", f"AccountKey={secret}")  # names no account
+    with pytest.raises(CropflowError, match="Connection string missing required") as malformed:
+        storage.location("az://maps/y")
+    assert secret not in str(refused.value) + str(malformed.value)
 
 
 def _dataset() -> xr.Dataset:
@@ -324,3 +391,33 @@ def test_s3_publish_keeps_the_old_store_until_the_new_one_is_complete(bucket: st
     v2_keys = {re.sub(r"(^|/)c/([\d/]+)$", lambda m: m[1] + m[2].replace("/", "."), n) for n in new}
     assert {f.removeprefix(path + "/") for f in fs.find(path)} == v2_keys, "the new store's objects, no old one"
     assert [p.name for p in storage.location(f"{bucket}/run").iterdir()] == ["cube.zarr"]
+
+
+@pytest.fixture
+def gcs_bucket(no_cloud_credentials) -> str:
+    """A bucket on Google Cloud Storage's emulator (gcp-storage-emulator, in memory) on 127.0.0.1; its `gs://` URL."""
+    from conftest import free_port
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="cropflow-maps")
+    server.start()
+    no_cloud_credentials.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")  # gcsfs needs no credentials
+    yield "gs://cropflow-maps"
+    server.stop()
+
+
+def test_zarr_stores_and_files_on_a_gcs_emulator(gcs_bucket: str):
+    """`gs://` end to end: a Zarr store published over an older one reads back whole with no old object left, and a
+    file is uploaded whole."""
+    url = f"{gcs_bucket}/run/cube.zarr"
+    for scale, extra in ((1, True), (2, False)):
+        with storage.output_store(url) as store:
+            _store(scale, extra).to_zarr(store, zarr_format=3, mode="w", consolidated=True)
+    xr.testing.assert_identical(storage.open_zarr(url).load(), _store(2, extra=False).load())
+    cube = storage.location(url)
+    assert not [f for f in cube.fs.find(cube.path) if "old_only" in f or "/c/" in f], "the old chunks are deleted"
+    with storage.output_file(f"{gcs_bucket}/run/metrics.json") as tmp:
+        tmp.write_text('{"miou": 0.5}')
+    assert storage.location(f"{gcs_bucket}/run/metrics.json").read_text() == '{"miou": 0.5}'
+    assert sorted(p.name for p in storage.location(f"{gcs_bucket}/run").iterdir()) == ["cube.zarr", "metrics.json"]
