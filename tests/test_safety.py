@@ -166,11 +166,14 @@ def test_log_quotes_blank_the_environments_secrets(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret-1f9a")
     monkeypatch.setenv("CROPFLOW_CATALOG_TOKEN", "tok-77c2")
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "AccountName=a;AccountKey=az-9b1e")
     monkeypatch.setenv("KEYBOARD_LAYOUT", "fr-azerty")  # not a secret by its name
     log = tmp_path / "service.log"
-    log.write_text("old line\nconnect with s3-secret-1f9a and tok-77c2 (fr-azerty) pw-given\n")
+    log.write_text(
+        "old line\nconnect with s3-secret-1f9a and tok-77c2 (fr-azerty) pw-given\nAccountName=a;AccountKey=az-9b1e\n"
+    )
     tail = log_tail(log, ["pw-given"], start=len("old line\n"))
-    assert tail == "connect with *** and *** (fr-azerty) ***"
+    assert tail == "connect with *** and *** (fr-azerty) ***\n***"
 
 
 def test_local_health_checks_ignore_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
