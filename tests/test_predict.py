@@ -458,13 +458,15 @@ def test_parts_on_two_dask_workers_match_one_piece(prefect_server, cube, trained
     """`flows.predict.predict_parts` on a Dask cluster of 2 workers (by its scheduler address; thread workers, which
     start in a moment): 2 parts (chunk columns 0-1 and 2 of the 64 px chunks), the checkpoint read by each worker,
     one store published, progress up to 100 %, and the same map as `predict_region` in one piece. Same windows and
-    weights: equal up to float rounding of the batch composition."""
+    weights: equal up to float rounding of the batch composition (bit for bit on the bf16 CPU of the benchmarks).
+    A checkpoint that does not fit the cube is refused before anything is written."""
     from distributed import LocalCluster
     from prefect import flow, get_client
     from prefect.context import get_run_context
 
     from flows.predict import predict_parts
     from infra.dask_cluster import DaskSettings
+    from infra.errors import CropflowError
     from models.registry import build_model
     from tasks.predict import load_model, region_parts
 
@@ -480,14 +482,18 @@ def test_parts_on_two_dask_workers_match_one_piece(prefect_server, cube, trained
     options = {"window": 48, "batch_size": 8}
     whole = xr.open_zarr(predict_region(cube, model, ckpt, tmp_path / "whole.zarr", progress=False, **options))
 
+    torch.save({**ckpt, "bands": ["B02", *BANDS[1:]]}, tmp_path / "other.pt")
+
     @flow(name="predict-on-dask-test")
-    def on_dask(address: str) -> tuple[Path, str]:
-        out = tmp_path / "out" / "probabilities.zarr"
-        got = predict_parts(cube, tmp_path / "m.pt", out, **options, dask=DaskSettings(address))
+    def on_dask(address: str, checkpoint: Path, out: Path) -> tuple[Path, str]:
+        got = predict_parts(cube, checkpoint, out, **options, dask=DaskSettings(address))
         return got, str(get_run_context().flow_run.id)
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        out, run_id = on_dask(cluster.scheduler_address)
+        with pytest.raises(CropflowError, match="trained on bands"):  # checked before any part runs
+            on_dask(cluster.scheduler_address, tmp_path / "other.pt", tmp_path / "refused" / "probabilities.zarr")
+        out, run_id = on_dask(cluster.scheduler_address, tmp_path / "m.pt", tmp_path / "out" / "probabilities.zarr")
+    assert not (tmp_path / "refused").exists()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["probabilities.zarr"]  # no scratch store left
     parts = xr.open_zarr(out)
     mapped = whole["class"].values != 255
