@@ -7,7 +7,7 @@ Each cached step gets a key from what its result depends on: the region and seas
 code version (a digest of the science code in `tasks/` and `models/`) and, after the cube, the model version (its
 name, settings and training budget). Results are persisted under `$CROPFLOW_HOME/prefect-results`, one file per
 key, so a second run of a flow or a backfill resumed after a crash recomputes nothing that finished; a step whose
-outputs were deleted since is run again.
+outputs were deleted since, or rewritten under another key (a stamp beside them says which), is run again.
 
 Retries: only errors that can go away (timeouts, dropped connections, HTTP 429/5xx; `infra.retry.is_retryable`),
 with exponential backoff and jitter; a `CropflowError` (bad parameter, missing data) fails at once.
@@ -33,6 +33,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.tasks import exponential_backoff
 
 from flows.params import Run
+from infra.atomic import atomic_path
 from infra.retry import retry_condition
 from infra.settings import REPO_ROOT, home_dir
 from infra.storage import location
@@ -112,11 +113,32 @@ def retrying(task: Task, backoff_s: float = RETRY_BACKOFF_S) -> Task:
     )
 
 
-def cached(task: Task, key: str, outputs: list[Path]) -> Task:
-    """`task` (retrying) with a persisted result under `key`; recomputed when one of its `outputs` is missing."""
-    return retrying(task).with_options(
+def _stamp(outputs: list[Path]) -> Path:
+    """Where the key a step's outputs were last written under is kept: `.<first output>.cache-key` beside it."""
+    first = location(outputs[0])
+    return first.with_name(f".{first.name}.cache-key")
+
+
+def cached(task: Task, key: str, outputs: list[Path]) -> Callable[..., Any]:
+    """`task` (retrying) with a persisted result under `key`; recomputed when one of its `outputs` is missing or was
+    last written under another key (the run folder rebuilt with other options since, e.g. a cloud mask switched to
+    another and back), which a stamp beside the outputs records once the task has finished."""
+    stamp = _stamp(outputs)
+    current = all(location(p).exists() for p in outputs) and stamp.exists() and stamp.read_text() == key
+    runnable = retrying(task).with_options(
         cache_key_fn=lambda *_: key,
         persist_result=True,
         result_storage=result_storage(),
-        refresh_cache=not all(location(p).exists() for p in outputs),
+        refresh_cache=not current,
     )
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not current and stamp.exists():
+            stamp.unlink()  # the outputs are about to change: no stamp until they match `key`
+        result = runnable(*args, **kwargs)
+        if not current:
+            with atomic_path(stamp) as tmp:
+                tmp.write_text(key)
+        return result
+
+    return run

@@ -92,7 +92,8 @@ def test_labels_are_read_and_reprojected_once_per_request(tiny_region, tmp_path,
     monkeypatch.setattr(crop_map_module, "read_labels", lambda path, *a: reads.append(path) or read_labels(path, *a))
 
     def check(season: str):
-        return crop_map_module.check_request(bbox, season, ["s2"], "local", labels, classes, tmp_path / "out")
+        [run] = crop_map_module.check_request(bbox, [season], ["s2"], "local", labels, classes, tmp_path / "out")
+        return run
 
     runs = [check(s) for s in ("2023", "2024", "2024-03-01..2024-05-31", "2024")]
     assert len({r.out for r in runs}) == 3 and reads == [labels]
@@ -103,8 +104,8 @@ def test_labels_are_read_and_reprojected_once_per_request(tiny_region, tmp_path,
 
 
 def test_a_backfills_seasons_share_one_check_of_the_region_and_catalog(tiny_region, tmp_path, monkeypatch):
-    """`check_requests` resolves the region and checks the catalog and sensors once for all seasons; each season
-    gets the run (dates, folder) its own `check_request` gives."""
+    """`check_request` of a backfill's seasons resolves the region and checks the catalog and sensors once; each
+    season gets the run (dates, folder) a request of that season alone gives."""
     import flows.crop_map as crop_map_module
     import flows.params as params_module
 
@@ -113,12 +114,12 @@ def test_a_backfills_seasons_share_one_check_of_the_region_and_catalog(tiny_regi
     bbox = ",".join(str(v) for v in json.loads((tiny_region / "region.json").read_text())["bbox"])
     seasons = ["2023", "2024", "2024-03-01..2024-05-31"]
     request = (["s2"], "local", labels, classes, tmp_path / "out")
-    alone = [crop_map_module.check_request(bbox, season, *request) for season in seasons]
+    alone = [run for season in seasons for run in crop_map_module.check_request(bbox, [season], *request)]
     calls = Counter()
     for module, name in ((params_module, "resolve_region"), (crop_map_module, "check_sensors")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: calls.update([name]) or real(*a, **k))
-    assert crop_map_module.check_requests(bbox, seasons, *request) == alone
+    assert crop_map_module.check_request(bbox, seasons, *request) == alone
     assert calls == {"resolve_region": 1, "check_sensors": 1}
     assert len({(run.start, run.end, run.out) for run in alone}) == 3
 
@@ -376,6 +377,32 @@ class _Flaky(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+def test_cached_step_reruns_when_its_outputs_were_rewritten_under_another_key(prefect_api, tmp_path):
+    from prefect import flow, task
+
+    from flows.policy import cached
+
+    out, runs = tmp_path / "cube.txt", []
+
+    @task
+    def write(option: str) -> str:
+        runs.append(option)
+        out.write_text(option)
+        return option
+
+    @flow
+    def step(option: str) -> str:
+        return cached(write, f"step-{option}-{tmp_path.name}", [out])(option)
+
+    assert [step("auto"), step("auto"), step("spectral")] == ["auto", "auto", "spectral"]
+    assert runs == ["auto", "spectral"]  # the second "auto" came from the cache
+    assert step("auto") == "auto" and out.read_text() == "auto"  # not the cached result over the spectral file
+    assert runs == ["auto", "spectral", "auto"]
+    assert (tmp_path / ".cube.txt.cache-key").read_text() == f"step-auto-{tmp_path.name}"
+    out.unlink()
+    assert step("auto") == "auto" and runs[-1] == "auto" and len(runs) == 4  # deleted output: run again
 
 
 def test_transient_errors_are_retried_and_bad_parameters_are_not(prefect_api):
