@@ -20,7 +20,7 @@ from prefect.client.schemas.objects import WorkPoolStatus
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled
 
-from flows.crop_map import check_requests, crop_map
+from flows.crop_map import check_request, crop_map
 from flows.params import DEFAULT_SENSORS, START_TIMEOUT_S, ModelSpec, parse_seasons
 from flows.policy import on_server
 from infra.errors import CropflowError
@@ -95,7 +95,7 @@ def backfill(
     logger = get_run_logger()
     wanted = parse_seasons(seasons)
     check_s2_cloud_mask(s2_cloud_mask)
-    runs = check_requests(region, wanted, sensors, catalog, labels, classes, outputs, model)
+    runs = check_request(region, wanted, sensors, catalog, labels, classes, outputs, model)
     params = {
         "region": region,
         "sensors": sensors,

@@ -146,7 +146,7 @@ def crop_map_cmd(
     check_s2_cloud_mask(s2_cloud_mask)
 
     spec = model_spec(model, epochs, time_budget, params, pretrain_epochs, teacher)
-    check_request(region, season, listed(sensors), catalog, labels, classes, outputs, spec)
+    check_request(region, [season], listed(sensors), catalog, labels, classes, outputs, spec)
     t0 = time.perf_counter()
     paths = crop_map(
         region=region,

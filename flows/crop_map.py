@@ -26,21 +26,6 @@ from tasks.train import SAR_SENSOR, needs_sar
 
 def check_request(
     region: str,
-    season: int | str | None,
-    sensors: list[str],
-    catalog: str = "local",
-    labels: Path | None = None,
-    classes: Path | None = None,
-    outputs: str | Path | None = None,
-    model: ModelSpec | None = None,
-) -> Run:
-    """Validate a request before any long work: region, season, catalog and sensors, the model's teacher and
-    inputs, labels and class map."""
-    return check_requests(region, [season], sensors, catalog, labels, classes, outputs, model)[0]
-
-
-def check_requests(
-    region: str,
     seasons: list[int | str | None],
     sensors: list[str],
     catalog: str = "local",
@@ -49,7 +34,9 @@ def check_requests(
     outputs: str | Path | None = None,
     model: ModelSpec | None = None,
 ) -> list[Run]:
-    """`check_request` for each of `seasons` (a backfill): what does not depend on the season is checked once."""
+    """Validate a request before any long work and return its run for each of `seasons`: the region, catalog and
+    sensors, the model's teacher and inputs, labels and class map once (a backfill's seasons share them), then each
+    season's dates and run folder."""
     runs = resolve_runs(region, seasons, outputs, labels, classes)
     check_sensors(sensors, catalog)
     if model is not None:
@@ -123,7 +110,7 @@ def crop_map(
     has it, else a spectral test), "scl" or "spectral".
     """
     check_s2_cloud_mask(s2_cloud_mask)
-    run = check_request(region, season, sensors, catalog, labels, classes, outputs, model)
+    [run] = check_request(region, [season], sensors, catalog, labels, classes, outputs, model)
     dates = f"{run.start}..{run.end}"  # the subflows get the dates: `current` moves with the clock
     common = {"region": region, "season": dates, "outputs": outputs}
     cube = build_cube(
