@@ -8,9 +8,10 @@ Sample regions of 1x, 4x and 16x the default area (512, 1024, 2048 px a side at 
   start and imports excluded); peak memory is each worker's peak resident set.
 - inference: tiled inference of the same cube (fcn3d at the CPU widths, random weights, saved as a checkpoint
   that each worker reads) in parts on a fresh LocalCluster of 1 or 2 single-threaded worker processes, one part
-  per worker (`tasks.predict.create_output` -> `predict_part` per part on the workers, one torch thread each ->
-  publish, as `flows/predict.py` runs it). Time from the first part submitted to the last one done; peak memory
-  per worker; `windows`: windows run by all parts (those straddling two parts run in both).
+  per worker (the whole region, or two vertical strips; `tasks.predict.create_output` -> `predict_part` per part
+  on the workers, one torch thread each -> publish, as `flows/predict.py` runs it). Time from the first part
+  submitted to the last one done; peak memory per worker; `windows`: windows run by all parts (those straddling
+  two parts run in both).
 
 Both report the CPU time (user + system) the workers used while timed and `cores used` = CPU time / wall time:
 on a machine shared with other jobs, 2 workers that get less than 2 cores cannot run 2x faster.

@@ -1,4 +1,4 @@
-"""Tiled inference on a Dask cluster: `predict-region` splits the region into parts (vertical strips of whole output
+"""Tiled inference on a Dask cluster: `predict-region` splits the region into parts (a grid of tiles of whole output
 chunks, `tasks.predict.region_parts`), one per Dask thread, and runs each as a `predict-part` task on the cluster's
 workers (prefect-dask's `DaskTaskRunner`), all writing into one output store made beforehand and published once
 every part is done.
@@ -48,9 +48,9 @@ def predict_parts(
         create_output(cube_path, ckpt, store, str(ckpt["model_name"]))
         with task_runner(dask) as runner:  # closed (its parts stopped) before a failed store is discarded
             parts = region_parts(cube_path, ckpt, sum(runner.client.nthreads().values()))
-            logger.info("predict %s: %d parts (columns %s) on the Dask cluster", name, len(parts), parts)
+            logger.info("predict %s: %d parts (y0, y1, x0, x1) %s on the Dask cluster", name, len(parts), parts)
             common = {"cube_path": cube_path, "checkpoint": checkpoint, "store": store, "classes_path": classes_path}
-            futures = [runner.submit(predict_part_task, common | options | {"cols": cols}) for cols in parts]
+            futures = [runner.submit(predict_part_task, common | options | {"part": part}) for part in parts]
             progress = create_progress_artifact(0.0, description=f"predict {name}: parts done")
             windows = 0
             for done, future in enumerate(as_completed(futures), 1):

@@ -18,8 +18,8 @@ strip's row of blocks and its halo, and the next block is read in a background t
 does not grow with the region's area.
 
 The same region can be predicted in parts by several processes (`flows/predict.py` runs them on Dask workers):
-`create_output` makes the output store once, `region_parts` splits the region into vertical strips of whole output
-chunks, and `predict_part` predicts one strip into that store. A part runs every window touching it (on the same
+`create_output` makes the output store once, `region_parts` splits the region into a grid of tiles of whole output
+chunks, and `predict_part` predicts one tile into that store. A part runs every window touching it (on the same
 region-wide grid), so a window straddling two parts runs in both, and it writes only its own chunks: the parts
 together give the store `predict_region` writes in one piece.
 
@@ -92,7 +92,7 @@ def _touching(starts: np.ndarray, window: int, lo: int, hi: int) -> np.ndarray:
     return starts[(starts < hi) & (starts + window > lo)]
 
 
-def _owned(starts: np.ndarray, lo: int, hi: int, start: int = 0) -> np.ndarray:
+def _owned(starts: np.ndarray, lo: int, hi: int, start: int) -> np.ndarray:
     """Starts of the windows whose first pixel at or after `start` (the region's or part's first pixel) lies in
     `[lo, hi)`: the block that computes them."""
     first = np.maximum(starts, start)
@@ -395,22 +395,29 @@ def create_output(cube_path: Path, ckpt: dict, store: Path, model_name: str) -> 
     _create_store(zarr_store(store), ds, _classes(ckpt), chunks, model_name)
 
 
-def region_parts(cube_path: Path, ckpt: dict, n: int) -> list[tuple[int, int]]:
-    """At most `n` parts of the region for `predict_part`: column ranges `[x0, x1)` of whole output chunks, in
-    vertical strips of nearly equal width."""
+def region_parts(cube_path: Path, ckpt: dict, n: int) -> list[tuple[int, int, int, int]]:
+    """At most `n` parts of the region for `predict_part`: `(y0, y1, x0, x1)` rectangles of whole output chunks in a
+    grid of nearly equal tiles, as many as allowed and, among such grids, the one with the shortest borders (a border
+    costs a row or column of windows run on both sides); vertical strips when rows and columns tie."""
     ds = open_zarr(cube_path, chunks=None)
     inp = _sensor_input(ds, ckpt, ("x", "doy", "valid"))
-    cx, w = _chunks(inp)[1], inp.var.sizes["x"]
-    columns = np.arange(math.ceil(w / cx))
-    return [(int(c[0]) * cx, min(w, (int(c[-1]) + 1) * cx)) for c in np.array_split(columns, min(n, columns.size))]
+    (cy, cx), (h, w) = _chunks(inp), (inp.var.sizes["y"], inp.var.sizes["x"])
+    rows, cols = np.arange(math.ceil(h / cy)), np.arange(math.ceil(w / cx))
+    grids = [(a, b) for a in range(1, rows.size + 1) for b in range(1, cols.size + 1) if a * b <= max(n, 1)]
+    py, px = max(grids, key=lambda g: (g[0] * g[1], -(g[0] - 1) * w - (g[1] - 1) * h))
+    return [
+        (int(r[0]) * cy, min(h, (int(r[-1]) + 1) * cy), int(c[0]) * cx, min(w, (int(c[-1]) + 1) * cx))
+        for r in np.array_split(rows, py)
+        for c in np.array_split(cols, px)
+    ]
 
 
-def _predict_columns(
+def _predict_part(
     cube_path: Path,
     model: nn.Module,
     ckpt: dict,
     store: Path,
-    cols: tuple[int, int] | None,
+    part: tuple[int, int, int, int] | None,
     window: int,
     overlap: float,
     batch_size: int,
@@ -418,10 +425,11 @@ def _predict_columns(
     progress: bool,
     block_chunks: int,
 ) -> int:
-    """Predict the region's columns `cols` (all when None) into the output store at `store`; the windows visited.
+    """Predict the region's part `(y0, y1, x0, x1)` (all of it when None) into the output store at `store`; the
+    windows visited.
 
-    Every window touching the columns is run (the window grid stays the region's), so a pixel's result does not
-    depend on the part it lies in; only the part's own output chunks are written.
+    Every window touching the part is run (the window grid stays the region's), so a pixel's result does not depend
+    on the part it lies in; only the part's own output chunks are written.
     """
     ov = _check_options(window, overlap, batch_size, block_chunks)
     ids = np.array([c["id"] for c in _classes(ckpt)], dtype=np.uint8)
@@ -431,21 +439,22 @@ def _predict_columns(
     ds = open_zarr(cube_path, chunks=None)
     inputs = _model_inputs(ds, ckpt, model)
     h, w = ds.sizes["y"], ds.sizes["x"]
-    c0, c1 = cols or (0, w)
+    r0, r1, c0, c1 = part or (0, h, 0, w)
     cy, cx = _chunks(inputs[0])
-    ys, xs = window_starts(h, window, ov), _touching(window_starts(w, window, ov), window, c0, c1)
+    ys = _touching(window_starts(h, window, ov), window, r0, r1)
+    xs = _touching(window_starts(w, window, ov), window, c0, c1)
     weights = ramp_weights(window, ov)
-    blocks_y, blocks_x = _blocks(0, h, cy * block_chunks), _blocks(c0, c1, cx * block_chunks)
+    blocks_y, blocks_x = _blocks(r0, r1, cy * block_chunks), _blocks(c0, c1, cx * block_chunks)
     doy = torch.from_numpy(ds["doy"].values.astype(np.int64))[None].to(dev)
 
-    label = f"predict {location(cube_path).name}" + (f" columns {c0}-{c1}" if cols else "")
+    label = f"predict {location(cube_path).name}" + (f" rows {r0}-{r1} columns {c0}-{c1}" if part else "")
     with _Progress(ys.size * xs.size, progress, label) as prog:
         out = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3)
         tiler = _Tiler(model, [i.keys for i in inputs], weights, doy, batch_size, ids.size, prog)
         plan, strip_rows = [], []  # blocks in visiting order; the extent of each strip's row of blocks
         for s0 in range(0, len(blocks_x), STRIP_BLOCKS):
             for y0, y1 in blocks_y:
-                ty, oy = _touching(ys, window, y0, y1), _owned(ys, y0, y1)
+                ty, oy = _touching(ys, window, y0, y1), _owned(ys, y0, y1, r0)
                 rows = _extent(oy, window, y0, y1)
                 for x0, x1 in blocks_x[s0 : s0 + STRIP_BLOCKS]:
                     tx, ox = _touching(xs, window, x0, x1), _owned(xs, x0, x1, c0)
@@ -460,11 +469,11 @@ def _predict_columns(
 
         with ThreadPoolExecutor(1) as prefetch:  # reads and prepares the next block while the model runs
             pending = prefetch.submit(load, plan[0][3])
-            for n, (core, touching, owned, (rows, cols_read)) in enumerate(plan):
+            for n, (core, touching, owned, (rows, cols)) in enumerate(plan):
                 block = pending.result()
                 if n + 1 < len(plan):
                     pending = prefetch.submit(load, plan[n + 1][3])
-                probs = tiler.block(block, (rows[0], cols_read[0]), touching, owned, core)
+                probs = tiler.block(block, (rows[0], cols[0]), touching, owned, core)
                 del block
                 y0, y1, x0, x1 = core
                 mapped = ~np.isnan(probs[0])
@@ -498,7 +507,7 @@ def predict_region(
     _check_options(window, overlap, batch_size, block_chunks)
     with atomic_path(location(out_path)) as tmp:
         create_output(cube_path, ckpt, tmp, str(ckpt.get("model_name", type(model).__name__)))
-        _predict_columns(cube_path, model, ckpt, tmp, None, window, overlap, batch_size, device, progress, block_chunks)
+        _predict_part(cube_path, model, ckpt, tmp, None, window, overlap, batch_size, device, progress, block_chunks)
     log.info("probabilities of %s written to %s", location(cube_path).name, out_path)
     return location(out_path)
 
@@ -513,7 +522,7 @@ def predict_part(
     cube_path: Path,
     checkpoint: Path,
     store: Path,
-    cols: tuple[int, int],
+    part: tuple[int, int, int, int],
     classes_path: Path | None = None,
     window: int = 64,
     overlap: float = 0.25,
@@ -521,8 +530,8 @@ def predict_part(
     device: str = "auto",
     threads: int | None = 1,
 ) -> int:
-    """Predict one part of `region_parts` (columns `cols`) into the store `create_output` made at `store`, in this
-    process (e.g. a Dask worker) with `threads` torch threads (None: unchanged); the windows visited.
+    """Predict one part of `region_parts` (`(y0, y1, x0, x1)`) into the store `create_output` made at `store`, in
+    this process (e.g. a Dask worker) with `threads` torch threads (None: unchanged); the windows visited.
 
     The checkpoint is read here, so only its path travels to a worker. Parts write disjoint output chunks, so any
     number of them can run at once; together they give the same store as `predict_region` in one piece.
@@ -530,7 +539,7 @@ def predict_part(
     if threads:
         torch.set_num_threads(threads)  # per process: one thread per Dask thread running a part
     model, ckpt = load_model(cube_path, checkpoint, classes_path)
-    return _predict_columns(cube_path, model, ckpt, store, cols, window, overlap, batch_size, device, False, 1)
+    return _predict_part(cube_path, model, ckpt, store, part, window, overlap, batch_size, device, False, 1)
 
 
 @task(name="predict-region", tags=["gpu"])

@@ -468,7 +468,7 @@ def test_parts_on_two_dask_workers_match_one_piece(prefect_server, cube, trained
     from infra.dask_cluster import DaskSettings
     from infra.errors import CropflowError
     from models.registry import build_model
-    from tasks.predict import load_model, region_parts
+    from tasks.predict import create_output, load_model, predict_part, region_parts
 
     values, norm = xr.open_zarr(cube)["s2"].values, trained[1]["norm"]
     config = {"in_channels": len(BANDS), "num_classes": len(CLASSES), "widths": [8, 16]}
@@ -477,10 +477,17 @@ def test_parts_on_two_dask_workers_match_one_piece(prefect_server, cube, trained
     ckpt = {**trained[1], "model_config": config, "model_name": "fcn3d", "state_dict": fcn.state_dict()}
     torch.save(ckpt, tmp_path / "m.pt")
     model, ckpt = load_model(cube, tmp_path / "m.pt")
-    assert region_parts(cube, ckpt, 2) == [(0, 128), (128, W)]
-    assert region_parts(cube, ckpt, 9) == [(0, 64), (64, 128), (128, W)]
+    assert region_parts(cube, ckpt, 2) == [(0, H, 0, 128), (0, H, 128, W)]  # 3 x 3 chunks: strips, then tiles
+    tiles = region_parts(cube, ckpt, 4)
+    assert tiles == [(0, 128, 0, 128), (0, 128, 128, W), (128, H, 0, 128), (128, H, 128, W)]
+    assert len(region_parts(cube, ckpt, 9)) == 9 and region_parts(cube, ckpt, 1) == [(0, H, 0, W)]
     options = {"window": 48, "batch_size": 8}
     whole = xr.open_zarr(predict_region(cube, model, ckpt, tmp_path / "whole.zarr", progress=False, **options))
+    create_output(cube, ckpt, tmp_path / "tiles.zarr", "fcn3d")  # 2 x 2 tiles, one after the other, in this process
+    windows = [predict_part(cube, tmp_path / "m.pt", tmp_path / "tiles.zarr", t, **options) for t in tiles]
+    assert windows == [4 * 4, 4 * 3, 2 * 4, 2 * 3]  # the windows touching each tile (5 x 6 in the region)
+    by_tiles = xr.open_zarr(tmp_path / "tiles.zarr")["probabilities"].values
+    np.testing.assert_allclose(by_tiles, whole["probabilities"].values, rtol=0, atol=1e-6)
 
     torch.save({**ckpt, "bands": ["B02", *BANDS[1:]]}, tmp_path / "other.pt")
 
