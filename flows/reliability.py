@@ -127,9 +127,15 @@ FAULTS = [
     ),
     Row(
         "object store refuses (403) or cannot serve (503) the server-side copies that publish a Zarr store",
-        "403 final, not retried: the scratch store and the copies made so far deleted, nothing half-written; 503 "
+        "403 final, not retried: the scratch store and the copies made so far deleted, the old store intact; 503 "
         "retried with backoff, the store published whole",
         ("tests/test_storage.py::test_failed_publish_on_s3_leaves_no_scratch_objects",),
+    ),
+    Row(
+        "object store stopped while a Zarr store is published over an older one",
+        "readers open the old store with its old values during the publish and after it fails; the publish retried "
+        "leaves the new store and no object of the old",
+        ("tests/test_storage.py::test_s3_publish_keeps_the_old_store_until_the_new_one_is_complete",),
     ),
     Row(
         "a local folder swap failing halfway (the new folder on another file system)",
