@@ -408,15 +408,15 @@ def gcs_bucket(no_cloud_credentials) -> str:
 
 
 def test_zarr_stores_and_files_on_a_gcs_emulator(gcs_bucket: str):
-    """`gs://` end to end: a Zarr store published over an older one reads back whole with no old object left, and a
-    file is uploaded whole."""
+    """`gs://` end to end: Zarr stores published over older ones (chunk keys `c/0/0/0`, then `0.0.0`, then
+    `c/0/0/0` again) read back whole with no old object left, and a file is uploaded whole."""
     url = f"{gcs_bucket}/run/cube.zarr"
-    for scale, extra in ((1, True), (2, False)):
+    cube = storage.location(url)
+    for scale, extra, objects in ((1, True, 11), (2, False, 6), (3, True, 11)):  # 2 metadata (+1) and 4 (+4) chunks
         with storage.output_store(url) as store:
             _store(scale, extra).to_zarr(store, zarr_format=3, mode="w", consolidated=True)
-    xr.testing.assert_identical(storage.open_zarr(url).load(), _store(2, extra=False).load())
-    cube = storage.location(url)
-    assert not [f for f in cube.fs.find(cube.path) if "old_only" in f or "/c/" in f], "the old chunks are deleted"
+        xr.testing.assert_identical(storage.open_zarr(url).load(), _store(scale, extra).load())
+        assert len(cube.fs.find(cube.path)) == objects, "the new store's objects, none of the old"
     with storage.output_file(f"{gcs_bucket}/run/metrics.json") as tmp:
         tmp.write_text('{"miou": 0.5}')
     assert storage.location(f"{gcs_bucket}/run/metrics.json").read_text() == '{"miou": 0.5}'
