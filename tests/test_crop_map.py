@@ -23,11 +23,14 @@ def tiny_sample(stac_api: Settings) -> Path:
     return ensure_sample("sample-tiny")
 
 
-def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_server, tmp_path):
-    """Search -> cube -> train -> tiled inference -> map: georeferenced like the cube, far better than chance."""
+def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_server, tmp_path, monkeypatch):
+    """Search -> cube -> train -> tiled inference -> map: georeferenced like the cube, far better than chance. With
+    a Dask cluster configured, the cube's tiles and the inference's part run on its workers."""
     from flows.crop_map import crop_map
     from flows.params import ModelSpec
 
+    for name, value in {"CROPFLOW_DASK": "local", "CROPFLOW_DASK_WORKERS": "2", "CROPFLOW_DASK_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
     out = tmp_path / "out"
     model = ModelSpec(epochs=15, time_budget_s=None)
     outputs = crop_map(region="sample-tiny", model=model, outputs=out, robustness=True)
@@ -53,11 +56,13 @@ def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_serv
     robustness = json.loads(Path(outputs["robustness"]).read_text())
     assert [r["missing_fraction"] for r in robustness["rows"]] == [0.0, 0.2, 0.4, 0.6, 0.8] * 2
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, TaskRunFilter, TaskRunFilterName
 
     with get_client(sync_client=True) as client:
         keys = ["crop-map-accuracy", "robustness"]
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+        parts = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="predict-part")))
+    assert len(parts) == 1 and parts[0].state.is_completed()  # the 96 px cube is a single 256 px chunk: one part
     assert {(a.key, a.type) for a in found} == {("crop-map-accuracy", "markdown"), ("robustness", "table")}
     assert "Area-adjusted accuracy" in next(a.data for a in found if a.key == "crop-map-accuracy")
 
