@@ -42,6 +42,7 @@ CloudMaskOpt = Annotated[
         "refused) or spectral (the test for every item)"
     ),
 ]
+RobustnessOpt = Annotated[bool, typer.Option(help="also report test metrics against 0-80 % missing dates")]
 ModelOpt = Annotated[str, typer.Option(help="model name (models/registry.py)")]
 Epochs = Annotated[int, typer.Option(help="maximum training epochs")]
 Budget = Annotated[float, typer.Option(help="training time budget in seconds")]
@@ -133,7 +134,7 @@ def crop_map_cmd(
     labels: LabelsOpt = None,
     classes: ClassesOpt = None,
     outputs: Outputs = None,
-    robustness: Annotated[bool, typer.Option(help="also report test metrics against 0-80 % missing dates")] = False,
+    robustness: RobustnessOpt = False,
     pretrain_epochs: PretrainOpt = 0,
     teacher: TeacherOpt = None,
     params: ParamsOpt = None,
@@ -224,11 +225,19 @@ def backfill_cmd(
     region: Region = "sample",
     sensors: Sensors = "s2,s1,landsat",
     catalog: CatalogOpt = "local",
+    stac_url: StacUrl = None,
+    max_cloud_cover: CloudOpt = None,
     model: ModelOpt = "fcn3d",
     epochs: Epochs = 40,
     time_budget: Budget = 480.0,
-    params: ParamsOpt = None,
+    labels: LabelsOpt = None,
+    classes: ClassesOpt = None,
     outputs: Outputs = None,
+    robustness: RobustnessOpt = False,
+    pretrain_epochs: PretrainOpt = 0,
+    teacher: TeacherOpt = None,
+    params: ParamsOpt = None,
+    s2_cloud_mask: CloudMaskOpt = "auto",
     here: Annotated[
         bool, typer.Option(help="run the seasons in this process even when the crop_map/backfill deployment exists")
     ] = False,
@@ -238,14 +247,22 @@ def backfill_cmd(
 ) -> None:
     """Run the backfill flow: one crop_map run per season, cached, so a rerun or a resumed run redoes nothing."""
     from flows.backfill import BACKFILL_DEPLOYMENT, backfill
+    from tasks.cube import check_s2_cloud_mask
 
+    check_s2_cloud_mask(s2_cloud_mask)
     results = backfill(
         region=region,
         seasons=seasons,
         sensors=listed(sensors),
         catalog=catalog,
-        model=model_spec(model, epochs, time_budget, params),
+        stac_url=stac_url,
+        max_cloud_cover=max_cloud_cover,
+        model=model_spec(model, epochs, time_budget, params, pretrain_epochs, teacher),
+        labels=labels,
+        classes=classes,
         outputs=outputs,
+        robustness=robustness,
+        s2_cloud_mask=s2_cloud_mask,
         deployment=None if here else BACKFILL_DEPLOYMENT,
         start_timeout_s=start_timeout,
     )

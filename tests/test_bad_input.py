@@ -116,6 +116,16 @@ CASES = [
         ["crop-map", "--region", "good", "--season", "2024-02-30..2024-10-31"],
         "start='2024-02-30' is not a date; use YYYY-MM-DD",
     ),
+    (
+        "backfill-cloud-mask-unknown",
+        ["backfill", "--seasons", "2023,2024", "--region", "good", "--s2-cloud-mask", "fmask"],
+        "s2_cloud_mask='fmask'; choose one of auto, scl, spectral",
+    ),
+    (
+        "backfill-teacher-for-another-model",
+        ["backfill", "--seasons", "2023,2024", "--region", "good", "--model", "ltae", "--teacher", "{labels}"],
+        "teacher applies to joint_reconstruction (incomplete-series distillation) and modality_distillation",
+    ),
     ("region-name-escapes", ["crop-map", "--region", "../escape"], "cannot name a run folder"),
     ("outputs-escape", ["crop-map", "--region", "good", "--outputs", "../../etc"], "climbs out of the working folder"),
 ]
