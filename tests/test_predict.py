@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from datetime import date
@@ -459,7 +460,8 @@ def test_parts_on_two_dask_workers_match_one_piece(prefect_server, cube, trained
     start in a moment): 2 parts (chunk columns 0-1 and 2 of the 64 px chunks), the checkpoint read by each worker,
     one store published, progress up to 100 %, and the same map as `predict_region` in one piece. Same windows and
     weights: equal up to float rounding of the batch composition (bit for bit on the bf16 CPU of the benchmarks).
-    A checkpoint that does not fit the cube is refused before anything is written."""
+    A checkpoint that does not fit the cube is refused before anything is written; parts failing on their workers (an
+    undecodable input chunk) fail the run and leave the store published before as it was, and no scratch store."""
     from distributed import LocalCluster
     from prefect import flow, get_client
     from prefect.context import get_run_context
@@ -492,16 +494,22 @@ def test_parts_on_two_dask_workers_match_one_piece(prefect_server, cube, trained
     torch.save({**ckpt, "bands": ["B02", *BANDS[1:]]}, tmp_path / "other.pt")
 
     @flow(name="predict-on-dask-test")
-    def on_dask(address: str, checkpoint: Path, out: Path) -> tuple[Path, str]:
-        got = predict_parts(cube, checkpoint, out, **options, dask=DaskSettings(address))
+    def on_dask(address: str, checkpoint: Path, out: Path, cube_path: Path = cube) -> tuple[Path, str]:
+        got = predict_parts(cube_path, checkpoint, out, **options, dask=DaskSettings(address))
         return got, str(get_run_context().flow_run.id)
 
+    broken = tmp_path / "broken.zarr"  # the cube with one input chunk of the second part undecodable
+    shutil.copytree(cube, broken)
+    next(f for f in sorted((broken / "s2" / "c").rglob("2")) if f.is_file()).write_bytes(b"not a chunk")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         with pytest.raises(CropflowError, match="trained on bands"):  # checked before any part runs
             on_dask(cluster.scheduler_address, tmp_path / "other.pt", tmp_path / "refused" / "probabilities.zarr")
         out, run_id = on_dask(cluster.scheduler_address, tmp_path / "m.pt", tmp_path / "out" / "probabilities.zarr")
+        with pytest.raises(RuntimeError, match="decompression error"):  # its parts fail on their workers
+            on_dask(cluster.scheduler_address, tmp_path / "m.pt", out, broken)
     assert not (tmp_path / "refused").exists()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["probabilities.zarr"]  # no scratch store left
+    # ... and the failed run left the store published before it as it was (compared with the one-piece map below)
     parts = xr.open_zarr(out)
     mapped = whole["class"].values != 255
     assert mapped.mean() > 0.9 and len(np.unique(whole["class"].values[mapped])) == len(CLASSES)
