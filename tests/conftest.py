@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,18 +33,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _traversable_for_postgres(path: Path, up_to: Path) -> None:
-    """As root, PostgreSQL runs as `postgres`, which must traverse pytest's private (0700) temp folders."""
-    if os.geteuid() != 0:
-        return
-    for folder in [path, *path.parents]:
-        folder.chmod(folder.stat().st_mode | 0o711)
-        if folder == up_to:
-            break
+@contextmanager
+def postgres_home() -> Iterator[Path]:
+    """A fresh folder for the test STAC API's home, outside pytest's temp root, removed afterwards.
+
+    As root, PostgreSQL runs as `postgres`, which must traverse every parent of its data folder. pytest keeps its temp
+    root private (0700) and makes it so again whenever another pytest session starts, which would cut a running
+    PostgreSQL of this session off from its data; a folder of its own in the system temp folder is not touched.
+    """
+    home = Path(tempfile.mkdtemp(prefix="cropflow-test-home-"))
+    if os.geteuid() == 0:
+        home.chmod(0o711)
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def stac_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+def stac_api() -> Iterator[Settings]:
     """The local STAC API started once per session on free non-default ports; yields its `Settings`, then stops it.
 
     While it is active, `CROPFLOW_HOME`, `CROPFLOW_PG_PORT` and `CROPFLOW_STAC_PORT` point at it, so code calling
@@ -50,13 +59,11 @@ def stac_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """
     from infra import stac_api as stac_api_module
 
-    home = tmp_path_factory.mktemp("cropflow-home")
-    _traversable_for_postgres(home, tmp_path_factory.getbasetemp().parent)
     pg_port = free_port()
     stac_port = free_port()
     while stac_port == pg_port:
         stac_port = free_port()
-    with pytest.MonkeyPatch.context() as mp:
+    with postgres_home() as home, pytest.MonkeyPatch.context() as mp:
         mp.setenv("CROPFLOW_HOME", str(home))
         mp.setenv("CROPFLOW_PG_PORT", str(pg_port))
         mp.setenv("CROPFLOW_STAC_PORT", str(stac_port))
