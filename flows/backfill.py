@@ -24,7 +24,6 @@ from flows.crop_map import check_request, crop_map
 from flows.params import DEFAULT_SENSORS, START_TIMEOUT_S, ModelSpec, parse_seasons
 from flows.policy import on_server
 from infra.errors import CropflowError
-from tasks.cube import check_s2_cloud_mask
 
 BACKFILL_DEPLOYMENT = "crop_map/backfill"
 POLL_S = 5.0
@@ -94,8 +93,7 @@ def backfill(
     `s2_cloud_mask` as in `crop_map`."""
     logger = get_run_logger()
     wanted = parse_seasons(seasons)
-    check_s2_cloud_mask(s2_cloud_mask)
-    runs = check_request(region, wanted, sensors, catalog, labels, classes, outputs, model)
+    runs = check_request(region, wanted, sensors, catalog, labels, classes, outputs, model, s2_cloud_mask)
     params = {
         "region": region,
         "sensors": sensors,

@@ -142,12 +142,9 @@ def crop_map_cmd(
 ) -> None:
     """Run the crop_map flow: search, cube, train, predict, export, evaluate, report."""
     from flows.crop_map import check_request, crop_map
-    from tasks.cube import check_s2_cloud_mask
-
-    check_s2_cloud_mask(s2_cloud_mask)
 
     spec = model_spec(model, epochs, time_budget, params, pretrain_epochs, teacher)
-    check_request(region, [season], listed(sensors), catalog, labels, classes, outputs, spec)
+    check_request(region, [season], listed(sensors), catalog, labels, classes, outputs, spec, s2_cloud_mask)
     t0 = time.perf_counter()
     paths = crop_map(
         region=region,

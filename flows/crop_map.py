@@ -33,10 +33,12 @@ def check_request(
     classes: Path | None = None,
     outputs: str | Path | None = None,
     model: ModelSpec | None = None,
+    s2_cloud_mask: str = "auto",
 ) -> list[Run]:
     """Validate a request before any long work and return its run for each of `seasons`: the region, catalog and
     sensors, the model's teacher and inputs, labels and class map once (a backfill's seasons share them), then each
-    season's dates and run folder."""
+    season's dates and run folder. `s2_cloud_mask` as in `crop_map`."""
+    check_s2_cloud_mask(s2_cloud_mask)
     runs = resolve_runs(region, seasons, outputs, labels, classes)
     check_sensors(sensors, catalog)
     if model is not None:
@@ -109,8 +111,7 @@ def crop_map(
     metrics against missing dates. `s2_cloud_mask`: how the cube masks Sentinel-2 clouds, "auto" (SCL where an item
     has it, else a spectral test), "scl" or "spectral".
     """
-    check_s2_cloud_mask(s2_cloud_mask)
-    [run] = check_request(region, [season], sensors, catalog, labels, classes, outputs, model)
+    [run] = check_request(region, [season], sensors, catalog, labels, classes, outputs, model, s2_cloud_mask)
     dates = f"{run.start}..{run.end}"  # the subflows get the dates: `current` moves with the clock
     common = {"region": region, "season": dates, "outputs": outputs}
     cube = build_cube(
