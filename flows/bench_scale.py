@@ -122,7 +122,7 @@ def infer_on_workers(region: Path, cube: Path, workers: int, scratch: Path) -> d
         baseline = client.run(max_rss_mb)
         with atomic_path(scratch / "probabilities.zarr") as store:
             create_output(cube, ckpt, store, "fcn3d")
-            run = partial(predict_part, cube, checkpoint, store, window=64, batch_size=16, device="cpu", threads=1)
+            run = partial(predict_part, cube, checkpoint, store, window=64, batch_size=16, device="cpu")
             cpu, t0 = client.run(cpu_seconds), time.perf_counter()
             windows = sum(client.gather(client.map(run, parts, pure=False)))
             seconds = time.perf_counter() - t0

@@ -528,16 +528,14 @@ def predict_part(
     overlap: float = 0.25,
     batch_size: int = 16,
     device: str = "auto",
-    threads: int | None = 1,
 ) -> int:
     """Predict one part of `region_parts` (`(y0, y1, x0, x1)`) into the store `create_output` made at `store`, in
-    this process (e.g. a Dask worker) with `threads` torch threads (None: unchanged); the windows visited.
+    this process (e.g. a Dask worker); the windows visited. Torch's threads are the process's own: Dask starts worker
+    processes with OMP_NUM_THREADS=1, so each part runs on one thread there.
 
     The checkpoint is read here, so only its path travels to a worker. Parts write disjoint output chunks, so any
     number of them can run at once; together they give the same store as `predict_region` in one piece.
     """
-    if threads:
-        torch.set_num_threads(threads)  # per process: one thread per Dask thread running a part
     model, ckpt = load_model(cube_path, checkpoint, classes_path)
     return _predict_part(cube_path, model, ckpt, store, part, window, overlap, batch_size, device, False, 1)
 
