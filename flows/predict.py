@@ -3,12 +3,11 @@ chunks, `tasks.predict.region_parts`), one per Dask thread, and runs each as a `
 workers (prefect-dask's `DaskTaskRunner`), all writing into one output store made beforehand and published once
 every part is done.
 
-A worker reads the checkpoint from its path (`torch.load(weights_only=True)` through `tasks.train.load_for_cube`)
-and runs its part with one torch thread (Dask starts worker processes with OMP_NUM_THREADS=1), so a worker runs
-as many parts at once as it has Dask threads
-(`CROPFLOW_DASK_THREADS`) without oversubscribing its cores. The output store must be reachable from every worker
-(a local folder for a LocalCluster, an object-store URL for a remote cluster). Windows straddling two parts run in
-both, so the map is the one `tasks.predict.predict_region` writes in one process.
+A worker reads the checkpoint from its path (`torch.load(weights_only=True)` through `tasks.train.load_for_cube`) and
+runs its part with one torch thread (Dask starts worker processes with OMP_NUM_THREADS=1), so a worker runs as many
+parts at once as it has Dask threads (`CROPFLOW_DASK_THREADS`) without oversubscribing its cores. The output store must
+be reachable from every worker (a local folder for a LocalCluster, an object-store URL for a remote cluster). Windows
+straddling two parts run in both, so the map is the one `tasks.predict.predict_region` writes in one process.
 """
 
 from __future__ import annotations
