@@ -15,7 +15,6 @@ import ctypes
 import ctypes.util
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -186,102 +185,72 @@ class Block:
         return self.r1 - self.r0, self.c1 - self.c0
 
 
-class OpenFiles:
-    """The datasets that the `Datasets` pools of this process hold open together: at most `limit` (default half the
-    soft limit of open files, at most 4096), whatever the number of pools (builds, Dask tiles in worker threads).
+class Datasets:
+    """Open datasets shared by the reader threads of this process (across blocks, builds and Dask tiles in worker
+    threads), each used by one thread at a time.
 
-    One more dataset opened at the limit first closes the least recently used idle one of any pool; when none is idle
-    the read goes ahead over the limit (never waits), and datasets given back are closed until it is met again.
+    An asset stays open from block to block, so it is opened once and its decoded tiles stay in GDAL's block cache
+    for the neighbouring blocks' margins. At most `limit` datasets are open (default half the soft limit of open
+    files, at most `MAX_OPEN`): one more opened at the limit first closes the least recently used idle one; when none
+    is idle the read goes ahead over the limit (never waits), and datasets given back are closed until it is met
+    again. A dataset whose read failed is closed, never reused.
     """
 
     def __init__(self, limit: int | None = None) -> None:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.limit = limit or (MAX_OPEN if soft == resource.RLIM_INFINITY else max(1, min(MAX_OPEN, soft // 2)))
-        self.open = 0
-        self.pools: weakref.WeakSet[Datasets] = weakref.WeakSet()
-        self.clock = itertools.count()  # orders idle datasets across pools: the least recently used first
+        self.count = 0  # open datasets: idle and taken
+        self._idle: OrderedDict[str, DatasetReader] = OrderedDict()  # href -> dataset, least recently used first
         self._lock = threading.Lock()
-
-    def join(self, pool: Datasets) -> None:
-        with self._lock:
-            self.pools.add(pool)
-
-    def count(self, n: int) -> None:
-        """`n` datasets opened (closed when negative); then idle ones are closed while over the limit."""
-        with self._lock:
-            self.open += n
-        while True:
-            with self._lock:
-                if self.open <= self.limit:
-                    return
-                ages = [(age, pool) for pool in self.pools if (age := pool.oldest()) is not None]
-                if not ages:
-                    return
-                victim = min(ages, key=lambda age_pool: age_pool[0])[1].take_oldest()
-                if victim is None:  # taken by its pool's reader meanwhile
-                    continue
-                self.open -= 1
-            victim.close()
-
-
-OPEN_FILES = OpenFiles()  # the budget of every `Datasets` pool in this process
-
-
-class Datasets:
-    """Open datasets shared by the reader threads across blocks, each used by one thread at a time.
-
-    An asset stays open from block to block, so it is opened once and its decoded tiles stay in GDAL's block cache
-    for the neighbouring blocks' margins. Idle datasets are kept within the process's budget of open files
-    (`OpenFiles`, shared by every pool). A dataset whose read failed is closed, never reused.
-    """
-
-    def __init__(self, budget: OpenFiles = OPEN_FILES) -> None:
-        self.budget = budget
-        self._idle: OrderedDict[str, tuple[int, DatasetReader]] = OrderedDict()  # href -> (last use, dataset)
-        self._lock = threading.Lock()
-        budget.join(self)
 
     @contextmanager
     def open(self, href: str) -> Iterator[DatasetReader]:
         """The dataset of `href`, taken for the duration of the `with` block (opened when none is idle)."""
         with self._lock:
-            _, src = self._idle.pop(href, (0, None))
+            src = self._idle.pop(href, None)
         if src is None:
-            self.budget.count(1)
+            self._settle(1)
             try:
                 with rasterio.Env(**GDAL_ENV):
                     src = rasterio.open(href)
             except BaseException:
-                self.budget.count(-1)
+                self._settle(-1)
                 raise
         try:
             yield src
         except BaseException:
             src.close()
-            self.budget.count(-1)
+            self._settle(-1)
             raise
-        with self._lock:
-            _, spare = self._idle.pop(href, (0, None))  # another thread's handle of the same asset, returned meanwhile
-            self._idle[href] = (next(self.budget.clock), src)
-        if spare is not None:
-            spare.close()
-        self.budget.count(-1 if spare is not None else 0)  # then idle ones are closed while over the limit
+        self._settle(0, (href, src))
 
-    def oldest(self) -> int | None:
-        """When the least recently used idle dataset was last used (`OpenFiles.clock`); None when none is idle."""
+    def _settle(self, opened: int, given_back: tuple[str, DatasetReader] | None = None) -> None:
+        """Count `opened` datasets (closed ones when negative), make `given_back` idle, then close the least recently
+        used idle datasets while over the limit."""
+        closing = []
         with self._lock:
-            return next(iter(self._idle.values()))[0] if self._idle else None
-
-    def take_oldest(self) -> DatasetReader | None:
-        with self._lock:
-            return self._idle.popitem(last=False)[1][1] if self._idle else None
+            self.count += opened
+            if given_back is not None:
+                href, src = given_back
+                if (spare := self._idle.pop(href, None)) is not None:  # another thread's handle, given back meanwhile
+                    closing.append(spare)
+                self._idle[href] = src
+            while self._idle and self.count - len(closing) > self.limit:
+                closing.append(self._idle.popitem(last=False)[1])
+            self.count -= len(closing)
+        for src in closing:
+            src.close()
 
     def close(self) -> None:
+        """Close every idle dataset."""
         with self._lock:
-            idle, self._idle = [src for _, src in self._idle.values()], OrderedDict()
+            idle, self._idle = list(self._idle.values()), OrderedDict()
+            self.count -= len(idle)
         for src in idle:
             src.close()
-        self.budget.count(-len(idle))
+
+
+DATASETS = Datasets()  # the open datasets of this process
 
 
 def _source_axis(n_out: int, start: int, factor: int) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -933,7 +902,6 @@ def build_blocks(
             on_block(blk)
         return blk
 
-    datasets = Datasets()
     readers = threads or min(16, 2 * (os.cpu_count() or 1))
     try:
         with (
@@ -947,7 +915,7 @@ def build_blocks(
             for blk in blocks:
                 before = set(bad.found)
                 composites = {
-                    name: composite_block(plan, job.grid, blk, pool, bad, datasets) for name, plan in job.plans.items()
+                    name: composite_block(plan, job.grid, blk, pool, bad, DATASETS) for name, plan in job.plans.items()
                 }
                 new_bad = {k: bad.found[k] for k in set(bad.found) - before}
                 if pending is not None:
@@ -956,7 +924,7 @@ def build_blocks(
             if pending is not None:
                 pending.result()
     finally:
-        datasets.close()
+        DATASETS.close()
 
 
 def _valid_fraction(job: CubeJob, records: dict[str, dict], group: zarr.Group) -> dict[str, float]:

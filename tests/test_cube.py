@@ -284,11 +284,11 @@ def test_blocks_cover_the_grid_once_in_z_order():
 
 
 def test_open_assets_are_reused_and_a_failed_one_is_closed(tiny_region):
-    from tasks.cube import Datasets, OpenFiles
+    from tasks.cube import Datasets
 
     s2 = region_items(tiny_region, "sentinel-2-l2a")
     href, other = s2[0]["assets"]["B04"]["href"], s2[0]["assets"]["B05"]["href"]
-    datasets = Datasets(OpenFiles(limit=1))
+    datasets = Datasets(limit=1)
     with datasets.open(href) as first:
         pass
     with datasets.open(href) as again:
@@ -314,11 +314,11 @@ def _open_files(folder: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts open files in /proc/self/fd (Linux)")
-def test_pools_share_one_budget_of_open_files(tmp_path):
+def test_reader_threads_share_one_limit_of_open_files(tmp_path):
     import rasterio
     from affine import Affine
 
-    from tasks.cube import OPEN_FILES, Datasets, OpenFiles
+    from tasks.cube import Datasets
 
     hrefs = []
     for i in range(8):
@@ -327,39 +327,34 @@ def test_pools_share_one_budget_of_open_files(tmp_path):
         profile["transform"] = Affine(10, 0, 600000, 0, -10, 5650000)
         with rasterio.open(hrefs[-1], "w", **profile) as dst:
             dst.write(np.full((1, 4, 4), i, dtype="uint8"))
-    budget = OpenFiles(limit=3)
-    pools = [Datasets(budget), Datasets(budget)]
+    datasets = Datasets(limit=3)
 
-    def reads(pool: Datasets, seed: int) -> None:
+    def reads(seed: int) -> None:
         for i in np.random.default_rng(seed).integers(0, len(hrefs), 40):
-            with pool.open(hrefs[i]) as src:
+            with datasets.open(hrefs[i]) as src:
                 assert src.read(1)[0, 0] == i
                 assert _open_files(tmp_path) <= 3
             assert _open_files(tmp_path) <= 3
 
     with ThreadPoolExecutor(2) as threads:  # two builds' readers in one process, at the same time
-        list(threads.map(reads, pools, [0, 1]))
-    assert budget.open == _open_files(tmp_path) == 3
-    a, b = pools
-    a.close()
-    b.close()
-    assert budget.open == _open_files(tmp_path) == 0
+        list(threads.map(reads, [0, 1]))
+    assert datasets.count == _open_files(tmp_path) == 3
+    datasets.close()
+    assert datasets.count == _open_files(tmp_path) == 0
 
-    with a.open(hrefs[0]) as oldest:
+    with datasets.open(hrefs[0]) as oldest:
         pass
-    for pool, href in [(b, hrefs[1]), (a, hrefs[2])]:
-        with pool.open(href):
+    for href in hrefs[1:3]:
+        with datasets.open(href):
             pass
-    with b.open(hrefs[3]):
-        assert oldest.closed and _open_files(tmp_path) == 3  # the least recently used idle one of either pool went
+    with datasets.open(hrefs[3]):
+        assert oldest.closed and _open_files(tmp_path) == 3  # the least recently used idle one went
     with contextlib.ExitStack() as busy:  # nothing idle to close: the read goes ahead over the limit, never waits
-        held = [busy.enter_context(pool.open(href)) for pool, href in zip([a, a, b, b], hrefs[4:], strict=True)]
-        assert _open_files(tmp_path) == budget.open == 4 and not any(src.closed for src in held)
-    assert _open_files(tmp_path) == budget.open == 3  # back within the limit once given back
-    a.close()
-    b.close()
-    assert _open_files(tmp_path) == budget.open == 0
-    assert Datasets().budget is Datasets().budget is OPEN_FILES  # every pool of the process, by default
+        held = [busy.enter_context(datasets.open(href)) for href in hrefs[4:]]
+        assert _open_files(tmp_path) == datasets.count == 4 and not any(src.closed for src in held)
+    assert _open_files(tmp_path) == datasets.count == 3  # back within the limit once given back
+    datasets.close()
+    assert _open_files(tmp_path) == datasets.count == 0
 
 
 class Interrupted(Exception):
