@@ -32,7 +32,7 @@ from tasks.export import export_map_task
 from tasks.predict import predict_region_task
 from tasks.pretrain import PRETRAIN_OPTIONS, pretrain_model_task
 from tasks.sensors import get_sensor
-from tasks.train import TrainOptions, TrainResult, train_model_task
+from tasks.train import TrainOptions, TrainResult, device_defaults, resolve_device, train_model_task
 
 
 def check_sensors(sensors: list[str], catalog: str, stac_url: str | None = None) -> Catalog:
@@ -143,7 +143,8 @@ def build_cube(
 
 
 def train_key(run: Run, model: ModelSpec) -> str:
-    """The cache key of a training run: the cube, the model spec, labels, classes and the teacher's bytes."""
+    """The cache key of a training run: the cube, the model spec and the defaults of this machine's device (fcn3d
+    is wider on a GPU), labels, classes and the teacher's bytes."""
     labels, classes = labelled(run)
     cube = _existing(run.out / "cube.zarr", "build-cube")
     return step_key(
@@ -151,6 +152,7 @@ def train_key(run: Run, model: ModelSpec) -> str:
         run,
         cube=cube_fingerprint(cube),
         model=model.model_dump(),
+        device_defaults=device_defaults(model.name, resolve_device("auto")),
         labels=file_digest(labels),
         classes=file_digest(classes),
         teacher=file_digest(model.teacher) if model.teacher and location(model.teacher).is_file() else None,

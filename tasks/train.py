@@ -714,11 +714,15 @@ def fit_forest(
     return _finish([row], 1, "fitted", 1, out_dir, "random_forest fitting")
 
 
+def device_defaults(model_name: str, device: torch.device) -> dict:
+    """The settings of `model_name` that depend on the device (`DEFAULT_MODEL_CONFIG`), before a run's own."""
+    return DEFAULT_MODEL_CONFIG.get(device.type, DEFAULT_MODEL_CONFIG["cpu"]).get(model_name, {})
+
+
 def model_config_for(model_name: str, model_config: dict | None, data: TrainData, device: torch.device) -> dict:
-    """`model_config` merged over `DEFAULT_MODEL_CONFIG[device type][model_name]`, with the input and output sizes
-    of the data: `in_channels`, `num_classes`, and `sar_channels` for multi-modal models."""
-    defaults = DEFAULT_MODEL_CONFIG.get(device.type, DEFAULT_MODEL_CONFIG["cpu"]).get(model_name, {})
-    config = defaults | dict(model_config or {})
+    """`model_config` merged over `device_defaults`, with the input and output sizes of the data: `in_channels`,
+    `num_classes`, and `sar_channels` for multi-modal models."""
+    config = device_defaults(model_name, device) | dict(model_config or {})
     config |= {"in_channels": len(data.cube.bands), "num_classes": len(data.classes)}
     if data.sar is not None:
         config["sar_channels"] = len(data.sar.bands)

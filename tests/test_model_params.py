@@ -54,6 +54,20 @@ def test_params_enter_the_train_cache_key(region, tmp_path) -> None:
     assert train_key(run, ModelSpec(params={"widths": [8, 16]})) in keys  # the same params, the same key
 
 
+def test_the_train_cache_key_follows_the_devices_defaults(region, tmp_path, monkeypatch) -> None:
+    """fcn3d is wider on a GPU: a model trained on a CPU does not stand for the one a GPU machine would train."""
+    import flows.steps
+    from flows.steps import train_key
+
+    _, _, run = _run_folder(region, tmp_path)
+    specs = [ModelSpec(), ModelSpec(name="tempcnn")]
+    on_cpu = [train_key(run, spec) for spec in specs]
+    monkeypatch.setattr(flows.steps, "resolve_device", lambda _: resolve_device("cuda"))  # torch.device only
+    on_gpu = [train_key(run, spec) for spec in specs]
+    assert on_gpu[0] != on_cpu[0]  # fcn3d's widths differ
+    assert on_gpu[1] == on_cpu[1]  # tempcnn has no device defaults
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
