@@ -2,7 +2,9 @@
 # Install what cropflow needs on a Debian machine, only what is missing, so a second run takes a second.
 #   1. Debian packages: PostgreSQL 15 + PostGIS 3 (the local STAC API), python3-venv; chromium (headless, for the
 #      test of the Prefect UI) when run as root, else a note (that test skips without it).
-#   2. .venv with torch==2.13.0 installed first and alone (CPU wheel), then every pin in requirements.lock.
+#   2. Azurite (Azure Storage's emulator, an npm package) in .venv/azurite, for the tests of az:// locations; Node.js
+#      and npm from Debian when run as root and npm is missing, else a note (those tests skip without it).
+#   3. .venv with torch==2.13.0 installed first and alone (CPU wheel), then every pin in requirements.lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,13 @@ if ! dpkg -s chromium >/dev/null 2>&1; then
     echo "cropflow setup: note: Debian package chromium is missing; the Prefect UI test will skip ('sudo apt-get install chromium')." >&2
   fi
 fi
+if ! command -v npm >/dev/null 2>&1; then  # not `dpkg -s npm`: NodeSource's nodejs ships npm without that package
+  if [ "$(id -u)" = 0 ]; then
+    missing+=(nodejs npm)
+  else
+    echo "cropflow setup: note: npm is missing; the tests of az:// locations will skip ('sudo apt-get install nodejs npm')." >&2
+  fi
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "cropflow setup: missing Debian packages: ${missing[*]}; run 'sudo apt-get install ${missing[*]}' and retry." >&2
@@ -28,6 +37,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "cropflow setup: installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+AZURITE_VERSION=3.35.0  # the last release that runs on Node.js 20 (3.36 needs 21)
+if command -v npm >/dev/null 2>&1 &&
+  ! grep -qs "\"version\": \"$AZURITE_VERSION\"" .venv/azurite/node_modules/azurite/package.json; then
+  echo "cropflow setup: installing azurite@$AZURITE_VERSION (npm) in .venv/azurite"
+  npm install --prefix .venv/azurite --no-audit --no-fund --save-exact --loglevel=error "azurite@$AZURITE_VERSION" >/dev/null
 fi
 
 stamp=.venv/.cropflow-installed
