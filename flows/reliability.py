@@ -197,14 +197,15 @@ BAD_INPUT = [  # covered by other tests; the rows of tests/test_bad_input.py are
                 "'{\"width\": [8, 16]}'",
                 "params: 'width' of model 'fcn3d' is unknown; accepted keys (default): ...",
             ),
-            ("wrong-type", "'{\"widths\": 8}'", "params: widths=8 is not of type tuple[int, ...] for model 'fcn3d'"),
+            ("wrong-type", "'{\"widths\": 8}'", "params: widths=8: input should be a valid array (model 'fcn3d')"),
             ("file-missing", "none.yaml", "--params file none.yaml cannot be read (No such file or directory)"),
             ("invalid-json", "'{\"widths\": [8, 16}'", "is not valid JSON (Expecting ',' delimiter ...)"),
             ("not-a-mapping", "list.yaml (a YAML list)", "is not a mapping of setting names to values"),
         ]
     ),
     Row(
-        "flow parameter model.params: unknown key, wrong type, a data size, a value the model refuses",
+        "flow parameter model.params: unknown key, wrong type, out of range (zero width, dropout 1), a data size, "
+        "a value the model refuses",
         "names the key, the model and the accepted keys with their defaults",
         ("tests/test_model_params.py::test_bad_params_are_refused_naming_key_model_and_accepted_keys",),
     ),

@@ -11,9 +11,18 @@ features whatever the backbone: `forward(x, doy, valid) == classify(encode(x, do
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Annotated, Protocol, runtime_checkable
 
 import torch
+from annotated_types import Ge, Gt, Lt
+
+# Value types of the models' settings, as their constructors annotate them; `registry.check_settings` validates a
+# user's settings against these annotations before any work.
+Count = Annotated[int, Gt(0)]  # widths, layers, heads, kernel sizes, trees
+Widths = tuple[Count, ...]
+Fraction = Annotated[float, Ge(0), Lt(1)]  # a dropout rate
+Positive = Annotated[float, Gt(0)]  # a distillation temperature
+Weight = Annotated[float, Ge(0)]  # a loss term's weight
 
 
 @runtime_checkable

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.base import Widths
+
 KERNEL = (5, 3, 3)  # (T, H, W): the paper's (3, 3, 5) in (H, W, T)
 
 
@@ -67,7 +69,7 @@ class FCN3D(nn.Module):
         self,
         in_channels: int,
         num_classes: int,
-        widths: tuple[int, ...] = (32, 64, 128, 256),
+        widths: Widths = (32, 64, 128, 256),
         use_valid_channel: bool = True,
     ) -> None:
         super().__init__()

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from infra.errors import CropflowError
-from models.base import TemporalEncoderModel
+from models.base import Count, Positive, TemporalEncoderModel, Weight
 from models.losses import distillation_kl, labelled_cross_entropy, masked_mse
 from models.ltae import doy_encoding
 
@@ -97,13 +97,13 @@ class JointReconstruction(nn.Module):
         num_classes: int,
         backbone: str = "ltae",
         backbone_config: dict | None = None,
-        hidden_dim: int = 64,
-        heads: int = 4,
-        layers: int = 2,
-        temperature: float = 2.0,
-        ce_weight: float = 1.0,
-        distill_weight: float = 1.0,
-        align_weight: float = 1.0,
+        hidden_dim: Count = 64,
+        heads: Count = 4,
+        layers: Count = 2,
+        temperature: Positive = 2.0,
+        ce_weight: Weight = 1.0,
+        distill_weight: Weight = 1.0,
+        align_weight: Weight = 1.0,
     ) -> None:
         super().__init__()
         from models.registry import build_model  # the registry imports this module

@@ -22,6 +22,8 @@ from itertools import pairwise
 import torch
 from torch import nn
 
+from models.base import Count, Fraction, Widths
+
 
 def doy_encoding(doy: torch.Tensor, dim: int, period: float = 1000.0) -> torch.Tensor:
     """Sinusoidal encoding (..., dim) of days of year `doy` (...): sin and cos at `dim // 2` geometric frequencies."""
@@ -141,13 +143,13 @@ class PixelLTAE(nn.Module):
         self,
         in_channels: int,
         num_classes: int,
-        embed_dims: tuple[int, ...] = (64, 128),
-        d_model: int = 128,
-        n_head: int = 16,
-        d_k: int = 8,
-        mlp_dims: tuple[int, ...] = (128,),
-        dropout: float = 0.2,
-        decoder_dims: tuple[int, ...] = (64, 32),
+        embed_dims: Widths = (64, 128),
+        d_model: Count = 128,
+        n_head: Count = 16,
+        d_k: Count = 8,
+        mlp_dims: Widths = (128,),
+        dropout: Fraction = 0.2,
+        decoder_dims: Widths = (64, 32),
     ) -> None:
         super().__init__()
         self.feature_dim = d_model

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from models.base import Count, Positive, Weight
 from models.losses import distillation_kl, labelled_cross_entropy, pixel_kl
 
 SOURCES = ("teacher", "optical", "sar")
@@ -122,11 +123,11 @@ class ModalityDistillation(nn.Module):
         optical_config: dict | None = None,
         sar_backbone: str = "ltae",
         sar_config: dict | None = None,
-        embed_dim: int = 32,
-        temperature: float = 2.0,
-        tau: float = 1.0,
-        ce_weight: float = 1.0,
-        distill_weight: float = 1.0,
+        embed_dim: Count = 32,
+        temperature: Positive = 2.0,
+        tau: Positive = 1.0,
+        ce_weight: Weight = 1.0,
+        distill_weight: Weight = 1.0,
     ) -> None:
         super().__init__()
         from models.registry import build_model  # the registry imports this module

@@ -17,6 +17,8 @@ import torch
 from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
+from models.base import Count
+
 BUFFERS = ("grid", "left", "right", "feature", "threshold", "leaf_proba")
 PADDING = -3  # `feature` of the nodes that pad the shorter trees (scikit-learn marks leaves with -2)
 
@@ -79,11 +81,11 @@ class RandomForest(nn.Module):
         self,
         in_channels: int,
         num_classes: int,
-        n_estimators: int = 100,
-        max_depth: int | None = None,
-        min_samples_leaf: int = 1,
-        n_grid: int = 12,
-        max_samples: int = 200_000,
+        n_estimators: Count = 100,
+        max_depth: Count | None = None,
+        min_samples_leaf: Count = 1,
+        n_grid: Count = 12,
+        max_samples: Count = 200_000,
         n_jobs: int = 1,
         seed: int = 0,
     ) -> None:

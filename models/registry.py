@@ -9,7 +9,7 @@ import typing
 from collections.abc import Mapping
 
 import torch
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -50,28 +50,32 @@ def model_settings(name: str) -> dict[str, object]:
 
 
 def check_settings(name: str, settings: Mapping[str, object]) -> None:
-    """Refuse settings of model `name` that its constructor does not take, of another type than its annotation
-    (JSON's types, strictly: no "8" for an int), or whose values it rejects (built once on the meta device):
-    a `CropflowError` naming the key, the model and the accepted keys with their defaults."""
+    """Refuse settings of model `name` that its constructor does not take, that do not fit its annotation (JSON's
+    types, strictly: no "8" for an int; the ranges of `models.base`), or whose values it rejects (built once on the
+    meta device): a `CropflowError` naming the key, the model and the accepted keys with their defaults."""
     cls = MODELS[name]
     parameters = inspect.signature(cls).parameters
     accepted = model_settings(name)
     listing = f"accepted keys (default): {', '.join(f'{k}={v!r}' for k, v in accepted.items())}"
-    hints = typing.get_type_hints(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__, include_extras=True)
     for key, value in settings.items():
         if key not in accepted:
             what = "is set from the cube and the class map" if key in DATA_SIZES else "is unknown"
             raise CropflowError(f"params: {key!r} of model {name!r} {what}; {listing}.")
         try:
-            TypeAdapter(hints[key]).validate_json(json.dumps(value), strict=True)
-        except (TypeError, ValueError):  # not JSON (json.dumps), or pydantic's ValidationError
-            wanted = f"{key}={value!r} is not of type {parameters[key].annotation}"
-            raise CropflowError(f"params: {wanted} for model {name!r}; {listing}.") from None
+            TypeAdapter(hints[key]).validate_json(json.dumps(value, allow_nan=False), strict=True)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = "".join(f" at item {i}" for i in error["loc"] if isinstance(i, int))
+            wanted = f"{key}={value!r}{where}: {error['msg'][0].lower()}{error['msg'][1:]}"
+            raise CropflowError(f"params: {wanted} (model {name!r}); {listing}.") from None
+        except (TypeError, ValueError):  # not JSON
+            raise CropflowError(f"params: {key}={value!r} is not a JSON value (model {name!r}); {listing}.") from None
     sizes = {key: 2 for key in DATA_SIZES if key in parameters}
     try:
         with torch.device("meta"):
             cls(**sizes, **settings)
-    except (ValueError, TypeError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+    except (ValueError, TypeError, IndexError, ZeroDivisionError, RuntimeError, AssertionError) as exc:
         raise CropflowError(f"params {dict(settings)} do not make a {name} model: {exc}; {listing}.") from None
 
 

@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.base import Count, Fraction
 from models.losses import masked_mse
 
 ENCODER_PREFIXES = ("mask_token", "cnn.", "input_norm.", "temporal.")
@@ -134,12 +135,12 @@ class STCLN(nn.Module):
         self,
         in_channels: int,
         num_classes: int,
-        hidden: int = 32,
-        d_model: int = 256,
-        num_layers: int = 3,
-        num_heads: int = 8,
-        dropout: float = 0.1,
-        window: int | None = 64,
+        hidden: Count = 32,
+        d_model: Count = 256,
+        num_layers: Count = 3,
+        num_heads: Count = 8,
+        dropout: Fraction = 0.1,
+        window: Count | None = 64,
         reconstruction_head: bool = False,
     ) -> None:
         super().__init__()

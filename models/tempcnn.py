@@ -21,6 +21,8 @@ from itertools import pairwise
 import torch
 from torch import nn
 
+from models.base import Count, Fraction, Widths
+
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int, dropout: float) -> nn.Sequential:
     """Conv1d ('same' padding, no bias: BatchNorm has one) + BatchNorm1d + ReLU + Dropout."""
@@ -50,10 +52,10 @@ class TempCNN(nn.Module):
         self,
         in_channels: int,
         num_classes: int,
-        widths: tuple[int, ...] = (64, 64, 64),
-        kernel: int = 5,
-        hidden: int = 256,
-        dropout: float = 0.2,
+        widths: Widths = (64, 64, 64),
+        kernel: Count = 5,
+        hidden: Count = 256,
+        dropout: Fraction = 0.2,
     ) -> None:
         super().__init__()
         dims = (in_channels + 3, *widths)  # + validity + sin, cos of the day of year

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.base import Count, Fraction, Widths
 from models.ltae import LTAE, pixels_first
 
 
@@ -107,13 +108,13 @@ class UTAE(nn.Module):
         self,
         in_channels: int,
         num_classes: int,
-        encoder_widths: tuple[int, ...] = (64, 64, 64, 128),
-        decoder_widths: tuple[int, ...] = (32, 32, 64, 128),
-        out_widths: tuple[int, ...] = (32,),
-        n_head: int = 16,
-        d_model: int = 256,
-        d_k: int = 4,
-        dropout: float = 0.2,
+        encoder_widths: Widths = (64, 64, 64, 128),
+        decoder_widths: Widths = (32, 32, 64, 128),
+        out_widths: Widths = (32,),
+        n_head: Count = 16,
+        d_model: Count = 256,
+        d_k: Count = 4,
+        dropout: Fraction = 0.2,
     ) -> None:
         super().__init__()
         if decoder_widths[-1] != encoder_widths[-1] or len(decoder_widths) != len(encoder_widths):

@@ -74,13 +74,16 @@ def test_the_train_cache_key_follows_the_devices_defaults(region, tmp_path, monk
         ({"params": {"width": [8]}}, f"params: 'width' of model 'fcn3d' is unknown; {FCN3D_KEYS}."),
         (
             {"params": {"widths": "wide"}},
-            f"params: widths='wide' is not of type tuple[int, ...] for model 'fcn3d'; {FCN3D_KEYS}",
+            f"params: widths='wide': input should be a valid array (model 'fcn3d'); {FCN3D_KEYS}",
         ),
-        ({"params": {"widths": ["8"]}}, "widths=['8'] is not of type tuple[int, ...]"),
+        ({"params": {"widths": ["8"]}}, "widths=['8'] at item 0: input should be a valid integer"),
         (
             {"name": "ltae", "params": {"d_model": 64.5}},
-            "d_model=64.5 is not of type int for model 'ltae'; accepted keys (default): embed_dims=(64, 128), d_model=",
+            "d_model=64.5: input should be a valid integer (model 'ltae'); accepted keys (default): embed_dims=(64, 1",
         ),
+        ({"params": {"widths": [8, 0]}}, "widths=[8, 0] at item 1: input should be greater than 0 (model 'fcn3d')"),
+        ({"name": "tempcnn", "params": {"dropout": 1}}, "dropout=1: input should be less than 1 (model 'tempcnn')"),
+        ({"name": "modality_distillation", "params": {"tau": 0.0}}, "tau=0.0: input should be greater than 0"),
         (
             {"params": {"in_channels": 3}},
             f"'in_channels' of model 'fcn3d' is set from the cube and the class map; {FCN3D_KEYS}",
@@ -89,8 +92,20 @@ def test_the_train_cache_key_follows_the_devices_defaults(region, tmp_path, monk
             {"name": "utae", "params": {"n_head": 5}},
             "do not make a utae model: every encoder width but the last must be a multiple of n_head=5",
         ),
+        ({"name": "stcln", "params": {"d_model": 30}}, "do not make a stcln model: embed_dim must be divisible by"),
     ],
-    ids=["unknown-key", "wrong-type", "wrong-item-type", "float-for-int", "data-size", "refused-by-the-model"],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "wrong-item-type",
+        "float-for-int",
+        "zero-width",
+        "dropout-of-one",
+        "zero-temperature",
+        "data-size",
+        "refused-by-the-model",
+        "refused-by-torch",
+    ],
 )
 def test_bad_params_are_refused_naming_key_model_and_accepted_keys(spec, message) -> None:
     """As a deployment's parameters are checked (pydantic), before the flow runs."""
@@ -110,7 +125,7 @@ def test_good_params_of_every_kind_pass() -> None:
     ("params", "message"),
     [
         ('{"width": [8, 16]}', f"error: params: 'width' of model 'fcn3d' is unknown; {FCN3D_KEYS}."),
-        ('{"widths": 8}', "error: params: widths=8 is not of type tuple[int, ...] for model 'fcn3d'"),
+        ('{"widths": 8}', "error: params: widths=8: input should be a valid array (model 'fcn3d')"),
         ("{tmp}/none.yaml", "error: --params file {tmp}/none.yaml cannot be read (No such file or directory)"),
         ('{"widths": [8, 16}', "error: --params '{\"widths\": [8, 16}' is not valid JSON (Expecting ',' delimiter"),
         ("{tmp}/list.yaml", "error: --params {tmp}/list.yaml is not a mapping of setting names to values"),
