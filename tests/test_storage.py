@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from upath import UPath
 
 from infra import atomic, storage
 from infra.errors import CropflowError
+from infra.processes import log_tail, port_free
 from infra.retry import HttpRetry
 
 
@@ -140,8 +141,8 @@ def test_zarr_store_on_s3_published_whole(bucket: str):
     assert [p.name for p in storage.location(f"{bucket}/run").iterdir()] == ["probabilities.zarr"]
 
 
-def test_files_and_rasters_on_s3(bucket: str, tmp_path: Path):
-    url = f"{bucket}/maps/crop_map.tif"
+def _raster_round_trip(url: str) -> None:
+    """A GeoTIFF written to `url` (`storage.output_file`) reads back with its grid and values (`open_raster`)."""
     data = np.arange(64, dtype=np.uint8).reshape(8, 8)
     with storage.output_file(url) as tmp:
         profile = {"driver": "GTiff", "width": 8, "height": 8, "count": 1, "dtype": "uint8", "crs": "EPSG:32631"}
@@ -151,6 +152,9 @@ def test_files_and_rasters_on_s3(bucket: str, tmp_path: Path):
         assert src.crs.to_epsg() == 32631 and src.transform.c == 600000
         np.testing.assert_array_equal(src.read(1), data)
 
+
+def test_files_and_rasters_on_s3(bucket: str, tmp_path: Path):
+    _raster_round_trip(f"{bucket}/maps/crop_map.tif")
     local = tmp_path / "model.pt"
     local.write_bytes(b"weights")
     assert storage.upload(local, f"{bucket}/maps/model.pt").read_bytes() == b"weights"
@@ -411,17 +415,98 @@ def gcs_bucket(no_cloud_credentials) -> str:
     server.stop()
 
 
-def test_zarr_stores_and_files_on_a_gcs_emulator(gcs_bucket: str):
-    """`gs://` end to end: Zarr stores published over older ones (chunk keys `c/0/0/0`, then `0.0.0`, then
-    `c/0/0/0` again) read back whole with no old object left, and a file is uploaded whole."""
-    url = f"{gcs_bucket}/run/cube.zarr"
+def _publish_stores_in_turn(url: str) -> None:
+    """Zarr stores published at `url` over older ones (chunk keys `c/0/0/0`, then `0.0.0`, then `c/0/0/0` again),
+    each read back whole with exactly its own objects, none of the old."""
     cube = storage.location(url)
     for scale, extra, objects in ((1, True, 11), (2, False, 6), (3, True, 11)):  # 2 metadata (+1) and 4 (+4) chunks
         with storage.output_store(url) as store:
             _store(scale, extra).to_zarr(store, zarr_format=3, mode="w", consolidated=True)
         xr.testing.assert_identical(storage.open_zarr(url).load(), _store(scale, extra).load())
         assert len(cube.fs.find(cube.path)) == objects, "the new store's objects, none of the old"
+
+
+def test_zarr_stores_and_files_on_a_gcs_emulator(gcs_bucket: str):
+    """`gs://` end to end: Zarr stores published over older ones read back whole with no old object left, and a file
+    is uploaded whole."""
+    _publish_stores_in_turn(f"{gcs_bucket}/run/cube.zarr")
     with storage.output_file(f"{gcs_bucket}/run/metrics.json") as tmp:
         tmp.write_text('{"miou": 0.5}')
     assert storage.location(f"{gcs_bucket}/run/metrics.json").read_text() == '{"miou": 0.5}'
     assert sorted(p.name for p in storage.location(f"{gcs_bucket}/run").iterdir()) == ["cube.zarr", "metrics.json"]
+
+
+# Azurite's account and key: public data of the emulator, the same in every copy of it
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@pytest.fixture(scope="module")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Azurite's Blob service (Azure Storage's emulator, in memory) on a free port of 127.0.0.1 for the module; its
+    endpoint. Skips when Azurite is not installed (`infra/setup.sh` installs it with npm in .venv/azurite)."""
+    from conftest import free_port
+
+    program = shutil.which("azurite-blob") or str(Path(sys.prefix) / "azurite/node_modules/.bin/azurite-blob")
+    if not (Path(program).is_file() and shutil.which("node")):
+        pytest.skip(f"Azurite is not installed ({program}, with node): run infra/setup.sh, which installs it with npm")
+    folder = tmp_path_factory.mktemp("azurite")
+    port = free_port()
+    options = ["--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence", "--silent"]
+    options += ["--skipApiVersionCheck", "--disableTelemetry"]  # Azure's SDK may be newer than Azurite; no reports
+    with (folder / "azurite.log").open("w") as log:
+        server = subprocess.Popen([program, *options], stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+    try:
+        deadline = time.monotonic() + 60
+        while port_free(port):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"Azurite did not start on 127.0.0.1:{port}: {log_tail(folder / 'azurite.log')}")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture
+def azure_container(azurite: str, no_cloud_credentials: pytest.MonkeyPatch) -> str:
+    """A container on Azurite, reached with a connection string in the environment as a user sets it; its URL."""
+    no_cloud_credentials.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING",
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};BlobEndpoint={azurite};",
+    )
+    storage.location("az://cropflow-maps").fs.mkdir("cropflow-maps")
+    return "az://cropflow-maps"
+
+
+def test_zarr_stores_files_and_rasters_on_azurite(
+    azure_container: str, azurite: str, no_cloud_credentials: pytest.MonkeyPatch, tmp_path: Path, caplog
+):
+    """`az://` end to end with a connection string: Zarr stores published in turn, a raster and a file uploaded
+    whole, listed and read back; a missing container and a wrong key are named, but no key in a message nor log."""
+    from adlfs import AzureBlobFileSystem
+
+    caplog.set_level(logging.DEBUG)
+    _publish_stores_in_turn(f"{azure_container}/run/cube.zarr")
+    _raster_round_trip(f"{azure_container}/run/crop_map.tif")
+    local = tmp_path / "model.pt"
+    local.write_bytes(b"weights")
+    assert storage.upload(local, f"{azure_container}/run/model.pt").read_bytes() == b"weights"
+    run = storage.location(f"{azure_container}/run")
+    assert sorted(p.name for p in run.iterdir()) == ["crop_map.tif", "cube.zarr", "model.pt"]
+    assert str(next(run.glob("*.pt"))) == f"{azure_container}/run/model.pt"
+
+    missing = r"could not upload model\.pt to az://no-such-container/model\.pt: .*No such container"
+    with pytest.raises(CropflowError, match=missing) as lost:
+        storage.upload(local, "az://no-such-container/model.pt")
+    wrong = base64.b64encode(b"not-the-key").decode()
+    no_cloud_credentials.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", f"AccountName={AZURITE_ACCOUNT};AccountKey={wrong};BlobEndpoint={azurite};"
+    )
+    AzureBlobFileSystem.clear_instance_cache()  # clients are cached with the credentials they were created with
+    denied = r"could not upload model\.pt to az://cropflow-maps/run/x\.pt: Server failed to authenticate"
+    with pytest.raises(CropflowError, match=denied) as refused:
+        storage.upload(local, f"{azure_container}/run/x.pt")
+    assert any(r.name.startswith("azure.core") for r in caplog.records), "Azure's SDK logged its requests"
+    said = str(lost.value) + str(refused.value) + caplog.text
+    assert AZURITE_KEY not in said and wrong not in said
