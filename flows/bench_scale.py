@@ -88,16 +88,21 @@ def cube_on_workers(region: Path, workers: int, scratch: Path) -> dict:
     """Build the region's S2 cube as tiles on a fresh LocalCluster of `workers` single-threaded processes (one
     reader thread each); time and memory."""
     from flows.bench import read_region
-    from flows.cube import TILES_PER_WORKER
+    from flows.cube import tiles_by_worker
     from tasks.cube import build_blocks, prepare_cube, publish_cube
 
     meta, items, start, end = read_region(region)
     with local_cluster(workers, "tasks.cube") as client:
         baseline = client.run(max_rss_mb)
         job = prepare_cube({"s2": items}, meta["epsg"], tuple(meta["bounds"]), start, end, scratch / "cube.zarr")
-        tiles = job.tiles(workers * TILES_PER_WORKER)
+        tiles = tiles_by_worker(job, client.nthreads())
         cpu, t0 = client.run(cpu_seconds), time.perf_counter()
-        client.gather(client.map(build_blocks, [job] * len(tiles), tiles, [1] * len(tiles), pure=False))
+        client.gather(
+            [
+                client.submit(build_blocks, job, tile, 1, workers=[address], allow_other_workers=True, pure=False)
+                for address, tile in tiles
+            ]
+        )
         seconds = time.perf_counter() - t0
         usage = worker_usage(client, baseline, cpu)
     publish_cube(job)

@@ -8,16 +8,28 @@ builds them, so the cube is the same, bit for bit, as one built in a single proc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 
+from dask import annotate
 from prefect import get_run_logger, task
 
 from infra.dask_cluster import DaskSettings, task_runner
-from tasks.cube import build_cube_tile_task, prepare_cube_task, publish_cube_task
+from tasks.cube import Block, CubeJob, build_cube_tile_task, prepare_cube_task, publish_cube_task
 from tasks.grid import Bounds
 
 TILES_PER_WORKER = 4  # a few tiles per worker thread keep the workers busy to the end of the build
+
+
+def tiles_by_worker(job: CubeJob, nthreads: Mapping[str, int]) -> list[tuple[str, list[Block]]]:
+    """The blocks still to build in `TILES_PER_WORKER` tiles per worker thread, each with the worker it should run
+    on: a run of consecutive tiles (neighbouring blocks) per worker, in proportion to its threads. The source tiles
+    that a block's resampling margin shares with its neighbours are then decoded by one worker (in its GDAL cache),
+    not by each: handed out in turn, tiles cost 2 workers 19 % more CPU time than 1 at 1024 px."""
+    tiles = job.tiles(sum(nthreads.values()) * TILES_PER_WORKER)
+    owners = [address for address, n in sorted(nthreads.items()) for _ in range(n * TILES_PER_WORKER)]
+    return [(owners[i * len(owners) // len(tiles)], tile) for i, tile in enumerate(tiles)]
 
 
 def build_cube_tiles(
@@ -42,12 +54,19 @@ def build_cube_tiles(
     job = prepare_cube_task(items_by_sensor, epsg, bounds, start, end, out_path, **options)
     if job.todo:
         with task_runner(dask) as runner:
-            slots = sum(runner.client.nthreads().values())  # each tile task reads with one thread
-            tiles = job.tiles(slots * TILES_PER_WORKER)
+            nthreads = runner.client.nthreads()  # each tile task reads with one thread
+            tiles = tiles_by_worker(job, nthreads)
             logger.info(
-                "cube %s: %d blocks in %d tiles on %d Dask threads", job.out_path.name, len(job.todo), len(tiles), slots
+                "cube %s: %d blocks in %d tiles on %d Dask threads",
+                job.out_path.name,
+                len(job.todo),
+                len(tiles),
+                sum(nthreads.values()),
             )
-            futures = [runner.submit(build_cube_tile_task, {"job": job, "tile": tile}) for tile in tiles]
+            futures = []
+            for address, tile in tiles:
+                with annotate(workers=[address], allow_other_workers=True):  # a preference: idle ones take over
+                    futures.append(runner.submit(build_cube_tile_task, {"job": job, "tile": tile}))
             built = sum(future.result() for future in futures)
         logger.info("cube %s: %d blocks built", job.out_path.name, built)
     return publish_cube_task(job)

@@ -7,9 +7,9 @@ from pathlib import Path
 from prefect import flow
 from region_helpers import file_bytes, region_items, region_season
 
-from flows.cube import build_cube_tiles
+from flows.cube import TILES_PER_WORKER, build_cube_tiles, tiles_by_worker
 from infra.dask_cluster import DaskSettings
-from tasks.cube import build_cube
+from tasks.cube import CubeJob, blocks_of, build_cube
 
 
 def test_two_dask_workers_build_the_same_cube_bit_for_bit(
@@ -39,3 +39,18 @@ def test_two_dask_workers_build_the_same_cube_bit_for_bit(
     assert len([name for name in got if "/c/" in name]) >= 2 * 16  # s2 and s2_valid chunks
     assert [name for name in expected if got[name] != expected[name]] == []
     assert not (tmp_path / "dask.zarr.partial").exists()
+
+
+def test_each_worker_gets_a_compact_run_of_tiles(tmp_path: Path) -> None:
+    """Neighbouring blocks go to one worker, so the source tiles their margins share are decoded once."""
+    blocks = blocks_of((1024, 1024), 128)  # 64 blocks in Z order
+    done = frozenset(b.name for b in blocks[:8])  # an interrupted build: 56 blocks left
+    job = CubeJob(tmp_path / "cube.zarr", None, {}, blocks, done, {})
+    tiles = tiles_by_worker(job, {"tcp://b:1": 1, "tcp://a:1": 1})
+    assert len(tiles) == 2 * TILES_PER_WORKER and sum(len(tile) for _, tile in tiles) == 56
+    assert [address for address, _ in tiles] == ["tcp://a:1"] * TILES_PER_WORKER + ["tcp://b:1"] * TILES_PER_WORKER
+    rows_b = {b.r0 for address, tile in tiles if address == "tcp://b:1" for b in tile}
+    assert rows_b == set(range(512, 1024, 128))  # the lower half of the region: Z order keeps a run compact
+
+    weighted = tiles_by_worker(job, {"tcp://a:1": 3, "tcp://b:1": 1})  # in proportion to the workers' threads
+    assert abs([address for address, _ in weighted].count("tcp://a:1") - 0.75 * len(weighted)) <= 1
