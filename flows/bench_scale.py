@@ -89,7 +89,7 @@ def cube_on_workers(region: Path, workers: int, scratch: Path) -> dict:
     reader thread each); time and memory."""
     from flows.bench import read_region
     from flows.cube import tiles_by_worker
-    from tasks.cube import build_blocks, prepare_cube, publish_cube
+    from tasks.cube import build_blocks, close_datasets, prepare_cube, publish_cube
 
     meta, items, start, end = read_region(region)
     with local_cluster(workers, "tasks.cube") as client:
@@ -103,6 +103,7 @@ def cube_on_workers(region: Path, workers: int, scratch: Path) -> dict:
                 for address, tile in tiles
             ]
         )
+        client.run(close_datasets)
         seconds = time.perf_counter() - t0
         usage = worker_usage(client, baseline, cpu)
     publish_cube(job)

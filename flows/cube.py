@@ -16,7 +16,14 @@ from dask import annotate
 from prefect import get_run_logger, task
 
 from infra.dask_cluster import DaskSettings, task_runner
-from tasks.cube import Block, CubeJob, build_cube_tile_task, prepare_cube_task, publish_cube_task
+from tasks.cube import (
+    Block,
+    CubeJob,
+    build_cube_tile_task,
+    close_datasets,
+    prepare_cube_task,
+    publish_cube_task,
+)
 from tasks.grid import Bounds
 
 TILES_PER_WORKER = 4  # a few tiles per worker thread keep the workers busy to the end of the build
@@ -67,7 +74,10 @@ def build_cube_tiles(
             for address, tile in tiles:
                 with annotate(workers=[address], allow_other_workers=True):  # a preference: idle ones take over
                     futures.append(runner.submit(build_cube_tile_task, {"job": job, "tile": tile}))
-            built = sum(future.result() for future in futures)
+            try:
+                built = sum(future.result() for future in futures)
+            finally:
+                runner.client.run(close_datasets)  # each worker kept its assets open from tile to tile
         logger.info("cube %s: %d blocks built", job.out_path.name, built)
     return publish_cube_task(job)
 

@@ -253,6 +253,11 @@ class Datasets:
 DATASETS = Datasets()  # the open datasets of this process
 
 
+def close_datasets() -> None:
+    """Close the idle datasets of this process's pool: at the end of a build (on each Dask worker, `Client.run`)."""
+    DATASETS.close()
+
+
 def _source_axis(n_out: int, start: int, factor: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Target pixels `start..start+n_out` of a grid `factor` times finer than the source (pixel edges aligned) in
     source pixels: for each, the source pixel before its centre (`i0`, relative to `lo`) and the centre's distance
@@ -885,7 +890,9 @@ def build_blocks(
     """Build `blocks` of a prepared cube into its store, each recorded once written (so a rerun skips it).
 
     `threads` read and composite a block's scenes (GDAL releases the GIL); each block is written in the background
-    while the next one is read. `on_block` is called after each completed block.
+    while the next one is read. `on_block` is called after each completed block. The assets stay open (with their
+    decoded tiles) in the process's pool for the next call, e.g. the next tile on a Dask worker: whoever runs the
+    build closes them at its end (`close_datasets`).
     """
     done_dir = job.partial / "blocks"
     group = zarr.open_group(storage.zarr_store(job.partial / "cube.zarr"), mode="r+", zarr_format=3)
@@ -903,28 +910,25 @@ def build_blocks(
         return blk
 
     readers = threads or min(16, 2 * (os.cpu_count() or 1))
-    try:
-        with (
-            rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES),
-            # cube chunks are rarely all no-data: writing every one spares comparing each with the fill value
-            zarr.config.set({"array.write_empty_chunks": True}),
-            ThreadPoolExecutor(readers, thread_name_prefix="cube-read") as pool,
-            ThreadPoolExecutor(1, thread_name_prefix="cube-write") as writer,
-        ):
-            pending = None
-            for blk in blocks:
-                before = set(bad.found)
-                composites = {
-                    name: composite_block(plan, job.grid, blk, pool, bad, DATASETS) for name, plan in job.plans.items()
-                }
-                new_bad = {k: bad.found[k] for k in set(bad.found) - before}
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(write, blk, composites, new_bad)
+    with (
+        rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES),
+        # cube chunks are rarely all no-data: writing every one spares comparing each with the fill value
+        zarr.config.set({"array.write_empty_chunks": True}),
+        ThreadPoolExecutor(readers, thread_name_prefix="cube-read") as pool,
+        ThreadPoolExecutor(1, thread_name_prefix="cube-write") as writer,
+    ):
+        pending = None
+        for blk in blocks:
+            before = set(bad.found)
+            composites = {
+                name: composite_block(plan, job.grid, blk, pool, bad, DATASETS) for name, plan in job.plans.items()
+            }
+            new_bad = {k: bad.found[k] for k in set(bad.found) - before}
             if pending is not None:
                 pending.result()
-    finally:
-        DATASETS.close()
+            pending = writer.submit(write, blk, composites, new_bad)
+        if pending is not None:
+            pending.result()
 
 
 def _valid_fraction(job: CubeJob, records: dict[str, dict], group: zarr.Group) -> dict[str, float]:
@@ -986,7 +990,10 @@ def build_cube(
     (same arguments), then every block with `threads` readers (`on_block` called after each), then `publish_cube`.
     A rerun with the same arguments resumes an interrupted build; with other arguments it starts over."""
     job = prepare_cube(items_by_sensor, *args, **options)
-    build_blocks(job, job.todo, threads, on_block)
+    try:
+        build_blocks(job, job.todo, threads, on_block)
+    finally:
+        close_datasets()
     return publish_cube(job)
 
 
