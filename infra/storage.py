@@ -3,11 +3,11 @@
 A location is a `upath.UPath`: a local path is a `pathlib.Path` (local code runs exactly as before), a URL is a path
 on its fsspec filesystem (s3fs, gcsfs, adlfs). Credentials come from the environment of each store's own client
 (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_ENDPOINT_URL`/`AWS_PROFILE`, `GOOGLE_APPLICATION_CREDENTIALS`,
-`AZURE_STORAGE_ACCOUNT_NAME`/`AZURE_STORAGE_ACCOUNT_KEY`, or the machine's role); cropflow never takes, keeps nor
-logs them. Zarr stores are read and written in place (zarr's `FsspecStore`), outputs beside their location and then
-published (`infra.atomic`); files that need a local path (COGs, PNGs, checkpoints) are written to a local temporary
-file and uploaded in one request per file, which object stores publish atomically, retried with backoff
-(`infra.retry`) while the store is unreachable.
+`AZURE_STORAGE_ACCOUNT_NAME`/`AZURE_STORAGE_ACCOUNT_KEY`, `AZURE_STORAGE_CONNECTION_STRING`, or the machine's role);
+cropflow never takes, keeps nor logs them, and refuses a location whose client finds none. Zarr stores are read and
+written in place (zarr's `FsspecStore`), outputs beside their location and then published (`infra.atomic`); files
+that need a local path (COGs, PNGs, checkpoints) are written to a local temporary file and uploaded in one request per
+file, which object stores publish atomically, retried with backoff (`infra.retry`) while the store is unreachable.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import fsspec
 import rasterio
 import xarray as xr
+from fsspec.asyn import sync
 from upath import UPath
 from zarr.storage import FsspecStore
 
@@ -32,8 +33,11 @@ from infra.retry import STORE_RETRY, HttpRetry
 
 # protocols cropflow is tested or documented with, and the package each needs
 PROTOCOLS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
-# what to set when a package's client finds no credentials in the environment (gcsfs would go on anonymously)
+# what to set when a package's client finds no credentials in the environment (gcsfs would go on anonymously, s3fs
+# fail at the first request)
 CREDENTIALS = {
+    "s3fs": "AWS_ACCESS_KEY_ID with AWS_SECRET_ACCESS_KEY (or AWS_PROFILE for a profile of ~/.aws, or run with an "
+    "instance role), and AWS_ENDPOINT_URL for an S3-compatible server other than AWS",
     "gcsfs": "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (or sign in with 'gcloud auth "
     "application-default login', or run on Google Cloud; STORAGE_EMULATOR_HOST for an emulator)",
     "adlfs": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN (or a signed-in "
@@ -77,10 +81,29 @@ def _check_credentials(loc: UPath, package: str) -> None:
     needed = f"location {str(loc)!r}: no usable credentials for it in the environment; set {CREDENTIALS[package]}"
     try:
         fs = loc.fs
-    except ValueError as exc:  # adlfs: neither an account nor a connection string, or one it cannot use
+        no_aws = package == "s3fs" and not _aws_credentials(fs)
+    except ValueError as exc:  # adlfs: no account nor connection string, or one it cannot use; s3fs: unusable ones
         raise CropflowError(f"{needed} ({blank(str(exc))}).") from None
-    if package == "gcsfs" and fs.credentials.method == "anon" and not os.environ.get("STORAGE_EMULATOR_HOST"):
+    anonymous_gcs = (
+        package == "gcsfs" and fs.credentials.method == "anon" and not os.environ.get("STORAGE_EMULATOR_HOST")
+    )
+    if no_aws or anonymous_gcs:
         raise CropflowError(f"{needed}.")
+
+
+def _aws_credentials(fs: fsspec.AbstractFileSystem) -> bool:
+    """True when s3fs's `fs` has credentials: its own options, or those botocore finds (variables, a profile, the
+    instance's role), looked up once with its client. `ValueError` for ones it cannot use (a key without its secret,
+    an unknown profile)."""
+    from botocore.exceptions import BotoCoreError
+
+    if fs.anon or fs.key:
+        return True
+    try:
+        fs.connect()
+        return sync(fs.loop, fs.session.get_credentials) is not None
+    except BotoCoreError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def is_local(loc: str | os.PathLike) -> bool:

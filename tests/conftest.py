@@ -19,8 +19,9 @@ from infra.settings import Settings, get_settings
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cropflow-test-prefect-")
-# Google's clients: no probe of a Google Cloud metadata server for credentials (seconds of timeouts off Google Cloud)
+# Google's and AWS's clients: no probe of a cloud's metadata server for credentials (seconds of timeouts off the cloud)
 os.environ["NO_GCE_CHECK"] = "true"
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Local STAC API (infra/stac_api.py): a real PostgreSQL + pgstac + stac-fastapi in a temporary CROPFLOW_HOME.

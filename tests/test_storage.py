@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import gc
 import json
 import logging
 import os
@@ -31,7 +32,8 @@ from infra.processes import log_tail, port_free
 from infra.retry import HttpRetry
 
 
-def test_locations_local_and_remote(tmp_path: Path):
+def test_locations_local_and_remote(s3_server, tmp_path: Path):
+    """(In the S3 server's environment: an `s3://` location's client, cached, looks its credentials up when made.)"""
     local = storage.location(tmp_path / "out")
     assert isinstance(local, Path) and storage.is_local(local) and local == tmp_path / "out"
     assert storage.location(f"file://{tmp_path}/out") == local
@@ -56,12 +58,17 @@ def test_missing_filesystem_package_is_named():
 
 @pytest.fixture
 def no_cloud_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """An environment without Google Cloud or Azure credentials (nor a gcloud sign-in), and no cached clients."""
+    """An environment without AWS, Google Cloud or Azure credentials (nor an AWS profile, a gcloud sign-in or an
+    instance's role), and no cached Google Cloud or Azure clients."""
     import adlfs
     import gcsfs
 
-    for name in [n for n in os.environ if n.startswith(("GOOGLE_", "AZURE_", "STORAGE_EMULATOR"))]:
+    for name in [n for n in os.environ if n.startswith(("AWS_", "GOOGLE_", "AZURE_", "STORAGE_EMULATOR"))]:
         monkeypatch.delenv(name)
+    (tmp_path / "aws").write_text("")
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):  # instead of ~/.aws/credentials and config
+        monkeypatch.setenv(name, str(tmp_path / "aws"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance's role
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # where a gcloud sign-in would be
     gcsfs.GCSFileSystem.clear_instance_cache()
     adlfs.AzureBlobFileSystem.clear_instance_cache()
@@ -117,6 +124,45 @@ def test_missing_cloud_credentials_name_the_variables_to_set(no_cloud_credential
     with pytest.raises(CropflowError, match="Connection string missing required") as malformed:
         storage.location("az://maps/y")
     assert secret not in str(refused.value) + str(malformed.value)
+
+
+def test_missing_s3_credentials_name_the_variables_to_set(no_cloud_credentials):
+    """No credentials, a secret without its key id, a key id without its secret, an unknown profile: each refused
+    naming the variables to set, with no value quoted; a profile that exists is used."""
+    import s3fs
+    from fsspec.asyn import sync
+
+    secret, key_id = "aws-secret-7b2e", "AKIACROPFLOW"
+    needed = (
+        r"^location 's3://maps-bucket/x': no usable credentials .*; set AWS_ACCESS_KEY_ID with AWS_SECRET_ACCESS_KEY "
+        r"\(or AWS_PROFILE .*\), and AWS_ENDPOINT_URL for an S3-compatible server other than AWS"
+    )
+    cases = [
+        ({}, r"\.$"),
+        ({"AWS_SECRET_ACCESS_KEY": secret}, r"\.$"),  # botocore takes no secret without its key id
+        ({"AWS_ACCESS_KEY_ID": key_id}, r" \(Partial credentials found in env, missing: AWS_SECRET_ACCESS_KEY\)\.$"),
+        ({"AWS_PROFILE": "maps"}, r" \(The config profile \(maps\) could not be found\)\.$"),
+    ]
+    s3fs.S3FileSystem.clear_instance_cache()  # clients keep the credentials they were created with
+    gc.collect()  # the dropped ones close their connections now, while fsspec's event loop runs (not at exit)
+    try:
+        for env, reason in cases:
+            with pytest.MonkeyPatch.context() as mp:
+                for name, value in env.items():
+                    mp.setenv(name, value)
+                s3fs.S3FileSystem.clear_instance_cache()
+                with pytest.raises(CropflowError, match=needed + reason) as refused:
+                    storage.location("s3://maps-bucket/x")
+                assert secret not in str(refused.value) and key_id not in str(refused.value)
+
+        profiles = os.environ["AWS_SHARED_CREDENTIALS_FILE"]
+        Path(profiles).write_text(f"[maps]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n")
+        no_cloud_credentials.setenv("AWS_PROFILE", "maps")
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = storage.location("s3://maps-bucket/x").fs
+        assert sync(fs.loop, fs.session.get_credentials).access_key == key_id
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # none of these clients for the tests on the S3 server
 
 
 def _dataset() -> xr.Dataset:
