@@ -261,6 +261,19 @@ SAFETY = [
         ("tests/test_safety.py::test_secrets_never_reach_logs_outputs_or_stac_items",),
     ),
     Row(
+        "object-store URL with no usable credentials (s3://, gs://, az://), or a key without its account or secret",
+        "refused before any work, naming the variables to set; no key or secret quoted",
+        (
+            "tests/test_storage.py::test_missing_s3_credentials_name_the_variables_to_set",
+            "tests/test_storage.py::test_missing_cloud_credentials_name_the_variables_to_set",
+        ),
+    ),
+    Row(
+        "Azure connection string in the environment (Azurite on 127.0.0.1); then a wrong key",
+        "stores, rasters and files round-trip; the wrong key refused; no key in any message or log record",
+        ("tests/test_storage.py::test_zarr_stores_files_and_rasters_on_azurite",),
+    ),
+    Row(
         "YAML loaded safely",
         "no yaml.load without SafeLoader in the code base",
         ("tests/test_safety.py::test_yaml_is_loaded_safely",),
