@@ -153,6 +153,7 @@ class _Input:
     names of its `x`, `doy` and `valid` in `model.forward`."""
 
     var: xr.DataArray
+    band_index: np.ndarray  # where the checkpoint's bands lie along the cube variable's band axis
     mean: np.ndarray
     std: np.ndarray
     keys: tuple[str, str, str]
@@ -166,14 +167,16 @@ def _sensor_input(ds: xr.Dataset, spec: dict, keys: tuple[str, str, str]) -> _In
     var = ds[sensor]
     band_dim = var.dims[1]
     bands = list(spec["bands"])
-    missing = sorted(set(bands) - {str(b) for b in var[band_dim].values})
+    cube_bands = [str(b) for b in var[band_dim].values]
+    missing = sorted(set(bands) - set(cube_bands))
     if missing:
         raise CropflowError(f"the cube lacks bands {missing} the model was trained on; rebuild the cube with them.")
     mean = np.asarray(spec["norm"]["mean"], dtype=np.float32)
     std = np.asarray(spec["norm"]["std"], dtype=np.float32)
     if mean.shape != (len(bands),) or std.shape != (len(bands),):
         raise CropflowError(f"checkpoint norm has {mean.size} means / {std.size} stds for {len(bands)} bands.")
-    return _Input(var.sel({band_dim: bands}), mean, std, keys)
+    band_index = np.array([cube_bands.index(b) for b in bands])
+    return _Input(var.sel({band_dim: bands}), band_index, mean, std, keys)
 
 
 def _model_inputs(ds: xr.Dataset, ckpt: dict, model: nn.Module) -> list[_Input]:
@@ -196,9 +199,12 @@ class _ChunkReader:
     the strip before), with memory independent of the region's size.
     """
 
-    def __init__(self, inp: _Input, extents: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        """`extents`: the `(rows, cols)` of each strip's row of blocks; the LRU holds the chunks of the largest."""
-        self.inp = inp
+    def __init__(self, inp: _Input, array: zarr.Array, extents: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """`array`: the cube variable of `inp` in the Zarr store, read directly (zarr's basic selection of a chunk
+        takes 0.13 CPU-s where xarray's selection of the same bands takes 0.33); `extents`: the `(rows, cols)` of each
+        strip's row of blocks; the LRU holds the chunks of the largest."""
+        self.inp, self.array = inp, array
+        self.every_band = np.array_equal(inp.band_index, np.arange(array.shape[1]))
         chunks = inp.var.encoding.get("chunks") or (256, 256)
         self.cy, self.cx = (min(int(c), inp.var.sizes[d]) for c, d in zip(chunks[-2:], ("y", "x"), strict=True))
         self.capacity = max((self._chunks_spanned(rows, cols) for rows, cols in extents), default=1)
@@ -214,8 +220,10 @@ class _ChunkReader:
         if (i, j) in self.cache:
             self.cache.move_to_end((i, j))
         else:
-            var = self.inp.var.isel(y=slice(i * self.cy, (i + 1) * self.cy), x=slice(j * self.cx, (j + 1) * self.cx))
-            self.cache[(i, j)] = _prepare(var.values, self.inp.mean, self.inp.std)
+            values = self.array[:, :, i * self.cy : (i + 1) * self.cy, j * self.cx : (j + 1) * self.cx]
+            if not self.every_band:
+                values = values[:, self.inp.band_index]
+            self.cache[(i, j)] = _prepare(values, self.inp.mean, self.inp.std)
             if len(self.cache) > self.capacity:
                 self.cache.popitem(last=False)
         return self.cache[(i, j)]
@@ -462,7 +470,8 @@ def _predict_part(
                 first_col = plan[-min(STRIP_BLOCKS, len(blocks_x) - s0)][3][1][0]
                 strip_rows.append((rows, np.arange(first_col, plan[-1][3][1][-1] + 1)))
 
-        readers = [_ChunkReader(i, strip_rows) for i in inputs]
+        cube = zarr.open_group(zarr_store(cube_path, read_only=True), mode="r")
+        readers = [_ChunkReader(i, cube[str(i.var.name)], strip_rows) for i in inputs]
 
         def load(extent: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
             return [reader.read(*extent) for reader in readers]

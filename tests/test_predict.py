@@ -18,6 +18,7 @@ import pytest
 import rasterio
 import torch
 import xarray as xr
+import zarr
 from affine import Affine
 from pystac.extensions.classification import ClassificationExtension
 from pystac.extensions.projection import ProjectionExtension
@@ -184,10 +185,17 @@ def test_ramp_weights_partition_unity_and_window_grid():
     assert window_starts(10, 64, 16).tolist() == [-8]
     column = xr.DataArray(np.arange(5.0).reshape(1, 1, 5, 1).repeat(2, axis=3), dims=("time", "band", "y", "x"))
     column.encoding["chunks"] = (1, 1, 2, 1)
+    stored = zarr.create_array(zarr.storage.MemoryStore(), data=column.values, chunks=column.encoding["chunks"])
     rows, cols = np.arange(-3, 8), np.arange(-1, 2)
-    reader = _ChunkReader(_Input(column, np.zeros(1, np.float32), np.ones(1, np.float32), ("x", "doy", "valid")), [])
+    norm = np.zeros(1, np.float32), np.ones(1, np.float32)
+    reader = _ChunkReader(_Input(column, np.arange(1), *norm, ("x", "doy", "valid")), stored, [])
     x, valid = reader.read(rows, cols)  # from six chunks, mirrored at the edges
     assert x[0, 0, :, 0].tolist() == [3, 2, 1, 0, 1, 2, 3, 4, 3, 2, 1] and valid.all() and x.shape == (1, 1, 11, 3)
+    two = xr.concat([column, 10 * column], dim="band")  # the checkpoint's bands: the cube's second, then its first
+    stored = zarr.create_array(zarr.storage.MemoryStore(), data=two.values, chunks=(1, 2, 2, 1))
+    reader = _ChunkReader(_Input(two, np.array([1, 0]), *(np.repeat(n, 2) for n in norm), ("x",) * 3), stored, [])
+    x, _ = reader.read(np.arange(5), np.arange(2))
+    assert x[0, :, :, 0].tolist() == [[0, 10, 20, 30, 40], [0, 1, 2, 3, 4]]
 
 
 def test_tiled_prediction_matches_one_piece(cube, trained, tiled, tmp_path):
