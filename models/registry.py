@@ -49,10 +49,15 @@ def model_settings(name: str) -> dict[str, object]:
     return {key: p.default for key, p in parameters.items() if key not in DATA_SIZES}
 
 
-def check_settings(name: str, settings: Mapping[str, object]) -> None:
+def check_settings(name: str, settings: Mapping[str, object], where: str = "params") -> None:
     """Refuse settings of model `name` that its constructor does not take, that do not fit its annotation (JSON's
     types, strictly: no "8" for an int; the ranges of `models.base`), or whose values it rejects (built once on the
-    meta device): a `CropflowError` naming the key, the model and the accepted keys with their defaults."""
+    meta device): a `CropflowError` naming the key, the model and the accepted keys with their defaults.
+
+    The settings of a wrapped model (`backbone_config` of `backbone`, `optical_config` of `optical_backbone`, ...)
+    are checked the same way against that model, as `where.<key>`."""
+    if name not in MODELS:
+        raise CropflowError(f"{where}: model {name!r} is unknown; valid names: {', '.join(sorted(MODELS))}.")
     cls = MODELS[name]
     parameters = inspect.signature(cls).parameters
     accepted = model_settings(name)
@@ -61,22 +66,25 @@ def check_settings(name: str, settings: Mapping[str, object]) -> None:
     for key, value in settings.items():
         if key not in accepted:
             what = "is set from the cube and the class map" if key in DATA_SIZES else "is unknown"
-            raise CropflowError(f"params: {key!r} of model {name!r} {what}; {listing}.")
+            raise CropflowError(f"{where}: {key!r} of model {name!r} {what}; {listing}.")
         try:
             TypeAdapter(hints[key]).validate_json(json.dumps(value, allow_nan=False), strict=True)
         except ValidationError as exc:
             error = exc.errors()[0]
-            where = "".join(f" at item {i}" for i in error["loc"] if isinstance(i, int))
-            wanted = f"{key}={value!r}{where}: {error['msg'][0].lower()}{error['msg'][1:]}"
-            raise CropflowError(f"params: {wanted} (model {name!r}); {listing}.") from None
+            item = "".join(f" at item {i}" for i in error["loc"] if isinstance(i, int))
+            wanted = f"{key}={value!r}{item}: {error['msg'][0].lower()}{error['msg'][1:]}"
+            raise CropflowError(f"{where}: {wanted} (model {name!r}); {listing}.") from None
         except (TypeError, ValueError):  # not JSON
-            raise CropflowError(f"params: {key}={value!r} is not a JSON value (model {name!r}); {listing}.") from None
+            raise CropflowError(f"{where}: {key}={value!r} is not a JSON value (model {name!r}); {listing}.") from None
+        wrapped = "backbone" if key == "backbone_config" else key.replace("_config", "_backbone")
+        if key.endswith("_config") and wrapped in accepted:
+            check_settings(str(settings.get(wrapped, accepted[wrapped])), value or {}, f"{where}.{key}")
     sizes = {key: 2 for key in DATA_SIZES if key in parameters}
     try:
         with torch.device("meta"):
             cls(**sizes, **settings)
     except (ValueError, TypeError, IndexError, ZeroDivisionError, RuntimeError, AssertionError) as exc:
-        raise CropflowError(f"params {dict(settings)} do not make a {name} model: {exc}; {listing}.") from None
+        raise CropflowError(f"{where} {dict(settings)} do not make a {name} model: {exc}; {listing}.") from None
 
 
 def example_inputs(

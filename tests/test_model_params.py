@@ -93,6 +93,14 @@ def test_the_train_cache_key_follows_the_devices_defaults(region, tmp_path, monk
             "do not make a utae model: every encoder width but the last must be a multiple of n_head=5",
         ),
         ({"name": "stcln", "params": {"d_model": 30}}, "do not make a stcln model: embed_dim must be divisible by"),
+        (
+            {"name": "modality_distillation", "params": {"sar_backbone": "tempcnn", "sar_config": {"kernel": 0}}},
+            "params.sar_config: kernel=0: input should be greater than 0 (model 'tempcnn'); accepted keys (default): w",
+        ),
+        (
+            {"name": "modality_distillation", "params": {"optical_backbone": "resnet", "optical_config": {}}},
+            "params.optical_config: model 'resnet' is unknown; valid names: fcn3d,",
+        ),
     ],
     ids=[
         "unknown-key",
@@ -105,6 +113,8 @@ def test_the_train_cache_key_follows_the_devices_defaults(region, tmp_path, monk
         "data-size",
         "refused-by-the-model",
         "refused-by-torch",
+        "wrapped-model-setting",
+        "wrapped-model-unknown",
     ],
 )
 def test_bad_params_are_refused_naming_key_model_and_accepted_keys(spec, message) -> None:
