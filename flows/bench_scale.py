@@ -88,22 +88,15 @@ def cube_on_workers(region: Path, workers: int, scratch: Path) -> dict:
     """Build the region's S2 cube as tiles on a fresh LocalCluster of `workers` single-threaded processes (one
     reader thread each); time and memory."""
     from flows.bench import read_region
-    from flows.cube import tiles_by_worker
-    from tasks.cube import build_blocks, close_datasets, prepare_cube, publish_cube
+    from flows.cube import run_tiles
+    from tasks.cube import build_cube_tile_task, prepare_cube, publish_cube
 
     meta, items, start, end = read_region(region)
     with local_cluster(workers, "tasks.cube") as client:
         baseline = client.run(max_rss_mb)
         job = prepare_cube({"s2": items}, meta["epsg"], tuple(meta["bounds"]), start, end, scratch / "cube.zarr")
-        tiles = tiles_by_worker(job, client.nthreads())
         cpu, t0 = client.run(cpu_seconds), time.perf_counter()
-        client.gather(
-            [
-                client.submit(build_blocks, job, tile, 1, workers=[address], allow_other_workers=True, pure=False)
-                for address, tile in tiles
-            ]
-        )
-        client.run(close_datasets)
+        run_tiles(client, job, lambda tile: client.submit(build_cube_tile_task.fn, job, tile, pure=False))
         seconds = time.perf_counter() - t0
         usage = worker_usage(client, baseline, cpu)
     publish_cube(job)

@@ -8,11 +8,13 @@ builds them, so the cube is the same, bit for bit, as one built in a single proc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from dask import annotate
+from distributed import Client
 from prefect import get_run_logger, task
 
 from infra.dask_cluster import DaskSettings, task_runner
@@ -39,6 +41,20 @@ def tiles_by_worker(job: CubeJob, nthreads: Mapping[str, int]) -> list[tuple[str
     return [(owners[i * len(owners) // len(tiles)], tile) for i, tile in enumerate(tiles)]
 
 
+def run_tiles(client: Client, job: CubeJob, submit: Callable[[list[Block]], Any]) -> int:
+    """Submit every tile of `job` with `submit(tile)` (a future whose result is the tile's block count) on the Dask
+    cluster of `client`, each preferring its worker of `tiles_by_worker` (idle workers still take over), and wait
+    for them; then close the datasets each worker kept open from tile to tile. The blocks built."""
+    futures = []
+    for address, tile in tiles_by_worker(job, client.nthreads()):
+        with annotate(workers=[address], allow_other_workers=True):
+            futures.append(submit(tile))
+    try:
+        return sum(future.result() for future in futures)
+    finally:
+        client.run(close_datasets)
+
+
 def build_cube_tiles(
     items_by_sensor: dict[str, list[dict]],
     epsg: int,
@@ -61,23 +77,11 @@ def build_cube_tiles(
     job = prepare_cube_task(items_by_sensor, epsg, bounds, start, end, out_path, **options)
     if job.todo:
         with task_runner(dask) as runner:
-            nthreads = runner.client.nthreads()  # each tile task reads with one thread
-            tiles = tiles_by_worker(job, nthreads)
-            logger.info(
-                "cube %s: %d blocks in %d tiles on %d Dask threads",
-                job.out_path.name,
-                len(job.todo),
-                len(tiles),
-                sum(nthreads.values()),
+            threads = sum(runner.client.nthreads().values())  # each tile task reads with one thread
+            logger.info("cube %s: %d blocks on %d Dask threads", job.out_path.name, len(job.todo), threads)
+            built = run_tiles(
+                runner.client, job, lambda tile: runner.submit(build_cube_tile_task, {"job": job, "tile": tile})
             )
-            futures = []
-            for address, tile in tiles:
-                with annotate(workers=[address], allow_other_workers=True):  # a preference: idle ones take over
-                    futures.append(runner.submit(build_cube_tile_task, {"job": job, "tile": tile}))
-            try:
-                built = sum(future.result() for future in futures)
-            finally:
-                runner.client.run(close_datasets)  # each worker kept its assets open from tile to tile
         logger.info("cube %s: %d blocks built", job.out_path.name, built)
     return publish_cube_task(job)
 
