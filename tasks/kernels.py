@@ -1,0 +1,123 @@
+"""Compiled per-pixel kernels of the cube build (numba, GIL released, compiled once and cached on disk).
+
+Each kernel does in one pass over memory what took several numpy passes (and temporaries), in the same float32
+operations in the same order, so results are the same to the bit. Because they release the GIL, the build's reader
+threads run them side by side with GDAL's decoding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+ONE, HALF, ZERO = np.float32(1), np.float32(0.5), np.float32(0)
+
+
+@njit(nogil=True, cache=True)
+def bilinear_upsample(
+    raw: np.ndarray, nodata: float, ri: np.ndarray, rt: np.ndarray, ci: np.ndarray, ct: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`raw` (source pixels) interpolated at target rows `ri + rt` and columns `ci + ct` (source pixel before each
+    target centre, and the distance past it), rows first, in float32; and where the target has no data.
+
+    As in GDAL's warper: a target pixel has no data (value `nodata`) where the source pixel holding its centre has
+    none, and the weights of the other invalid neighbours go to the valid ones (values and weights interpolated,
+    then divided; without a division when every source pixel is valid).
+    """
+    n_rows, n_cols = ri.size, ci.size
+    width = raw.shape[1]
+    valid = raw != nodata
+    near_c = ci + (ct >= HALF)  # the source column holding each target column's centre
+    rows = np.empty((n_rows, width), np.float32)
+    out = np.empty((n_rows, n_cols), np.float32)
+    invalid = np.zeros((n_rows, n_cols), np.bool_)
+    if valid.all():
+        for y in range(n_rows):
+            k, w = ri[y], rt[y]
+            for x in range(width):
+                rows[y, x] = np.float32(raw[k, x]) * (ONE - w) + w * np.float32(raw[k + 1, x])
+            for x in range(n_cols):
+                out[y, x] = rows[y, ci[x]] * (ONE - ct[x]) + ct[x] * rows[y, ci[x] + 1]
+        return out, invalid
+    weights = np.empty((n_rows, width), np.float32)
+    for y in range(n_rows):
+        k, w = ri[y], rt[y]
+        for x in range(width):
+            va, vb = np.float32(valid[k, x]), np.float32(valid[k + 1, x])
+            rows[y, x] = np.float32(raw[k, x]) * va * (ONE - w) + w * (np.float32(raw[k + 1, x]) * vb)
+            weights[y, x] = va * (ONE - w) + w * vb
+        near_r = k + (1 if w >= HALF else 0)
+        for x in range(n_cols):
+            if not valid[near_r, near_c[x]]:
+                invalid[y, x] = True
+                out[y, x] = np.float32(nodata)
+            else:
+                k, w = ci[x], ct[x]
+                value = rows[y, k] * (ONE - w) + w * rows[y, k + 1]
+                out[y, x] = value / (weights[y, k] * (ONE - w) + w * weights[y, k + 1])
+    return out, invalid
+
+
+@njit(nogil=True, cache=True)
+def scale_band(raw: np.ndarray, invalid: np.ndarray, scale: float, offset: float, out: np.ndarray, missing: np.ndarray):
+    """`out = raw * scale + offset` in float32 and `missing |= invalid`, in one pass."""
+    s, o = np.float32(scale), np.float32(offset)
+    for y in range(raw.shape[0]):
+        for x in range(raw.shape[1]):
+            out[y, x] = np.float32(raw[y, x]) * s + o
+            if invalid[y, x]:
+                missing[y, x] = True
+
+
+@njit(nogil=True, cache=True)
+def nan_median(stack: np.ndarray, out: np.ndarray) -> None:
+    """`out` = median over the first axis of `(n, bands, h, w)` ignoring NaN (NaN where all are); of an even count,
+    the mean of the two middle values."""
+    n, bands, h, w = stack.shape
+    if n == 1:
+        out[:] = stack[0]
+        return
+    if n == 2:  # most bins: the mean of the valid ones
+        for c in range(bands):
+            for y in range(h):
+                for x in range(w):
+                    a, b = stack[0, c, y, x], stack[1, c, y, x]
+                    out[c, y, x] = b if a != a else (a if b != b else (a + b) * HALF)
+        return
+    ordered = np.empty((n, w), np.float32)  # one row of pixels, NaN as +inf, sorted across the stack
+    count = np.empty(w, np.int64)
+    for c in range(bands):
+        for y in range(h):
+            count[:] = 0
+            for i in range(n):
+                for x in range(w):
+                    v = stack[i, c, y, x]
+                    valid = v == v
+                    ordered[i, x] = v if valid else np.inf
+                    count[x] += valid
+            for r in range(n):  # odd-even transposition sort: branch-free, vectorised along the row
+                for i in range(r % 2, n - 1, 2):
+                    for x in range(w):
+                        a, b = ordered[i, x], ordered[i + 1, x]
+                        ordered[i, x], ordered[i + 1, x] = min(a, b), max(a, b)
+            for x in range(w):
+                k = count[x]
+                middle = (ordered[max(k - 1, 0) // 2, x] + ordered[k // 2, x]) * HALF
+                out[c, y, x] = middle if k else np.nan
+
+
+@njit(nogil=True, cache=True)
+def nan_mean(stack: np.ndarray, out: np.ndarray) -> None:
+    """`out` = mean over the first axis of `(n, bands, h, w)` ignoring NaN (NaN where all are), summed in order in
+    float32."""
+    n, bands, h, w = stack.shape
+    for c in range(bands):
+        for y in range(h):
+            for x in range(w):
+                total, count = ZERO, ZERO
+                for i in range(n):
+                    v = stack[i, c, y, x]
+                    if v == v:
+                        total += v
+                        count += ONE
+                out[c, y, x] = total / count if count else np.nan

@@ -1,0 +1,42 @@
+"""The cube's compiled kernels against numpy's definitions."""
+
+import numpy as np
+import pytest
+
+from tasks import kernels
+from tasks.cube import _source_axis
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+def test_nan_median_and_mean_match_numpy(n: int) -> None:
+    rng = np.random.default_rng(n)
+    stack = rng.normal(size=(n, 3, 17, 9)).astype(np.float32)
+    stack[rng.random(stack.shape) < 0.4] = np.nan
+    stack[:, 0, 0, 0] = np.nan  # all missing: NaN
+    median, mean = np.empty(stack.shape[1:], np.float32), np.empty(stack.shape[1:], np.float32)
+    kernels.nan_median(stack, median)
+    kernels.nan_mean(stack, mean)
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        expected_median, expected_mean = np.nanmedian(stack, axis=0), np.nanmean(stack, axis=0)
+    np.testing.assert_allclose(median, expected_median, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-6, atol=1e-7)
+    assert np.isnan(median[0, 0, 0]) and np.isnan(mean[0, 0, 0])
+
+
+def test_bilinear_upsample_interpolates_and_keeps_no_data_where_the_centre_has_none() -> None:
+    ri, rt, r_lo, r_hi = _source_axis(8, 0, 2)  # 8 target rows over source rows r_lo..r_hi, twice as fine
+    ci, ct, c_lo, c_hi = _source_axis(6, 2, 2)
+    rows, cols = np.arange(r_lo, r_hi, dtype=np.float32), np.arange(c_lo, c_hi, dtype=np.float32)
+    plane = (10 * rows[:, None] + cols[None, :] + 100).astype(np.uint16)  # linear: interpolation is exact
+    out, invalid = kernels.bilinear_upsample(plane, 0.0, ri, rt, ci, ct)
+    centre_r, centre_c = (ri + rt + r_lo)[:, None], (ci + ct + c_lo)[None, :]
+    np.testing.assert_allclose(out, 10 * centre_r + centre_c + 100, rtol=0, atol=1e-4)
+    assert not invalid.any()
+
+    plane[3, 2] = 0  # a no-data source pixel: the target pixels whose centre it holds have no data, others keep value
+    out, invalid = kernels.bilinear_upsample(plane, 0.0, ri, rt, ci, ct)
+    holder_r = (ri + (rt >= 0.5))[:, None] == 3
+    holder_c = (ci + (ct >= 0.5))[None, :] == 2
+    np.testing.assert_array_equal(invalid, holder_r & holder_c)
+    assert (out[invalid] == 0).all()
+    assert (out[~invalid] >= plane[plane > 0].min()).all()  # the hole's weight went to valid neighbours, never 0
