@@ -1,8 +1,9 @@
-"""Compiled per-pixel kernels of the cube build (numba, GIL released, compiled once and cached on disk).
+"""Compiled per-pixel kernels (numba, GIL released, compiled once and cached on disk): the cube build's resampling,
+scaling and compositing, and the gap filling and standardisation of model inputs.
 
 Each kernel does in one pass over memory what took several numpy passes (and temporaries), in the same float32
-operations in the same order, so results are the same to the bit. Because they release the GIL, the build's reader
-threads run them side by side with GDAL's decoding.
+operations in the same order, so results are the same to the bit. Because they release the GIL, they run side by
+side with GDAL's decoding (the cube's reader threads) or the model's forward (inference's prefetch thread).
 """
 
 from __future__ import annotations
@@ -121,3 +122,47 @@ def nan_mean(stack: np.ndarray, out: np.ndarray) -> None:
                         total += v
                         count += ONE
                 out[c, y, x] = total / count if count else np.nan
+
+
+PIXELS = 512  # pixels per pass of `prepare_series`: a few dates x bands of them stay in the CPU's cache
+
+
+@njit(nogil=True, cache=True)
+def prepare_series(
+    values: np.ndarray, mean: np.ndarray, std: np.ndarray, fill: bool, x: np.ndarray, valid: np.ndarray
+) -> None:
+    """Model inputs of `values` `(T, C, P)` (NaN where a date has no observation): `x` `(T, C, P)` standardised with
+    `mean` and `std` per band, gaps filled linearly in time when `fill` (before the first and after the last valid
+    date, the nearest valid value), remaining NaN set to 0 (the band mean); `valid` `(T, P)`, True where no band is
+    NaN. A series' gaps are those of its own band."""
+    t_len, n_bands, n_pixels = values.shape
+    before = np.empty((t_len, PIXELS), np.int64)  # the last valid date at or before each date (-1 if none)
+    after = np.empty(PIXELS, np.int64)  # the first valid date at or after the current one (t_len if none)
+    for p0 in range(0, n_pixels, PIXELS):  # every inner loop runs along pixels: contiguous, vectorised
+        n = min(p0 + PIXELS, n_pixels) - p0
+        for t in range(t_len):
+            valid[t, p0 : p0 + n] = True
+            for c in range(n_bands):
+                for i in range(n):
+                    v = values[t, c, p0 + i]
+                    valid[t, p0 + i] &= v == v
+        for c in range(n_bands):
+            m, s = np.float32(mean[c]), np.float32(std[c])
+            for t in range(t_len):
+                for i in range(n):
+                    v = values[t, c, p0 + i]
+                    before[t, i] = t if v == v else (before[t - 1, i] if t else -1)
+            after[:n] = t_len
+            for t in range(t_len - 1, -1, -1):
+                for i in range(n):
+                    v = values[t, c, p0 + i]
+                    if v == v:
+                        after[i] = t
+                    elif fill:
+                        prev, nxt = before[t, i], after[i]
+                        if prev >= 0 or nxt < t_len:
+                            a = values[prev if prev >= 0 else nxt, c, p0 + i]
+                            b = values[nxt if nxt < t_len else prev, c, p0 + i]
+                            v = a + (b - a) * np.float32((t - prev) / max(nxt - prev, 1))
+                    z = (v - m) / s
+                    x[t, c, p0 + i] = z if z == z else ZERO

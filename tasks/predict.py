@@ -132,15 +132,6 @@ class _Progress:
             update_progress_artifact(self.artifact, 100.0 * self.done / self.total)
 
 
-def _prepare(values: np.ndarray, mean: np.ndarray, std: np.ndarray, rows: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """`prepare_window` of a `(T, C, H, W)` block, a strip of `rows` rows at a time to bound its temporaries."""
-    x = np.empty(values.shape, dtype=np.float32)
-    valid = np.empty((values.shape[0], *values.shape[2:]), dtype=bool)
-    for r in range(0, values.shape[2], rows):
-        x[:, :, r : r + rows], valid[:, r : r + rows] = prepare_window(values[:, :, r : r + rows], mean, std)
-    return x, valid
-
-
 def _out_of_memory(exc: BaseException) -> bool:
     """True for a device or host allocation failure (`torch.OutOfMemoryError`, "out of memory", "can't allocate")."""
     text = str(exc)
@@ -223,7 +214,7 @@ class _ChunkReader:
             values = self.array[:, :, i * self.cy : (i + 1) * self.cy, j * self.cx : (j + 1) * self.cx]
             if not self.every_band:
                 values = values[:, self.inp.band_index]
-            self.cache[(i, j)] = _prepare(values, self.inp.mean, self.inp.std)
+            self.cache[(i, j)] = prepare_window(values, self.inp.mean, self.inp.std)
             if len(self.cache) > self.capacity:
                 self.cache.popitem(last=False)
         return self.cache[(i, j)]

@@ -7,45 +7,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from tasks import kernels
+
 
 def fill_time_gaps(values: np.ndarray) -> np.ndarray:
     """Linearly interpolate NaNs along axis 0 (time), per pixel and band.
 
     Leading and trailing gaps take the nearest valid value; series with no valid value stay NaN.
-    `values` has shape `(T, ...)`; the result has the same shape and dtype. Running maxima/minima over time give
-    each value its previous and next valid date, so the cost is a few operations per value; when every band has
-    the same gaps (cube masks), the dates are found once per pixel.
+    `values` has shape `(T, ...)`; the result has the same shape and dtype (float32).
     """
-    t = values.shape[0]
-    if values.ndim > 2:
-        gaps = np.isnan(values)
-        if (gaps == gaps[:, :1]).all():
-            return _fill_shared_gaps(values, ~gaps[:, 0])
-    flat = values.reshape(t, -1)
-    valid = ~np.isnan(flat)
-    if valid.all():
-        return values.copy()
-    return _fill_shared_gaps(flat[:, None], valid).reshape(values.shape)
-
-
-def _fill_shared_gaps(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """`fill_time_gaps` of `values` `(T, C, ...)` whose gaps are the same in every `C` (`valid` `(T, ...)`, as cube
-    masks per pixel-date give): the neighbouring dates and weights are found once per pixel, not once per band."""
-    t = values.shape[0]
-    flat, ok = values.reshape(t, values.shape[1], -1), valid.reshape(t, -1)
-    steps = np.arange(t, dtype=np.int32)[:, None]
-    prev_idx = np.maximum.accumulate(np.where(ok, steps, -1), axis=0)
-    next_idx = np.minimum.accumulate(np.where(ok, steps, t)[::-1], axis=0)[::-1]
-    # before the first and after the last valid date both neighbours are the nearest valid date
-    prev_src, next_src = np.where(prev_idx >= 0, prev_idx, next_idx), np.where(next_idx < t, next_idx, prev_idx)
-    prev_src, next_src = np.clip(prev_src, 0, t - 1), np.clip(next_src, 0, t - 1)  # all-gap pixels stay NaN
-    weight = ((steps - prev_idx) / np.maximum(next_idx - prev_idx, 1)).astype(values.dtype)
-    pixels = np.arange(flat.shape[2])
-    out = np.empty_like(flat)
-    for c in range(flat.shape[1]):
-        prev_val, next_val = flat[:, c][prev_src, pixels], flat[:, c][next_src, pixels]
-        out[:, c] = prev_val + (next_val - prev_val) * weight
-    return out.reshape(values.shape)
+    series = np.ascontiguousarray(values, dtype=np.float32).reshape(values.shape[0], 1, -1)
+    filled, valid = np.empty_like(series), np.empty((series.shape[0], series.shape[2]), dtype=bool)
+    kernels.prepare_series(series, np.zeros(1, np.float32), np.ones(1, np.float32), True, filled, valid)
+    return np.where(np.isnan(series).all(axis=0), np.float32(np.nan), filled).reshape(values.shape)
 
 
 def band_statistics(values: np.ndarray, sample: int = 200_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -69,10 +43,12 @@ def prepare_window(
     """Model input from a cube window.
 
     `values`: `(T, C, H, W)` float32 reflectance with NaN for dates without a valid observation.
-    Returns `x` `(T, C, H, W)` float32 standardised with gaps filled (remaining NaN set to 0, the band
-    mean) and `valid` `(T, H, W)` bool, True where the date held a real (not filled) observation.
+    Returns `x` `(T, C, H, W)` float32 standardised with gaps filled (`fill_time_gaps`; remaining NaN set to 0, the
+    band mean) and `valid` `(T, H, W)` bool, True where the date held a real (not filled) observation.
     """
-    valid = ~np.isnan(values).any(axis=1)
-    filled = fill_time_gaps(values) if fill_gaps else values
-    x = (filled - mean[None, :, None, None]) / std[None, :, None, None]
-    return np.nan_to_num(x, nan=0.0).astype(np.float32, copy=False), valid
+    t, c, h, w = values.shape
+    series = np.ascontiguousarray(values, dtype=np.float32).reshape(t, c, h * w)
+    x, valid = np.empty_like(series), np.empty((t, h * w), dtype=bool)
+    norm = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    kernels.prepare_series(series, *norm, fill_gaps, x, valid)
+    return x.reshape(values.shape), valid.reshape(t, h, w)

@@ -29,7 +29,7 @@ def test_prepare_window_marks_real_observations_and_standardises():
 
 
 def test_gaps_shared_by_all_bands_fill_like_the_general_path():
-    """Masks per pixel-date (the cube's) take a per-pixel fast path: same values as filling each band alone."""
+    """Masks per pixel-date (the cube's), shared by every band: the same values as filling each band alone."""
     rng = np.random.default_rng(1)
     values = rng.random((9, 4, 5, 6), dtype=np.float32)
     values = np.where(rng.random((9, 1, 5, 6)) < 0.5, np.nan, values)
