@@ -13,7 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from flows.params import START_TIMEOUT_S, ModelSpec, listed
+from flows.params import START_TIMEOUT_S, ModelSpec, listed, parse_seasons
 from infra.errors import CropflowError
 from infra.settings import get_settings
 from infra.storage import location
@@ -244,9 +244,13 @@ def backfill_cmd(
 ) -> None:
     """Run the backfill flow: one crop_map run per season, cached, so a rerun or a resumed run redoes nothing."""
     from flows.backfill import BACKFILL_DEPLOYMENT, backfill
-    from tasks.cube import check_s2_cloud_mask
+    from flows.crop_map import check_request
 
-    check_s2_cloud_mask(s2_cloud_mask)
+    spec = model_spec(model, epochs, time_budget, params, pretrain_epochs, teacher)
+    # as crop-map does: a bad request fails here, before a flow run is created
+    check_request(
+        region, parse_seasons(seasons), listed(sensors), catalog, labels, classes, outputs, spec, s2_cloud_mask
+    )
     results = backfill(
         region=region,
         seasons=seasons,
@@ -254,7 +258,7 @@ def backfill_cmd(
         catalog=catalog,
         stac_url=stac_url,
         max_cloud_cover=max_cloud_cover,
-        model=model_spec(model, epochs, time_budget, params, pretrain_epochs, teacher),
+        model=spec,
         labels=labels,
         classes=classes,
         outputs=outputs,

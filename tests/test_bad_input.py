@@ -126,6 +126,21 @@ CASES = [
         ["backfill", "--seasons", "2023,2024", "--region", "good", "--model", "ltae", "--teacher", "{labels}"],
         "teacher applies to joint_reconstruction (incomplete-series distillation) and modality_distillation",
     ),
+    (
+        "backfill-labels-class-absent",
+        [
+            "backfill",
+            "--seasons",
+            "2023,2024",
+            "--region",
+            "{bbox}",
+            "--labels",
+            "{folder}/c42.parquet",
+            "--classes",
+            "{classes}",
+        ],
+        "class ids [42] are not in the class map ",
+    ),
     ("region-name-escapes", ["crop-map", "--region", "../escape"], "cannot name a run folder"),
     ("outputs-escape", ["crop-map", "--region", "good", "--outputs", "../../etc"], "climbs out of the working folder"),
 ]
