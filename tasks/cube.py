@@ -405,20 +405,23 @@ def read_source(
     block: Block,
     bad: BadAssets,
     datasets: Datasets,
+    out: np.ndarray,
+    valid: np.ndarray,
     retry_delay: float = 0.5,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Masked, scaled `(bands, h, w)` float32 values (NaN = invalid) and validity of one item on `block`.
+) -> bool:
+    """Scaled `(bands, h, w)` float32 values of one item on `block` into `out`, and where they are valid into
+    `valid` `(h, w)`; values where not valid are undefined (NaN for SAR).
 
-    None when an asset cannot be read after `READ_RETRIES` retries: the scene counts as no-data (recorded in `bad`).
+    False when an asset cannot be read after `READ_RETRIES` retries: the scene counts as no-data (recorded in `bad`).
     """
     sensor, halo = plan.sensor, plan.halo
     outer = block.grown(halo)
     n = len(source.scale)  # the cube's bands, then those read for the spectral cloud test only
-    values = np.empty((n, *outer.shape), dtype=np.float32)
+    values = out if halo == 0 and n == len(plan.bands) else np.empty((n, *outer.shape), dtype=np.float32)
     missing = np.zeros(outer.shape, dtype=bool)
     for j, (key, href) in enumerate(zip(source.keys, source.hrefs, strict=True)):
         if f"{source.item_id}/{key}" in bad:
-            return None
+            return False
         is_mask = j == n
         resampling = Resampling.nearest if is_mask else Resampling.bilinear
         nodata = (1 if sensor.name == "landsat" else 0) if is_mask else 0
@@ -432,7 +435,7 @@ def read_source(
                 if attempt == READ_RETRIES:
                     log.warning("%s: asset %s unreadable (%s); the scene counts as no-data", source.item_id, key, exc)
                     bad.add(source.item_id, key, str(exc).splitlines()[0][:300])
-                    return None
+                    return False
                 forget_failed_reads(href)  # unsigned: a prefix of every signed name of the asset
                 time.sleep(retry_delay * 2**attempt)
         if is_mask:
@@ -451,9 +454,10 @@ def read_source(
         if plan.speckle_window > 1:
             values = np.stack([lee_filter(v, plan.speckle_window, source.enl) for v in values])
     crop = (slice(halo, halo + block.shape[0]), slice(halo, halo + block.shape[1]))
-    values, missing = values[(slice(None), *crop)], missing[crop]
-    np.copyto(values, np.float32(np.nan), where=missing)
-    return values, ~missing
+    if values is not out:
+        out[...] = values[(slice(None), *crop)]
+    np.logical_not(missing[crop], out=valid)
+    return True
 
 
 def composite_block(
@@ -478,14 +482,18 @@ def composite_block(
     fraction = np.zeros((plan.n_bins, h, w), dtype=np.float32)
 
     def one_bin(b: int) -> None:
-        results = [read_source(plan, s, grid, block, bad, datasets) for s in plan.in_bin(b)]
-        read = [r for r in results if r is not None]
+        sources = plan.in_bin(b)
+        stack = np.empty((len(sources), len(plan.bands), h, w), dtype=np.float32)
+        valid = np.empty((len(sources), h, w), dtype=bool)
+        read = 0
+        for source in sources:  # each read into the next free slot
+            read += read_source(plan, source, grid, block, bad, datasets, stack[read], valid[read])
         if not read:
             values[b] = np.nan
             return
         reduce = kernels.nan_median if plan.sensor.composite == "median" else kernels.nan_mean
-        reduce(np.stack([v for v, _ in read]), values[b])
-        fraction[b] = np.sum([m for _, m in read], axis=0, dtype=np.float32) / len(results)
+        reduce(stack[:read], valid[:read], values[b])
+        fraction[b] = valid[:read].sum(axis=0, dtype=np.float32) / len(sources)
 
     for future in [pool.submit(one_bin, b) for b in range(plan.n_bins)]:
         future.result()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-ONE, HALF, ZERO = np.float32(1), np.float32(0.5), np.float32(0)
+ONE, HALF, ZERO, NAN = np.float32(1), np.float32(0.5), np.float32(0), np.float32(np.nan)
 
 
 @njit(nogil=True, cache=True)
@@ -71,18 +71,16 @@ def scale_band(raw: np.ndarray, invalid: np.ndarray, scale: float, offset: float
 
 
 @njit(nogil=True, cache=True)
-def nan_median(stack: np.ndarray, out: np.ndarray) -> None:
-    """`out` = median over the first axis of `(n, bands, h, w)` ignoring NaN (NaN where all are); of an even count,
-    the mean of the two middle values."""
+def nan_median(stack: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
+    """`out` = median over the first axis of `(n, bands, h, w)` of the values `valid` `(n, h, w)` and not NaN (NaN
+    where there are none); of an even count, the mean of the two middle values."""
     n, bands, h, w = stack.shape
-    if n == 1:
-        out[:] = stack[0]
-        return
-    if n == 2:  # most bins: the mean of the valid ones
+    if n <= 2:  # most bins: the mean of the valid ones
         for c in range(bands):
             for y in range(h):
                 for x in range(w):
-                    a, b = stack[0, c, y, x], stack[1, c, y, x]
+                    a = stack[0, c, y, x] if valid[0, y, x] else NAN
+                    b = stack[n - 1, c, y, x] if valid[n - 1, y, x] else NAN
                     out[c, y, x] = b if a != a else (a if b != b else (a + b) * HALF)
         return
     ordered = np.empty((n, w), np.float32)  # one row of pixels, NaN as +inf, sorted across the stack
@@ -93,9 +91,9 @@ def nan_median(stack: np.ndarray, out: np.ndarray) -> None:
             for i in range(n):
                 for x in range(w):
                     v = stack[i, c, y, x]
-                    valid = v == v
-                    ordered[i, x] = v if valid else np.inf
-                    count[x] += valid
+                    ok = valid[i, y, x] and v == v
+                    ordered[i, x] = v if ok else np.inf
+                    count[x] += ok
             for r in range(n):  # odd-even transposition sort: branch-free, vectorised along the row
                 for i in range(r % 2, n - 1, 2):
                     for x in range(w):
@@ -108,9 +106,9 @@ def nan_median(stack: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(nogil=True, cache=True)
-def nan_mean(stack: np.ndarray, out: np.ndarray) -> None:
-    """`out` = mean over the first axis of `(n, bands, h, w)` ignoring NaN (NaN where all are), summed in order in
-    float32."""
+def nan_mean(stack: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
+    """`out` = mean over the first axis of `(n, bands, h, w)` of the values `valid` `(n, h, w)` and not NaN (NaN
+    where there are none), summed in order in float32."""
     n, bands, h, w = stack.shape
     for c in range(bands):
         for y in range(h):
@@ -118,7 +116,7 @@ def nan_mean(stack: np.ndarray, out: np.ndarray) -> None:
                 total, count = ZERO, ZERO
                 for i in range(n):
                     v = stack[i, c, y, x]
-                    if v == v:
+                    if valid[i, y, x] and v == v:
                         total += v
                         count += ONE
                 out[c, y, x] = total / count if count else np.nan

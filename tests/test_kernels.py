@@ -13,9 +13,11 @@ def test_nan_median_and_mean_match_numpy(n: int) -> None:
     stack = rng.normal(size=(n, 3, 17, 9)).astype(np.float32)
     stack[rng.random(stack.shape) < 0.4] = np.nan
     stack[:, 0, 0, 0] = np.nan  # all missing: NaN
+    valid = rng.random((n, 17, 9)) < 0.8  # where not valid, a value counts as missing, whatever it holds
     median, mean = np.empty(stack.shape[1:], np.float32), np.empty(stack.shape[1:], np.float32)
-    kernels.nan_median(stack, median)
-    kernels.nan_mean(stack, mean)
+    kernels.nan_median(stack, valid, median)
+    kernels.nan_mean(stack, valid, mean)
+    stack = np.where(valid[:, None], stack, np.nan)
     with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
         expected_median, expected_mean = np.nanmedian(stack, axis=0), np.nanmean(stack, axis=0)
     np.testing.assert_allclose(median, expected_median, rtol=1e-6, atol=1e-7)
