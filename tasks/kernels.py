@@ -127,13 +127,20 @@ PIXELS = 512  # pixels per pass of `prepare_series`: a few dates x bands of them
 
 @njit(nogil=True, cache=True)
 def prepare_series(
-    values: np.ndarray, mean: np.ndarray, std: np.ndarray, fill: bool, x: np.ndarray, valid: np.ndarray
+    values: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    fill: bool,
+    missing: float,
+    x: np.ndarray,
+    valid: np.ndarray,
 ) -> None:
     """Model inputs of `values` `(T, C, P)` (NaN where a date has no observation): `x` `(T, C, P)` standardised with
     `mean` and `std` per band, gaps filled linearly in time when `fill` (before the first and after the last valid
-    date, the nearest valid value), remaining NaN set to 0 (the band mean); `valid` `(T, P)`, True where no band is
-    NaN. A series' gaps are those of its own band."""
+    date, the nearest valid value), `missing` where a value stays unknown (0, the band mean, for a model; NaN to
+    keep gaps); `valid` `(T, P)`, True where no band is NaN. A series' gaps are those of its own band."""
     t_len, n_bands, n_pixels = values.shape
+    unknown = np.float32(missing)
     before = np.empty((t_len, PIXELS), np.int64)  # the last valid date at or before each date (-1 if none)
     after = np.empty(PIXELS, np.int64)  # the first valid date at or after the current one (t_len if none)
     for p0 in range(0, n_pixels, PIXELS):  # every inner loop runs along pixels: contiguous, vectorised
@@ -163,4 +170,4 @@ def prepare_series(
                             b = values[nxt if nxt < t_len else prev, c, p0 + i]
                             v = a + (b - a) * np.float32((t - prev) / max(nxt - prev, 1))
                     z = (v - m) / s
-                    x[t, c, p0 + i] = z if z == z else ZERO
+                    x[t, c, p0 + i] = z if z == z else unknown

@@ -196,8 +196,7 @@ class _ChunkReader:
         strip's row of blocks; the LRU holds the chunks of the largest."""
         self.inp, self.array = inp, array
         self.every_band = np.array_equal(inp.band_index, np.arange(array.shape[1]))
-        chunks = inp.var.encoding.get("chunks") or (256, 256)
-        self.cy, self.cx = (min(int(c), inp.var.sizes[d]) for c, d in zip(chunks[-2:], ("y", "x"), strict=True))
+        self.cy, self.cx = _chunks(inp)
         self.capacity = max((self._chunks_spanned(rows, cols) for rows, cols in extents), default=1)
         self.cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
 

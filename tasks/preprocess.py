@@ -18,8 +18,8 @@ def fill_time_gaps(values: np.ndarray) -> np.ndarray:
     """
     series = np.ascontiguousarray(values, dtype=np.float32).reshape(values.shape[0], 1, -1)
     filled, valid = np.empty_like(series), np.empty((series.shape[0], series.shape[2]), dtype=bool)
-    kernels.prepare_series(series, np.zeros(1, np.float32), np.ones(1, np.float32), True, filled, valid)
-    return np.where(np.isnan(series).all(axis=0), np.float32(np.nan), filled).reshape(values.shape)
+    kernels.prepare_series(series, np.zeros(1, np.float32), np.ones(1, np.float32), True, np.nan, filled, valid)
+    return filled.reshape(values.shape)
 
 
 def band_statistics(values: np.ndarray, sample: int = 200_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -50,5 +50,5 @@ def prepare_window(
     series = np.ascontiguousarray(values, dtype=np.float32).reshape(t, c, h * w)
     x, valid = np.empty_like(series), np.empty((t, h * w), dtype=bool)
     norm = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
-    kernels.prepare_series(series, *norm, fill_gaps, x, valid)
+    kernels.prepare_series(series, *norm, fill_gaps, 0.0, x, valid)
     return x.reshape(values.shape), valid.reshape(t, h, w)
