@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -129,15 +130,25 @@ def test_a_backfills_seasons_share_one_check_of_the_region_and_catalog(tiny_regi
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory):
-    """`cropflow server up` in a temporary home on a free port; Prefect clients here and in subprocesses use it."""
-    from conftest import free_port, stop_concurrency_services
+def prefect_settings(stac_api: Settings) -> Settings:
+    """The settings of the module's Prefect server: the test STAC API's, on a free port of its own."""
+    from conftest import free_port
+
+    return replace(stac_api, prefect_port=free_port())
+
+
+@pytest.fixture(scope="module")
+def prefect_api(prefect_settings: Settings):
+    """`cropflow server up --postgres`: the server's database is `prefect` in the test STAC API's PostgreSQL, as on a
+    production machine (SQLite serialises every write of the server, its background services and the flows).
+    Prefect clients here and in subprocesses use it."""
+    from conftest import stop_concurrency_services
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from infra import prefect_server
 
-    settings = Settings(tmp_path_factory.mktemp("prefect-server"), 0, 0, prefect_port=free_port())
-    url = prefect_server.up(settings)
+    url = prefect_server.up(prefect_settings, postgres=True)
+    assert prefect_server.status(prefect_settings)["database"] == "postgresql"
     stop_concurrency_services()
     try:
         with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: url}):
@@ -145,7 +156,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory):
             yield url
     finally:
         stop_concurrency_services()
-        prefect_server.down(settings)
+        prefect_server.down(prefect_settings)
 
 
 @pytest.fixture(scope="module")
@@ -249,14 +260,27 @@ def test_region_schedules_are_checked_before_anything_is_deployed():
 
 
 WORKER_SEASON = "2024-04-01..2024-05-31"
+SCHEDULE_LEAD_S = 20  # how far ahead of the request the worker's scheduled run is due
+
+
+def _wait(what: str, done, timeout: float, *logs: Path, progress=lambda: "") -> None:
+    """Poll `done()` every second until it is true; after `timeout` s fail naming `what`, the last `progress()` and
+    the ends of `logs`."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            tails = "".join(f"\n--- end of {log}:\n{log.read_text()[-4000:]}" for log in logs if log.exists())
+            pytest.fail(f"{what} within {timeout:.0f} s {progress()}{tails}")
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
-def worker_runs(prefect_api, tiny, tmp_path_factory) -> dict:
-    """On a process worker of `cropflow-cpu`: a `build_cube` deployment's run scheduled a few seconds ahead by the
-    server, then a backfill's season submitted to `crop_map/backfill`. Returns both flow runs (final), the backfill's
-    state and the outputs root."""
+def worker_runs(prefect_api, prefect_settings, tiny, tmp_path_factory) -> dict:
+    """On a process worker of `cropflow-cpu`, started first and seen online by the server: a `build_cube`
+    deployment's run scheduled a few seconds ahead by the server, then a backfill's season submitted to
+    `crop_map/backfill`. Returns both flow runs (final), the backfill's state and the outputs root."""
     from prefect import get_client
+    from prefect.client.schemas.objects import WorkerStatus
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Interval
 
@@ -264,37 +288,56 @@ def worker_runs(prefect_api, tiny, tmp_path_factory) -> dict:
     from flows.deploy import CPU_POOL, DeployOptions, apply_deployments
     from flows.params import ModelSpec
     from flows.steps import build_cube
+    from infra import prefect_server
 
     out = tmp_path_factory.mktemp("worker-outputs")
+    logs = (out / "worker.log", prefect_server.server_dir(prefect_settings) / "server.log")
     apply_deployments(DeployOptions(), regions={})
-    due = datetime.now(UTC) + timedelta(seconds=5)
-    params = {"region": "sample-tiny", "season": WORKER_SEASON, "outputs": str(out)}
-    tick = build_cube.to_deployment(
-        "tick",
-        schedules=[Interval(3600, anchor_date=due, parameters=params)],
-        work_pool_name=CPU_POOL,
-        entrypoint_type=EntrypointType.MODULE_PATH,
-    )
-    tick_id = tick.apply(work_pool_name=CPU_POOL)
     env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
-    log = out / "worker.log"
     worker = subprocess.Popen(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", CPU_POOL, "--type", "process"],
         env=env,
-        stdout=log.open("w"),
+        stdout=logs[0].open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
     try:
         with get_client(sync_client=True) as client:
-            deadline = time.monotonic() + 240
-            while not (done := [r for r in _runs_of(client, tick_id) if r.state and r.state.is_final()]):
-                states = [r.state.name for r in _runs_of(client, tick_id)]
-                assert time.monotonic() < deadline, (
-                    f"no scheduled run finished in 4 minutes: {states}\n{log.read_text()}"
+
+            def online() -> bool:
+                return any(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(CPU_POOL))
+
+            _wait(f"no worker of {CPU_POOL} online", online, 120, *logs)
+            # The server creates a schedule's runs from now on, within seconds of the deployment (its scheduler
+            # loops every 5 s): a first run due before that is skipped and the next is an hour later. A busy machine
+            # took more than 5 s, so the first run is due SCHEDULE_LEAD_S after the request.
+            due = datetime.now(UTC) + timedelta(seconds=SCHEDULE_LEAD_S)
+            params = {"region": "sample-tiny", "season": WORKER_SEASON, "outputs": str(out)}
+            tick = build_cube.to_deployment(
+                "tick",
+                schedules=[Interval(3600, anchor_date=due, parameters=params)],
+                work_pool_name=CPU_POOL,
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+            tick_id = tick.apply(work_pool_name=CPU_POOL)
+
+            def runs() -> list:
+                return sorted(_runs_of(client, tick_id), key=lambda r: r.expected_start_time)
+
+            _wait("the server scheduled no run of the deployment", runs, 60, *logs)
+            if abs(runs()[0].expected_start_time - due) > timedelta(seconds=1):
+                pytest.fail(
+                    f"the first run is due at {runs()[0].expected_start_time}, not {due}: the server scheduled the "
+                    f"deployment's runs more than {SCHEDULE_LEAD_S} s after it was requested"
                 )
-                time.sleep(1)
+            _wait(  # the server marks a run Late 15 s after its time: Late means no worker took it
+                "no scheduled run finished",
+                lambda: bool(runs()) and runs()[0].state.is_final(),
+                240,
+                *logs,
+                progress=lambda: f"(states by start time: {[r.state.name for r in runs()]})",
+            )
+            done = runs()[0]
             client.delete_deployment(tick_id)
             state = backfill(
                 region="sample-tiny",
@@ -307,7 +350,7 @@ def worker_runs(prefect_api, tiny, tmp_path_factory) -> dict:
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(30)
-    return {"scheduled": done[0], "due": due, "backfill": state, "crop_map": on_worker, "outputs": out}
+    return {"scheduled": done, "due": due, "backfill": state, "crop_map": on_worker, "outputs": out}
 
 
 @pytest.mark.slow
