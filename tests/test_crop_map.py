@@ -32,7 +32,7 @@ def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_serv
     for name, value in {"CROPFLOW_DASK": "local", "CROPFLOW_DASK_WORKERS": "2", "CROPFLOW_DASK_THREADS": "1"}.items():
         monkeypatch.setenv(name, value)
     out = tmp_path / "out"
-    model = ModelSpec(epochs=15, time_budget_s=None)
+    model = ModelSpec(epochs=8, time_budget_s=None)
     outputs = crop_map(region="sample-tiny", model=model, outputs=out, robustness=True)
     keys = ("cube", "model", "probabilities", "crop_map", "confidence", "preview", "stac_item", "metrics", "robustness")
     for key in keys:
