@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import as_completed
+from prefect.futures import as_completed, wait
 
 from infra.atomic import atomic_path
 from infra.dask_cluster import DaskSettings, task_runner
@@ -38,7 +38,8 @@ def predict_parts(
     Call it inside a flow or task run; a progress artifact follows the parts as they finish.
 
     `options` (`window`, `overlap`, `batch_size`, `device`) as `tasks.predict.predict_part`; the checkpoint is
-    checked against the cube (bands, classes) before the cluster starts.
+    checked against the cube (bands, classes) before the cluster starts. When a part fails, the parts still running
+    (a Dask task cannot be interrupted) are waited for, so none writes into the store after it is discarded.
     """
     logger = get_run_logger()
     dask = dask or DaskSettings.from_env()
@@ -53,9 +54,13 @@ def predict_parts(
             futures = [runner.submit(predict_part_task, common | options | {"part": part}) for part in parts]
             progress = create_progress_artifact(0.0, description=f"predict {name}: parts done")
             windows = 0
-            for done, future in enumerate(as_completed(futures), 1):
-                windows += future.result()
-                update_progress_artifact(progress, 100.0 * done / len(parts))
+            try:
+                for done, future in enumerate(as_completed(futures), 1):
+                    windows += future.result()
+                    update_progress_artifact(progress, 100.0 * done / len(parts))
+            except BaseException:
+                wait(futures)  # a running part cannot be stopped: the others end before the store is discarded
+                raise
     logger.info("predict %s: %d windows run in %d parts, published at %s", name, windows, len(parts), out_path)
     return location(out_path)
 
