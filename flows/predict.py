@@ -47,7 +47,7 @@ def predict_parts(
     name = location(cube_path).name
     with atomic_path(location(out_path)) as store:
         create_output(cube_path, ckpt, store, str(ckpt["model_name"]))
-        with task_runner(dask) as runner:  # closed (its parts stopped) before a failed store is discarded
+        with task_runner(dask) as runner:  # closed before a failed store is discarded
             parts = region_parts(cube_path, ckpt, sum(runner.client.nthreads().values()))
             logger.info("predict %s: %d parts (y0, y1, x0, x1) %s on the Dask cluster", name, len(parts), parts)
             common = {"cube_path": cube_path, "checkpoint": checkpoint, "store": store, "classes_path": classes_path}

@@ -139,16 +139,17 @@ def prefect_settings(stac_api: Settings) -> Settings:
 
 @pytest.fixture(scope="module")
 def prefect_api(prefect_settings: Settings):
-    """`cropflow server up --postgres`: the server's database is `prefect` in the test STAC API's PostgreSQL, as on a
-    production machine (SQLite serialises every write of the server, its background services and the flows).
-    Prefect clients here and in subprocesses use it."""
+    """`cropflow server up --postgres` on a free port: the server's tables are in database `prefect` of the test STAC
+    API's PostgreSQL (the README's option for a production machine). Prefect clients here and in subprocesses use it."""
+    import psycopg
     from conftest import stop_concurrency_services
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from infra import prefect_server
+    from infra import prefect_server, stac_api
 
     url = prefect_server.up(prefect_settings, postgres=True)
-    assert prefect_server.status(prefect_settings)["database"] == "postgresql"
+    with psycopg.connect(stac_api._conninfo(prefect_settings, prefect_server.PREFECT_DATABASE)) as conn:
+        assert conn.execute("SELECT to_regclass('flow_run')").fetchone()[0] is not None  # migrated into PostgreSQL
     stop_concurrency_services()
     try:
         with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: url}):
@@ -277,7 +278,7 @@ def _wait(what: str, done, timeout: float, *logs: Path, progress=lambda: "") -> 
 @pytest.fixture(scope="module")
 def worker_runs(prefect_api, prefect_settings, tiny, tmp_path_factory) -> dict:
     """On a process worker of `cropflow-cpu`, started first and seen online by the server: a `build_cube`
-    deployment's run scheduled a few seconds ahead by the server, then a backfill's season submitted to
+    deployment's run scheduled SCHEDULE_LEAD_S ahead by the server, then a backfill's season submitted to
     `crop_map/backfill`. Returns both flow runs (final), the backfill's state and the outputs root."""
     from prefect import get_client
     from prefect.client.schemas.objects import WorkerStatus
@@ -325,14 +326,15 @@ def worker_runs(prefect_api, prefect_settings, tiny, tmp_path_factory) -> dict:
                 return sorted(_runs_of(client, tick_id), key=lambda r: r.expected_start_time)
 
             _wait("the server scheduled no run of the deployment", runs, 60, *logs)
-            if abs(runs()[0].expected_start_time - due) > timedelta(seconds=1):
+            first = runs()[0].expected_start_time
+            if abs(first - due) > timedelta(seconds=1):
                 pytest.fail(
-                    f"the first run is due at {runs()[0].expected_start_time}, not {due}: the server scheduled the "
-                    f"deployment's runs more than {SCHEDULE_LEAD_S} s after it was requested"
+                    f"the first run is due at {first}, not {due}: the server scheduled the deployment's runs more "
+                    f"than {SCHEDULE_LEAD_S} s after it was requested"
                 )
             _wait(  # the server marks a run Late 15 s after its time: Late means no worker took it
                 "no scheduled run finished",
-                lambda: bool(runs()) and runs()[0].state.is_final(),
+                lambda: runs()[0].state.is_final(),
                 240,
                 *logs,
                 progress=lambda: f"(states by start time: {[r.state.name for r in runs()]})",
