@@ -230,14 +230,68 @@ def close_datasets() -> None:
     DATASETS.close()
 
 
+@functools.lru_cache(maxsize=4096)
 def _source_axis(n_out: int, start: int, factor: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Target pixels `start..start+n_out` of a grid `factor` times finer than the source (pixel edges aligned) in
     source pixels: for each, the source pixel before its centre (`i0`, relative to `lo`) and the centre's distance
-    past it (`t`, 0..1), and the source range `lo..hi` that bilinear interpolation reads."""
-    centre = (np.arange(start, start + n_out) + 0.5) / factor - 0.5
+    past it (`t`, 0..1), and the source range `lo..hi` that bilinear interpolation reads. Cached: every block of a
+    build asks for the same few (the arrays are read-only)."""
+    centre = (np.arange(start, start + min(factor, n_out)) + 0.5) / factor - 0.5  # one period: the others follow
     i0 = np.floor(centre).astype(np.int64)
+    periods = -(-n_out // factor)
+    i0 = (i0[None, :] + np.arange(periods)[:, None]).ravel()[:n_out]
+    t = np.tile((centre - np.floor(centre)).astype(np.float32), periods)[:n_out]
     lo = int(i0[0])
-    return i0 - lo, (centre - i0).astype(np.float32), lo, int(i0[-1]) + 2
+    index = i0 - lo
+    index.flags.writeable = t.flags.writeable = False
+    return index, t, lo, int(i0[-1]) + 2
+
+
+class Scratch(threading.local):
+    """Memory each thread reuses from read to read: fresh arrays of a few MB are faulted in and zeroed by the system
+    every time (about 1 s of system time in a 1024 px build). An array taken under a name is valid until the same
+    thread takes that name again."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        size = math.prod(shape) * dtype.itemsize
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.nbytes < size:
+            buffer = self.buffers[name] = np.empty(size, np.uint8)
+        return buffer[:size].view(dtype).reshape(shape)
+
+
+SCRATCH = Scratch()
+
+
+def _pixels(src: DatasetReader, rows: tuple[int, int], cols: tuple[int, int], nodata: float) -> np.ndarray:
+    """Source pixels `rows` x `cols` of `src` (half-open, may reach outside it: `nodata` there), in this thread's
+    scratch memory."""
+    (r_lo, r_hi), (c_lo, c_hi) = rows, cols
+    inside = Block(max(r_lo, 0), min(r_hi, src.height), max(c_lo, 0), min(c_hi, src.width))
+    raw = SCRATCH.array("source", (r_hi - r_lo, c_hi - c_lo), src.dtypes[0])
+    if inside.r1 <= inside.r0 or inside.c1 <= inside.c0:
+        raw.fill(nodata)
+        return raw
+    window = Window(inside.c0, inside.r0, inside.shape[1], inside.shape[0])
+    if inside == Block(r_lo, r_hi, c_lo, c_hi):
+        return src.read(1, window=window, out=raw)
+    raw.fill(nodata)
+    raw[inside.r0 - r_lo : inside.r1 - r_lo, inside.c0 - c_lo : inside.c1 - c_lo] = src.read(1, window=window)
+    return raw
+
+
+def _source_pixels(
+    src: DatasetReader, block: Block, offset: tuple[int, int], factor: int, nodata: float
+) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """The pixels of `src` that `_upsample` needs for `block` (`_pixels`), and the rows' and columns'
+    `(index, distance)` in them (`_source_axis`)."""
+    ri, rt, r_lo, r_hi = _source_axis(block.shape[0], block.r0 + offset[0], factor)
+    ci, ct, c_lo, c_hi = _source_axis(block.shape[1], block.c0 + offset[1], factor)
+    return _pixels(src, (r_lo, r_hi), (c_lo, c_hi), nodata), (ri, rt, ci, ct)
 
 
 def _upsample(
@@ -250,17 +304,13 @@ def _upsample(
     float32 without rounding to the source's integers. As in GDAL's warper, a pixel has no data where the source
     pixel holding its centre has none, and the weights of invalid or outside neighbours go to the valid ones.
     """
-    ri, rt, r_lo, r_hi = _source_axis(block.shape[0], block.r0 + offset[0], factor)
-    ci, ct, c_lo, c_hi = _source_axis(block.shape[1], block.c0 + offset[1], factor)
-    inside = Block(max(r_lo, 0), min(r_hi, src.height), max(c_lo, 0), min(c_hi, src.width))
-    raw = np.full((r_hi - r_lo, c_hi - c_lo), nodata, dtype=src.dtypes[0])
-    if inside.r1 > inside.r0 and inside.c1 > inside.c0:
-        window = Window(inside.c0, inside.r0, inside.shape[1], inside.shape[0])
-        raw[inside.r0 - r_lo : inside.r1 - r_lo, inside.c0 - c_lo : inside.c1 - c_lo] = src.read(1, window=window)
+    raw, (ri, rt, ci, ct) = _source_pixels(src, block, offset, factor, nodata)
     if resampling == Resampling.nearest:
         nearest = raw[ri + (rt >= 0.5)][:, ci + (ct >= 0.5)]  # the source pixel holding each target pixel's centre
         return nearest, nearest == nodata
-    return kernels.bilinear_upsample(raw, float(nodata), ri, rt, ci, ct)
+    out, invalid = np.empty(block.shape, np.float32), np.zeros(block.shape, bool)
+    kernels.bilinear_upsample(raw, float(nodata), factor, ri, rt, ci, ct, 1.0, 0.0, out, invalid)
+    return out, invalid
 
 
 _EPSG: weakref.WeakKeyDictionary[DatasetReader, int | None] = weakref.WeakKeyDictionary()
@@ -273,13 +323,34 @@ def _epsg(src: DatasetReader) -> int | None:
     return _EPSG[src]
 
 
+_ON_GRID: weakref.WeakKeyDictionary[DatasetReader, dict[Grid, tuple[int, tuple[int, int]] | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _on_grid(src: DatasetReader, grid: Grid) -> tuple[int, tuple[int, int]] | None:
+    """`(factor, offset)` when `src` is in the grid's CRS at an integer `factor` times its resolution with its pixel
+    edges on the grid's (`offset`: the grid's origin from the source's in grid pixels, rows and columns): read as is
+    (factor 1) or resampled by `_upsample`; else None. Worked out once per dataset and grid."""
+    known = _ON_GRID.setdefault(src, {})
+    if grid not in known:
+        a, b, c, d, e, f = src.transform[:6]
+        factor = a / grid.resolution
+        offset = ((grid.bounds[3] - f) / e * factor, (grid.bounds[0] - c) / a * factor)
+        integer = factor >= 1 and factor == round(factor) and all(o == round(o) for o in offset)
+        on_grid = _epsg(src) == grid.epsg and b == 0 and d == 0 and -e == a and integer
+        known[grid] = (round(factor), (round(offset[0]), round(offset[1]))) if on_grid else None
+    return known[grid]
+
+
 def read_window(
     src: DatasetReader, grid: Grid, block: Block, resampling: Resampling, nodata: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """One band of `src` on `block` of the cube grid (which may reach outside the grid), and where it has no data.
 
-    Sources aligned with the grid at an integer multiple of its resolution (Sentinel-2's 20 m, Landsat's 30 m on a
-    10 m grid) are decoded at their own resolution and resampled here (`_upsample`); other sources in the grid's
+    Sources on the grid's pixels are read as they are; sources aligned with the grid at an integer multiple of its
+    resolution (Sentinel-2's 20 m, Landsat's 30 m on a 10 m grid) are decoded at their own resolution and resampled
+    here (`_upsample`); other sources in the grid's
     CRS are read with a (fractional) window and GDAL's resampling on decode, which gives the same values as warping;
     sources in another CRS go through a `WarpedVRT` of the block. When GDAL resamples, a margin around the block
     keeps the kernel the same whatever the block. Pixels are in the source's dtype, or float32 when interpolated;
@@ -298,13 +369,14 @@ def read_window(
         ) as vrt:
             out = vrt.read(1)
             return out, out == nodata
+    if (placed := _on_grid(src, grid)) is not None:
+        factor, (r0, c0) = placed
+        if factor > 1:
+            return _upsample(src, block, (r0, c0), factor, resampling, nodata)
+        out = _pixels(src, (block.r0 + r0, block.r1 + r0), (block.c0 + c0, block.c1 + c0), nodata).copy()
+        return out, out == nodata
     col0, row0 = (grid.bounds[0] - c) / a, (grid.bounds[3] - f) / e  # grid origin in source pixels
-    factor = a / res
-    offset = (row0 * factor, col0 * factor)  # ... in grid pixels
-    if factor > 1 and factor == round(factor) and -e == a and all(o == round(o) for o in offset):
-        return _upsample(src, block, (round(offset[0]), round(offset[1])), round(factor), resampling, nodata)
-    aligned = a == res and -e == res and col0 == round(col0) and row0 == round(row0)
-    margin = 0 if aligned or resampling == Resampling.nearest else math.ceil(max(a, -e) / res) + 1
+    margin = 0 if resampling == Resampling.nearest else math.ceil(max(a, -e) / res) + 1
     outer = block.grown(margin)
     # target rows/columns whose pixels lie within the source's extent
     col_lo, col_hi = math.ceil(round(-col0 * a / res, 6)), math.floor(round((src.width - col0) * a / res, 6))
@@ -321,6 +393,42 @@ def read_window(
         out[inner.r0 - outer.r0 : inner.r1 - outer.r0, inner.c0 - outer.c0 : inner.c1 - outer.c0] = data
     out = out[margin : margin + h, margin : margin + w]
     return out, out == nodata
+
+
+def read_band(
+    src: DatasetReader,
+    grid: Grid,
+    block: Block,
+    nodata: float,
+    scale: float,
+    offset: float,
+    out: np.ndarray,
+    missing: np.ndarray,
+) -> None:
+    """One band of `src` on `block` as `read_window` reads it (bilinear), scaled (`value * scale + offset`, float32)
+    into `out`, and `missing` set where it has no data: in one pass over memory after decoding."""
+    nodata = src.nodata if src.nodata is not None else nodata
+    placed = _on_grid(src, grid)
+    if placed is not None and placed[0] == 1:
+        (r0, c0) = placed[1]
+        raw = _pixels(src, (block.r0 + r0, block.r1 + r0), (block.c0 + c0, block.c1 + c0), nodata)
+        kernels.scale_band(raw, float(nodata), scale, offset, out, missing)
+    elif placed is not None:
+        factor, grid_offset = placed
+        raw, axes = _source_pixels(src, block, grid_offset, factor, nodata)
+        kernels.bilinear_upsample(raw, float(nodata), factor, *axes, scale, offset, out, missing)
+    else:
+        raw, _ = read_window(src, grid, block, Resampling.bilinear, nodata)  # no data: where `raw` is `nodata`
+        kernels.scale_band(raw, float(nodata), scale, offset, out, missing)
+
+
+@functools.cache
+def _valid_codes(mask_fn: Callable[[np.ndarray], np.ndarray], dtype: str) -> np.ndarray | None:
+    """`mask_fn` of every value of an 8- or 16-bit unsigned mask asset (a table for `kernels.mask_lookup`), or
+    None for other dtypes."""
+    if dtype not in ("uint8", "uint16"):
+        return None
+    return np.ascontiguousarray(mask_fn(np.arange(np.iinfo(dtype).max + 1, dtype=dtype)), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -423,13 +531,15 @@ def read_source(
         if f"{source.item_id}/{key}" in bad:
             return False
         is_mask = j == n
-        resampling = Resampling.nearest if is_mask else Resampling.bilinear
         nodata = (1 if sensor.name == "landsat" else 0) if is_mask else 0
         for attempt in range(READ_RETRIES + 1):
             try:
                 readable = plan.sign(href) if plan.sign else href
                 with datasets.open(readable) as src:
-                    raw, invalid = read_window(src, grid, outer, resampling, nodata)
+                    if is_mask:
+                        raw, _ = read_window(src, grid, outer, Resampling.nearest, nodata)
+                    else:
+                        read_band(src, grid, outer, nodata, source.scale[j], source.offset[j], values[j], missing)
                 break
             except (RasterioError, OSError, ValueError) as exc:
                 if attempt == READ_RETRIES:
@@ -439,11 +549,12 @@ def read_source(
                 forget_failed_reads(href)  # unsigned: a prefix of every signed name of the asset
                 time.sleep(retry_delay * 2**attempt)
         if is_mask:
-            missing |= ~np.asarray(sensor.mask_fn(raw))
+            if (valid_codes := _valid_codes(sensor.mask_fn, raw.dtype.name)) is not None:
+                kernels.mask_lookup(raw, valid_codes, missing)
+            else:
+                missing |= ~np.asarray(sensor.mask_fn(raw))
             if plan.scl_dilation and sensor.name == "s2":
                 missing |= dilate(np.isin(raw, SCL_CLOUDS), plan.scl_dilation)
-        else:
-            kernels.scale_band(raw, invalid, source.scale[j], source.offset[j], values[j], missing)
     if source.spectral:  # clouds and shadows by reflectance alone; no-data pixels (NaN) are clear, never grown
         reflectance = np.where(missing, np.float32(np.nan), values[list(source.spectral)])
         missing |= spectral_mask(np.moveaxis(reflectance, 0, -1), dilation=plan.scl_dilation) != CLEAR
@@ -484,8 +595,8 @@ def composite_block(
 
     def one_bin(b: int) -> None:
         sources = plan.in_bin(b)
-        stack = np.empty((len(sources), len(plan.bands), h, w), dtype=np.float32)
-        valid = np.empty((len(sources), h, w), dtype=bool)
+        stack = SCRATCH.array("stack", (len(sources), len(plan.bands), h, w), np.float32)
+        valid = SCRATCH.array("valid", (len(sources), h, w), bool)
         read = 0
         for source in sources:  # each read into the next free slot
             read += read_source(plan, source, grid, block, bad, datasets, stack[read], valid[read])

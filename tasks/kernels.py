@@ -14,59 +14,86 @@ from numba import njit
 ONE, HALF, ZERO, NAN = np.float32(1), np.float32(0.5), np.float32(0), np.float32(np.nan)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")  # IEEE division: 0/0 is NaN, not an exception
 def bilinear_upsample(
-    raw: np.ndarray, nodata: float, ri: np.ndarray, rt: np.ndarray, ci: np.ndarray, ct: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+    raw: np.ndarray,
+    nodata: float,
+    factor: int,
+    ri: np.ndarray,
+    rt: np.ndarray,
+    ci: np.ndarray,
+    ct: np.ndarray,
+    scale: float,
+    offset: float,
+    out: np.ndarray,
+    missing: np.ndarray,
+) -> None:
     """`raw` (source pixels) interpolated at target rows `ri + rt` and columns `ci + ct` (source pixel before each
-    target centre, and the distance past it), rows first, in float32; and where the target has no data.
+    target centre, and the distance past it; columns repeat every `factor` with `ci` one further), rows first, in
+    float32, then `* scale + offset` into `out`; `missing` set where the target has no data (`out` is
+    `nodata * scale + offset` there).
 
-    As in GDAL's warper: a target pixel has no data (value `nodata`) where the source pixel holding its centre has
-    none, and the weights of the other invalid neighbours go to the valid ones (values and weights interpolated,
-    then divided; without a division when every source pixel is valid).
+    As in GDAL's warper: a target pixel has no data where the source pixel holding its centre has none, and the
+    weights of the other invalid neighbours go to the valid ones (values and weights interpolated, then divided;
+    without a division where all four neighbours are valid). Columns are done one phase of the factor at a time,
+    so that the inner loops read consecutive source pixels (vectorised, no gathers).
     """
-    n_rows, n_cols = ri.size, ci.size
-    width = raw.shape[1]
-    valid = raw != nodata
-    near_c = ci + (ct >= HALF)  # the source column holding each target column's centre
-    rows = np.empty((n_rows, width), np.float32)
-    out = np.empty((n_rows, n_cols), np.float32)
-    invalid = np.zeros((n_rows, n_cols), np.bool_)
-    if valid.all():
-        for y in range(n_rows):
-            k, w = ri[y], rt[y]
-            for x in range(width):
-                rows[y, x] = np.float32(raw[k, x]) * (ONE - w) + w * np.float32(raw[k + 1, x])
-            for x in range(n_cols):
-                out[y, x] = rows[y, ci[x]] * (ONE - ct[x]) + ct[x] * rows[y, ci[x] + 1]
-        return out, invalid
-    weights = np.empty((n_rows, width), np.float32)
-    for y in range(n_rows):
+    n_cols, width = ci.size, raw.shape[1]
+    s, o = np.float32(scale), np.float32(offset)
+    empty = np.float32(nodata) * s + o
+    rows = np.empty(width, np.float32)
+    weights = np.empty(width, np.float32)
+    for y in range(ri.size):
         k, w = ri[y], rt[y]
-        for x in range(width):
-            va, vb = np.float32(valid[k, x]), np.float32(valid[k + 1, x])
-            rows[y, x] = np.float32(raw[k, x]) * va * (ONE - w) + w * (np.float32(raw[k + 1, x]) * vb)
-            weights[y, x] = va * (ONE - w) + w * vb
-        near_r = k + (1 if w >= HALF else 0)
-        for x in range(n_cols):
-            if not valid[near_r, near_c[x]]:
-                invalid[y, x] = True
-                out[y, x] = np.float32(nodata)
-            else:
-                k, w = ci[x], ct[x]
-                value = rows[y, k] * (ONE - w) + w * rows[y, k + 1]
-                out[y, x] = value / (weights[y, k] * (ONE - w) + w * weights[y, k + 1])
-    return out, invalid
+        near_r = k + (1 if w >= HALF else 0)  # the source row holding the target row's centre
+        first, last = 0, width - 1  # the first and last source columns with no data in rows k or k + 1
+        while first < width and raw[k, first] != nodata and raw[k + 1, first] != nodata:
+            first += 1
+        while last >= first and raw[k, last] != nodata and raw[k + 1, last] != nodata:
+            last -= 1
+        if first == width:
+            for x in range(width):
+                rows[x] = np.float32(raw[k, x]) * (ONE - w) + w * np.float32(raw[k + 1, x])
+        else:
+            for x in range(width):
+                va, vb = np.float32(raw[k, x] != nodata), np.float32(raw[k + 1, x] != nodata)
+                rows[x] = np.float32(raw[k, x]) * va * (ONE - w) + w * (np.float32(raw[k + 1, x]) * vb)
+                weights[x] = va * (ONE - w) + w * vb
+        for p in range(min(factor, n_cols)):
+            k0, t = ci[p], ct[p]
+            near_c = k0 + (1 if t >= HALF else 0)
+            n = (n_cols - p + factor - 1) // factor
+            # columns k0 + m and k0 + m + 1 both valid before `first` and after `last`: no weights to divide by
+            m1, m2 = min(max(first - 1 - k0, 0), n), min(max(last + 1 - k0, 0), n)
+            for m in range(m1):
+                out[y, p + factor * m] = (rows[k0 + m] * (ONE - t) + t * rows[k0 + m + 1]) * s + o
+            for m in range(m1, max(m1, m2)):
+                value = rows[k0 + m] * (ONE - t) + t * rows[k0 + m + 1]
+                value = value / (weights[k0 + m] * (ONE - t) + t * weights[k0 + m + 1]) * s + o  # NaN: 0/0
+                valid = raw[near_r, near_c + m] != nodata
+                out[y, p + factor * m] = value if valid else empty
+                missing[y, p + factor * m] |= not valid
+            for m in range(max(m1, m2), n):
+                out[y, p + factor * m] = (rows[k0 + m] * (ONE - t) + t * rows[k0 + m + 1]) * s + o
 
 
 @njit(nogil=True, cache=True)
-def scale_band(raw: np.ndarray, invalid: np.ndarray, scale: float, offset: float, out: np.ndarray, missing: np.ndarray):
-    """`out = raw * scale + offset` in float32 and `missing |= invalid`, in one pass."""
+def scale_band(raw: np.ndarray, nodata: float, scale: float, offset: float, out: np.ndarray, missing: np.ndarray):
+    """`out = raw * scale + offset` in float32, and `missing` set where `raw` is `nodata`, in one pass."""
     s, o = np.float32(scale), np.float32(offset)
     for y in range(raw.shape[0]):
         for x in range(raw.shape[1]):
-            out[y, x] = np.float32(raw[y, x]) * s + o
-            if invalid[y, x]:
+            v = raw[y, x]
+            out[y, x] = np.float32(v) * s + o
+            missing[y, x] |= v == nodata
+
+
+@njit(nogil=True, cache=True)
+def mask_lookup(codes: np.ndarray, valid: np.ndarray, missing: np.ndarray) -> None:
+    """`missing` set where `valid[code]` is False: a mask asset's codes (SCL classes, QA bits) through a table."""
+    for y in range(codes.shape[0]):
+        for x in range(codes.shape[1]):
+            if not valid[codes[y, x]]:
                 missing[y, x] = True
 
 

@@ -25,20 +25,45 @@ def test_nan_median_and_mean_match_numpy(n: int) -> None:
     assert np.isnan(median[0, 0, 0]) and np.isnan(mean[0, 0, 0])
 
 
+def _upsample(plane: np.ndarray, ri, rt, ci, ct, scale: float = 1.0, offset: float = 0.0):
+    out, missing = np.empty((ri.size, ci.size), np.float32), np.zeros((ri.size, ci.size), bool)
+    kernels.bilinear_upsample(plane, 0.0, 2, ri, rt, ci, ct, scale, offset, out, missing)
+    return out, missing
+
+
 def test_bilinear_upsample_interpolates_and_keeps_no_data_where_the_centre_has_none() -> None:
     ri, rt, r_lo, r_hi = _source_axis(8, 0, 2)  # 8 target rows over source rows r_lo..r_hi, twice as fine
     ci, ct, c_lo, c_hi = _source_axis(6, 2, 2)
     rows, cols = np.arange(r_lo, r_hi, dtype=np.float32), np.arange(c_lo, c_hi, dtype=np.float32)
     plane = (10 * rows[:, None] + cols[None, :] + 100).astype(np.uint16)  # linear: interpolation is exact
-    out, invalid = kernels.bilinear_upsample(plane, 0.0, ri, rt, ci, ct)
+    out, invalid = _upsample(plane, ri, rt, ci, ct)
     centre_r, centre_c = (ri + rt + r_lo)[:, None], (ci + ct + c_lo)[None, :]
     np.testing.assert_allclose(out, 10 * centre_r + centre_c + 100, rtol=0, atol=1e-4)
     assert not invalid.any()
+    scaled, _ = _upsample(plane, ri, rt, ci, ct, 1e-4, -0.1)  # scaled after interpolation, in float32
+    np.testing.assert_array_equal(scaled, out * np.float32(1e-4) + np.float32(-0.1))
 
     plane[3, 2] = 0  # a no-data source pixel: the target pixels whose centre it holds have no data, others keep value
-    out, invalid = kernels.bilinear_upsample(plane, 0.0, ri, rt, ci, ct)
+    out, invalid = _upsample(plane, ri, rt, ci, ct)
     holder_r = (ri + (rt >= 0.5))[:, None] == 3
     holder_c = (ci + (ct >= 0.5))[None, :] == 2
     np.testing.assert_array_equal(invalid, holder_r & holder_c)
     assert (out[invalid] == 0).all()
     assert (out[~invalid] >= plane[plane > 0].min()).all()  # the hole's weight went to valid neighbours, never 0
+
+
+def test_scale_band_scales_and_marks_no_data_without_clearing_what_is_already_missing() -> None:
+    raw = np.array([[0, 1000], [5000, 0]], np.uint16)
+    out, missing = np.empty(raw.shape, np.float32), np.array([[False, True], [False, False]])
+    kernels.scale_band(raw, 0.0, 1e-4, -0.1, out, missing)
+    np.testing.assert_array_equal(out, raw.astype(np.float32) * np.float32(1e-4) + np.float32(-0.1))
+    np.testing.assert_array_equal(missing, [[True, True], [False, True]])
+
+
+def test_mask_lookup_marks_the_codes_the_table_says_are_not_valid() -> None:
+    from tasks.sensors import scl_valid
+
+    codes = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    missing = np.zeros(codes.shape, bool)
+    kernels.mask_lookup(codes, scl_valid(np.arange(256, dtype=np.uint8)), missing)
+    np.testing.assert_array_equal(missing, ~scl_valid(codes))
