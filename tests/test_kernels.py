@@ -25,26 +25,38 @@ def test_nan_median_and_mean_match_numpy(n: int) -> None:
     assert np.isnan(median[0, 0, 0]) and np.isnan(mean[0, 0, 0])
 
 
-def _upsample(plane: np.ndarray, ri, rt, ci, ct, scale: float = 1.0, offset: float = 0.0):
+def _upsample(plane: np.ndarray, factor: int, ri, rt, ci, ct, scale: float = 1.0, offset: float = 0.0):
     out, missing = np.empty((ri.size, ci.size), np.float32), np.zeros((ri.size, ci.size), bool)
-    kernels.bilinear_upsample(plane, 0.0, 2, ri, rt, ci, ct, scale, offset, out, missing)
+    kernels.bilinear_upsample(plane, 0.0, factor, ri, rt, ci, ct, scale, offset, out, missing)
     return out, missing
 
 
-def test_bilinear_upsample_interpolates_and_keeps_no_data_where_the_centre_has_none() -> None:
-    ri, rt, r_lo, r_hi = _source_axis(8, 0, 2)  # 8 target rows over source rows r_lo..r_hi, twice as fine
-    ci, ct, c_lo, c_hi = _source_axis(6, 2, 2)
+@pytest.mark.parametrize(("factor", "start"), [(2, 2), (2, 3), (3, 4)])  # Sentinel-2's 20 m, Landsat's 30 m
+def test_source_axis_gives_each_target_centre_in_source_pixels(factor: int, start: int) -> None:
+    index, t, lo, hi = _source_axis(11, start, factor)
+    centre = (np.arange(start, start + 11) + 0.5) / factor - 0.5
+    np.testing.assert_allclose(index + lo + t, centre, rtol=0, atol=1e-6)
+    assert ((t >= 0) & (t < 1)).all() and index.min() == 0 and hi == index.max() + lo + 2
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_bilinear_upsample_interpolates_and_keeps_no_data_where_the_centre_has_none(factor: int) -> None:
+    ri, rt, r_lo, r_hi = _source_axis(8, 0, factor)  # 8 target rows over source rows r_lo..r_hi, `factor` as fine
+    ci, ct, c_lo, c_hi = _source_axis(7, 2, factor)
     rows, cols = np.arange(r_lo, r_hi, dtype=np.float32), np.arange(c_lo, c_hi, dtype=np.float32)
     plane = (10 * rows[:, None] + cols[None, :] + 100).astype(np.uint16)  # linear: interpolation is exact
-    out, invalid = _upsample(plane, ri, rt, ci, ct)
+    out, invalid = _upsample(plane, factor, ri, rt, ci, ct)
     centre_r, centre_c = (ri + rt + r_lo)[:, None], (ci + ct + c_lo)[None, :]
     np.testing.assert_allclose(out, 10 * centre_r + centre_c + 100, rtol=0, atol=1e-4)
     assert not invalid.any()
-    scaled, _ = _upsample(plane, ri, rt, ci, ct, 1e-4, -0.1)  # scaled after interpolation, in float32
+    scaled, _ = _upsample(plane, factor, ri, rt, ci, ct, 1e-4, -0.1)  # scaled after interpolation, in float32
     np.testing.assert_array_equal(scaled, out * np.float32(1e-4) + np.float32(-0.1))
 
     plane[3, 2] = 0  # a no-data source pixel: the target pixels whose centre it holds have no data, others keep value
-    out, invalid = _upsample(plane, ri, rt, ci, ct)
+    whole = out
+    out, invalid = _upsample(plane, factor, ri, rt, ci, ct)
+    apart = ~np.isin(ri, (2, 3))[:, None] | ~np.isin(ci, (1, 2))[None, :]  # pixels that do not interpolate (3, 2)
+    np.testing.assert_array_equal(out[apart], whole[apart])
     holder_r = (ri + (rt >= 0.5))[:, None] == 3
     holder_c = (ci + (ct >= 0.5))[None, :] == 2
     np.testing.assert_array_equal(invalid, holder_r & holder_c)
