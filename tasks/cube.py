@@ -247,39 +247,16 @@ def _source_axis(n_out: int, start: int, factor: int) -> tuple[np.ndarray, np.nd
     return index, t, lo, int(i0[-1]) + 2
 
 
-class Scratch(threading.local):
-    """Memory each thread reuses from read to read: fresh arrays of a few MB are faulted in and zeroed by the system
-    every time (about 1 s of system time in a 1024 px build). An array taken under a name is valid until the same
-    thread takes that name again."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[str, np.ndarray] = {}
-
-    def array(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        size = math.prod(shape) * dtype.itemsize
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.nbytes < size:
-            buffer = self.buffers[name] = np.empty(size, np.uint8)
-        return buffer[:size].view(dtype).reshape(shape)
-
-
-SCRATCH = Scratch()
-
-
 def _pixels(src: DatasetReader, rows: tuple[int, int], cols: tuple[int, int], nodata: float) -> np.ndarray:
-    """Source pixels `rows` x `cols` of `src` (half-open, may reach outside it: `nodata` there), in this thread's
-    scratch memory."""
+    """Source pixels `rows` x `cols` of `src` (half-open, may reach outside it: `nodata` there)."""
     (r_lo, r_hi), (c_lo, c_hi) = rows, cols
     inside = Block(max(r_lo, 0), min(r_hi, src.height), max(c_lo, 0), min(c_hi, src.width))
-    raw = SCRATCH.array("source", (r_hi - r_lo, c_hi - c_lo), src.dtypes[0])
     if inside.r1 <= inside.r0 or inside.c1 <= inside.c0:
-        raw.fill(nodata)
-        return raw
+        return np.full((r_hi - r_lo, c_hi - c_lo), nodata, dtype=src.dtypes[0])
     window = Window(inside.c0, inside.r0, inside.shape[1], inside.shape[0])
     if inside == Block(r_lo, r_hi, c_lo, c_hi):
-        return src.read(1, window=window, out=raw)
-    raw.fill(nodata)
+        return src.read(1, window=window)
+    raw = np.full((r_hi - r_lo, c_hi - c_lo), nodata, dtype=src.dtypes[0])
     raw[inside.r0 - r_lo : inside.r1 - r_lo, inside.c0 - c_lo : inside.c1 - c_lo] = src.read(1, window=window)
     return raw
 
@@ -350,11 +327,11 @@ def read_window(
 
     Sources on the grid's pixels are read as they are; sources aligned with the grid at an integer multiple of its
     resolution (Sentinel-2's 20 m, Landsat's 30 m on a 10 m grid) are decoded at their own resolution and resampled
-    here (`_upsample`); other sources in the grid's
-    CRS are read with a (fractional) window and GDAL's resampling on decode, which gives the same values as warping;
-    sources in another CRS go through a `WarpedVRT` of the block. When GDAL resamples, a margin around the block
-    keeps the kernel the same whatever the block. Pixels are in the source's dtype, or float32 when interpolated;
-    no-data is the source's own value, else `nodata`, and everything outside the source.
+    here (`_upsample`); other sources in the grid's CRS are read with a (fractional) window and GDAL's resampling on
+    decode, which gives the same values as warping; sources in another CRS go through a `WarpedVRT` of the block.
+    When GDAL resamples, a margin around the block keeps the kernel the same whatever the block. Pixels are in the
+    source's dtype, or float32 when interpolated; no-data is the source's own value, else `nodata`, and everything
+    outside the source.
     """
     h, w = block.shape
     res = grid.resolution
@@ -373,7 +350,7 @@ def read_window(
         factor, (r0, c0) = placed
         if factor > 1:
             return _upsample(src, block, (r0, c0), factor, resampling, nodata)
-        out = _pixels(src, (block.r0 + r0, block.r1 + r0), (block.c0 + c0, block.c1 + c0), nodata).copy()
+        out = _pixels(src, (block.r0 + r0, block.r1 + r0), (block.c0 + c0, block.c1 + c0), nodata)
         return out, out == nodata
     col0, row0 = (grid.bounds[0] - c) / a, (grid.bounds[3] - f) / e  # grid origin in source pixels
     margin = 0 if resampling == Resampling.nearest else math.ceil(max(a, -e) / res) + 1
@@ -595,8 +572,8 @@ def composite_block(
 
     def one_bin(b: int) -> None:
         sources = plan.in_bin(b)
-        stack = SCRATCH.array("stack", (len(sources), len(plan.bands), h, w), np.float32)
-        valid = SCRATCH.array("valid", (len(sources), h, w), bool)
+        stack = np.empty((len(sources), len(plan.bands), h, w), dtype=np.float32)
+        valid = np.empty((len(sources), h, w), dtype=bool)
         read = 0
         for source in sources:  # each read into the next free slot
             read += read_source(plan, source, grid, block, bad, datasets, stack[read], valid[read])
