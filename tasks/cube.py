@@ -152,6 +152,9 @@ class Block:
     def grown(self, px: int) -> Block:
         return Block(self.r0 - px, self.r1 + px, self.c0 - px, self.c1 + px)
 
+    def shifted(self, rows: int, cols: int) -> Block:
+        return Block(self.r0 + rows, self.r1 + rows, self.c0 + cols, self.c1 + cols)
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.r1 - self.r0, self.c1 - self.c0
@@ -247,17 +250,17 @@ def _source_axis(n_out: int, start: int, factor: int) -> tuple[np.ndarray, np.nd
     return index, t, lo, int(i0[-1]) + 2
 
 
-def _pixels(src: DatasetReader, rows: tuple[int, int], cols: tuple[int, int], nodata: float) -> np.ndarray:
-    """Source pixels `rows` x `cols` of `src` (half-open, may reach outside it: `nodata` there)."""
-    (r_lo, r_hi), (c_lo, c_hi) = rows, cols
-    inside = Block(max(r_lo, 0), min(r_hi, src.height), max(c_lo, 0), min(c_hi, src.width))
+def _pixels(src: DatasetReader, window: Block, nodata: float) -> np.ndarray:
+    """The pixels of `src` in `window` (in source pixels; it may reach outside the source: `nodata` there)."""
+    inside = Block(max(window.r0, 0), min(window.r1, src.height), max(window.c0, 0), min(window.c1, src.width))
     if inside.r1 <= inside.r0 or inside.c1 <= inside.c0:
-        return np.full((r_hi - r_lo, c_hi - c_lo), nodata, dtype=src.dtypes[0])
-    window = Window(inside.c0, inside.r0, inside.shape[1], inside.shape[0])
-    if inside == Block(r_lo, r_hi, c_lo, c_hi):
-        return src.read(1, window=window)
-    raw = np.full((r_hi - r_lo, c_hi - c_lo), nodata, dtype=src.dtypes[0])
-    raw[inside.r0 - r_lo : inside.r1 - r_lo, inside.c0 - c_lo : inside.c1 - c_lo] = src.read(1, window=window)
+        return np.full(window.shape, nodata, dtype=src.dtypes[0])
+    read = Window(inside.c0, inside.r0, inside.shape[1], inside.shape[0])
+    if inside == window:
+        return src.read(1, window=read)
+    raw = np.full(window.shape, nodata, dtype=src.dtypes[0])
+    r, c = inside.r0 - window.r0, inside.c0 - window.c0
+    raw[r : r + inside.shape[0], c : c + inside.shape[1]] = src.read(1, window=read)
     return raw
 
 
@@ -268,7 +271,7 @@ def _source_pixels(
     `(index, distance)` in them (`_source_axis`)."""
     ri, rt, r_lo, r_hi = _source_axis(block.shape[0], block.r0 + offset[0], factor)
     ci, ct, c_lo, c_hi = _source_axis(block.shape[1], block.c0 + offset[1], factor)
-    return _pixels(src, (r_lo, r_hi), (c_lo, c_hi), nodata), (ri, rt, ci, ct)
+    return _pixels(src, Block(r_lo, r_hi, c_lo, c_hi), nodata), (ri, rt, ci, ct)
 
 
 def _upsample(
@@ -347,10 +350,10 @@ def read_window(
             out = vrt.read(1)
             return out, out == nodata
     if (placed := _on_grid(src, grid)) is not None:
-        factor, (r0, c0) = placed
+        factor, offset = placed
         if factor > 1:
-            return _upsample(src, block, (r0, c0), factor, resampling, nodata)
-        out = _pixels(src, (block.r0 + r0, block.r1 + r0), (block.c0 + c0, block.c1 + c0), nodata)
+            return _upsample(src, block, offset, factor, resampling, nodata)
+        out = _pixels(src, block.shifted(*offset), nodata)
         return out, out == nodata
     col0, row0 = (grid.bounds[0] - c) / a, (grid.bounds[3] - f) / e  # grid origin in source pixels
     margin = 0 if resampling == Resampling.nearest else math.ceil(max(a, -e) / res) + 1
@@ -386,17 +389,16 @@ def read_band(
     into `out`, and `missing` set where it has no data: in one pass over memory after decoding."""
     nodata = src.nodata if src.nodata is not None else nodata
     placed = _on_grid(src, grid)
-    if placed is not None and placed[0] == 1:
-        (r0, c0) = placed[1]
-        raw = _pixels(src, (block.r0 + r0, block.r1 + r0), (block.c0 + c0, block.c1 + c0), nodata)
-        kernels.scale_band(raw, float(nodata), scale, offset, out, missing)
-    elif placed is not None:
+    if placed is None:  # GDAL resamples; no data is where `raw` is `nodata`
+        raw, _ = read_window(src, grid, block, Resampling.bilinear, nodata)
+    elif placed[0] == 1:
+        raw = _pixels(src, block.shifted(*placed[1]), nodata)
+    else:
         factor, grid_offset = placed
         raw, axes = _source_pixels(src, block, grid_offset, factor, nodata)
         kernels.bilinear_upsample(raw, float(nodata), factor, *axes, scale, offset, out, missing)
-    else:
-        raw, _ = read_window(src, grid, block, Resampling.bilinear, nodata)  # no data: where `raw` is `nodata`
-        kernels.scale_band(raw, float(nodata), scale, offset, out, missing)
+        return
+    kernels.scale_band(raw, float(nodata), scale, offset, out, missing)
 
 
 @functools.cache

@@ -65,16 +65,16 @@ def bilinear_upsample(
             n = (n_cols - p + factor - 1) // factor
             # columns k0 + m and k0 + m + 1 both valid before `first` and after `last`: no weights to divide by
             m1, m2 = min(max(first - 1 - k0, 0), n), min(max(last + 1 - k0, 0), n)
-            for m in range(m1):
-                out[y, p + factor * m] = (rows[k0 + m] * (ONE - t) + t * rows[k0 + m + 1]) * s + o
-            for m in range(m1, max(m1, m2)):
+            m2 = max(m1, m2)
+            for lo, hi in ((0, m1), (m2, n)):
+                for m in range(lo, hi):
+                    out[y, p + factor * m] = (rows[k0 + m] * (ONE - t) + t * rows[k0 + m + 1]) * s + o
+            for m in range(m1, m2):
                 value = rows[k0 + m] * (ONE - t) + t * rows[k0 + m + 1]
                 value = value / (weights[k0 + m] * (ONE - t) + t * weights[k0 + m + 1]) * s + o  # NaN: 0/0
                 valid = raw[near_r, near_c + m] != nodata
                 out[y, p + factor * m] = value if valid else empty
                 missing[y, p + factor * m] |= not valid
-            for m in range(max(m1, m2), n):
-                out[y, p + factor * m] = (rows[k0 + m] * (ONE - t) + t * rows[k0 + m + 1]) * s + o
 
 
 @njit(nogil=True, cache=True)
