@@ -1,19 +1,17 @@
 """Build cloud-masked, temporally regular datacubes from STAC items into Zarr v3, one spatial block at a time.
 
-For each block, every item's assets are decoded with rasterio in threads (GDAL releases the GIL) straight onto the
-cube grid (bilinear for reflectance, nearest for SCL/QA; `WarpedVRT` when an item is in another CRS), masked,
-scaled and composited per time bin (numpy, and the compiled kernels of `tasks.kernels`, which release the GIL too),
-and written into the block's region of the store (in the background, while the next block is read). Assets stay
-open from block to block, and blocks go in Z order, so the COG tiles that neighbouring blocks share are decoded once
-(GDAL's block cache, `GDAL_CACHE_BYTES`). Completed blocks are recorded beside the store (`<out>.partial/`), so an
-interrupted build resumes with the blocks still missing; the finished store is published atomically. Memory
-depends on the block size and the cache, not on the region's size.
+For each block, every item's assets are decoded in threads through GDAL's C API (`infra.gdal.Raster`, which
+releases the GIL for the whole read) straight onto the cube grid (bilinear for reflectance, nearest for SCL/QA;
+`WarpedVRT` when an item is in another CRS), masked, scaled and composited per time bin (numpy, and the compiled
+kernels of `tasks.kernels`, which release the GIL too), and written into the block's region of the store (in the
+background, while the next block is read). Assets stay open from block to block, and blocks go in Z order, so the
+COG tiles that neighbouring blocks share are decoded once (GDAL's block cache, `GDAL_CACHE_BYTES`). Completed blocks
+are recorded beside the store (`<out>.partial/`), so an interrupted build resumes with the blocks still missing; the
+finished store is published atomically. Memory depends on the block size and the cache, not on the region's size.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import hashlib
 import json
@@ -44,10 +42,8 @@ import zarr
 from affine import Affine
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from rasterio._path import _parse_path  # rasterio's own href -> GDAL name rule (no public API)
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
-from rasterio.io import DatasetReader
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 from scipy import ndimage
@@ -55,6 +51,7 @@ from zarr.codecs import BloscCodec
 
 from infra import atomic, storage
 from infra.errors import CropflowError
+from infra.gdal import Raster, forget_failed_reads
 from tasks import kernels
 from tasks.catalog import Catalog, sign_href
 from tasks.cloudmask import CLEAR, dilate, spectral_mask
@@ -175,19 +172,18 @@ class Datasets:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.limit = limit or (MAX_OPEN if soft == resource.RLIM_INFINITY else max(1, min(MAX_OPEN, soft // 2)))
         self.count = 0  # open datasets: idle and taken
-        self._idle: OrderedDict[str, DatasetReader] = OrderedDict()  # href -> dataset, least recently used first
+        self._idle: OrderedDict[str, Raster] = OrderedDict()  # href -> dataset, least recently used first
         self._lock = threading.Lock()
 
     @contextmanager
-    def open(self, href: str) -> Iterator[DatasetReader]:
-        """The dataset of `href`, taken for the duration of the `with` block (opened when none is idle)."""
+    def open(self, href: str) -> Iterator[Raster]:
+        """The raster of `href`, taken for the duration of the `with` block (opened when none is idle)."""
         with self._lock:
             src = self._idle.pop(href, None)
         if src is None:
             self._settle(1)
             try:
-                with rasterio.Env(**GDAL_ENV):
-                    src = rasterio.open(href)
+                src = Raster(href, GDAL_ENV)
             except BaseException:
                 self._settle(-1)
                 raise
@@ -199,7 +195,7 @@ class Datasets:
             raise
         self._settle(0, (href, src))
 
-    def _settle(self, opened: int, given_back: tuple[str, DatasetReader] | None = None) -> None:
+    def _settle(self, opened: int, given_back: tuple[str, Raster] | None = None) -> None:
         """Count `opened` datasets (closed ones when negative), make `given_back` idle, then close the least recently
         used idle datasets while over the limit."""
         closing = []
@@ -250,22 +246,20 @@ def _source_axis(n_out: int, start: int, factor: int) -> tuple[np.ndarray, np.nd
     return index, t, lo, int(i0[-1]) + 2
 
 
-def _pixels(src: DatasetReader, window: Block, nodata: float) -> np.ndarray:
+def _pixels(src: Raster, window: Block, nodata: float) -> np.ndarray:
     """The pixels of `src` in `window` (in source pixels; it may reach outside the source: `nodata` there)."""
     inside = Block(max(window.r0, 0), min(window.r1, src.height), max(window.c0, 0), min(window.c1, src.width))
-    if inside.r1 <= inside.r0 or inside.c1 <= inside.c0:
-        return np.full(window.shape, nodata, dtype=src.dtypes[0])
-    read = Window(inside.c0, inside.r0, inside.shape[1], inside.shape[0])
     if inside == window:
-        return src.read(1, window=read)
-    raw = np.full(window.shape, nodata, dtype=src.dtypes[0])
-    r, c = inside.r0 - window.r0, inside.c0 - window.c0
-    raw[r : r + inside.shape[0], c : c + inside.shape[1]] = src.read(1, window=read)
+        return src.read(inside.r0, inside.c0, np.empty(window.shape, dtype=src.dtype))
+    raw = np.full(window.shape, nodata, dtype=src.dtype)
+    if inside.r1 > inside.r0 and inside.c1 > inside.c0:
+        r, c = inside.r0 - window.r0, inside.c0 - window.c0
+        src.read(inside.r0, inside.c0, raw[r : r + inside.shape[0], c : c + inside.shape[1]])
     return raw
 
 
 def _source_pixels(
-    src: DatasetReader, block: Block, offset: tuple[int, int], factor: int, nodata: float
+    src: Raster, block: Block, offset: tuple[int, int], factor: int, nodata: float
 ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     """The pixels of `src` that `_upsample` needs for `block` (`_pixels`), and the rows' and columns'
     `(index, distance)` in them (`_source_axis`)."""
@@ -275,7 +269,7 @@ def _source_pixels(
 
 
 def _upsample(
-    src: DatasetReader, block: Block, offset: tuple[int, int], factor: int, resampling: Resampling, nodata: float
+    src: Raster, block: Block, offset: tuple[int, int], factor: int, resampling: Resampling, nodata: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """`block` of a grid `factor` times finer than `src` whose pixel edges fall on the source's (the grid's origin is
     `offset` target pixels (rows, columns) from the source's), decoded at the source's resolution and resampled here.
@@ -293,22 +287,12 @@ def _upsample(
     return out, invalid
 
 
-_EPSG: weakref.WeakKeyDictionary[DatasetReader, int | None] = weakref.WeakKeyDictionary()
-
-
-def _epsg(src: DatasetReader) -> int | None:
-    """The EPSG code of an open dataset's CRS, identified once per dataset (it is slow, and datasets are reused)."""
-    if src not in _EPSG:
-        _EPSG[src] = src.crs.to_epsg() if src.crs is not None else None
-    return _EPSG[src]
-
-
-_ON_GRID: weakref.WeakKeyDictionary[DatasetReader, dict[Grid, tuple[int, tuple[int, int]] | None]] = (
+_ON_GRID: weakref.WeakKeyDictionary[Raster, dict[Grid, tuple[int, tuple[int, int]] | None]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _on_grid(src: DatasetReader, grid: Grid) -> tuple[int, tuple[int, int]] | None:
+def _on_grid(src: Raster, grid: Grid) -> tuple[int, tuple[int, int]] | None:
     """`(factor, offset)` when `src` is in the grid's CRS at an integer `factor` times its resolution with its pixel
     edges on the grid's (`offset`: the grid's origin from the source's in grid pixels, rows and columns): read as is
     (factor 1) or resampled by `_upsample`; else None. Worked out once per dataset and grid."""
@@ -318,13 +302,13 @@ def _on_grid(src: DatasetReader, grid: Grid) -> tuple[int, tuple[int, int]] | No
         factor = a / grid.resolution
         offset = ((grid.bounds[3] - f) / e * factor, (grid.bounds[0] - c) / a * factor)
         integer = factor >= 1 and factor == round(factor) and all(o == round(o) for o in offset)
-        on_grid = _epsg(src) == grid.epsg and b == 0 and d == 0 and -e == a and integer
+        on_grid = src.epsg == grid.epsg and b == 0 and d == 0 and -e == a and integer
         known[grid] = (round(factor), (round(offset[0]), round(offset[1]))) if on_grid else None
     return known[grid]
 
 
 def read_window(
-    src: DatasetReader, grid: Grid, block: Block, resampling: Resampling, nodata: float
+    src: Raster, grid: Grid, block: Block, resampling: Resampling, nodata: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """One band of `src` on `block` of the cube grid (which may reach outside the grid), and where it has no data.
 
@@ -340,12 +324,12 @@ def read_window(
     res = grid.resolution
     nodata = src.nodata if src.nodata is not None else nodata
     a, b, c, d, e, f = src.transform[:6]
-    same_crs = _epsg(src) == grid.epsg
+    same_crs = src.epsg == grid.epsg
     if not same_crs or b != 0 or d != 0:
         x0, y1 = grid.bounds[0] + block.c0 * res, grid.bounds[3] - block.r0 * res
         transform = Affine(res, 0.0, x0, 0.0, -res, y1)
         with WarpedVRT(
-            src, crs=grid.crs, transform=transform, width=w, height=h, resampling=resampling, nodata=nodata
+            src.dataset, crs=grid.crs, transform=transform, width=w, height=h, resampling=resampling, nodata=nodata
         ) as vrt:
             out = vrt.read(1)
             return out, out == nodata
@@ -363,20 +347,20 @@ def read_window(
     row_lo, row_hi = math.ceil(round(-row0 * -e / res, 6)), math.floor(round((src.height - row0) * -e / res, 6))
     inner = Block(max(outer.r0, row_lo), min(outer.r1, row_hi), max(outer.c0, col_lo), min(outer.c1, col_hi))
     if inner.r1 <= inner.r0 or inner.c1 <= inner.c0:
-        return np.full(block.shape, nodata, dtype=src.dtypes[0]), np.ones(block.shape, dtype=bool)
+        return np.full(block.shape, nodata, dtype=src.dtype), np.ones(block.shape, dtype=bool)
     window = Window(
         col0 + inner.c0 * res / a, row0 + inner.r0 * res / -e, inner.shape[1] * res / a, inner.shape[0] * res / -e
     )
-    out = src.read(1, window=window, out_shape=inner.shape, resampling=resampling)
+    out = src.dataset.read(1, window=window, out_shape=inner.shape, resampling=resampling)
     if inner != outer:
-        data, out = out, np.full(outer.shape, nodata, dtype=src.dtypes[0])
+        data, out = out, np.full(outer.shape, nodata, dtype=src.dtype)
         out[inner.r0 - outer.r0 : inner.r1 - outer.r0, inner.c0 - outer.c0 : inner.c1 - outer.c0] = data
     out = out[margin : margin + h, margin : margin + w]
     return out, out == nodata
 
 
 def read_band(
-    src: DatasetReader,
+    src: Raster,
     grid: Grid,
     block: Block,
     nodata: float,
@@ -458,31 +442,6 @@ class BadAssets:
 
     def __contains__(self, name: str) -> bool:
         return name in self.found
-
-
-@functools.cache
-def _gdal() -> ctypes.CDLL | None:
-    """The GDAL library rasterio runs on, for `VSICurlPartialClearCache`, which rasterio does not wrap."""
-    maps = Path("/proc/self/maps")
-    loaded = [line.split()[-1] for line in maps.read_text().splitlines() if "libgdal" in line] if maps.exists() else []
-    path = loaded[0] if loaded else ctypes.util.find_library("gdal")
-    return ctypes.CDLL(path) if path else None
-
-
-def gdal_name(href: str) -> str:
-    """The name GDAL opens (and caches) `href` under when rasterio opens it: `/vsicurl/https://...` for a URL,
-    `/vsis3/bucket/key` for `s3://bucket/key`, ..., a plain path for a local file."""
-    return _parse_path(href).as_vsi()
-
-
-def forget_failed_reads(href: str) -> None:
-    """Forget what GDAL's cache of remote files (/vsicurl/, /vsis3/, ...) holds about `href`: it remembers a failed
-    request (a timeout, a 5xx) as "does not exist" and would answer a retry with that. Other files' cached headers
-    and tiles are kept."""
-    name = gdal_name(href)
-    lib = _gdal()
-    if lib is not None and name.startswith("/vsi"):
-        lib.VSICurlPartialClearCache(name.encode())
 
 
 def read_source(

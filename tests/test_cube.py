@@ -332,7 +332,7 @@ def test_reader_threads_share_one_limit_of_open_files(tmp_path):
     def reads(seed: int) -> None:
         for i in np.random.default_rng(seed).integers(0, len(hrefs), 40):
             with datasets.open(hrefs[i]) as src:
-                assert src.read(1)[0, 0] == i
+                assert src.read(0, 0, np.empty((1, 1), src.dtype))[0, 0] == i
                 assert _open_files(tmp_path) <= 3
             assert _open_files(tmp_path) <= 3
 
@@ -519,9 +519,9 @@ def test_bad_input_gives_clear_errors(tiny_region, tmp_path):
 def test_s2_items_without_scl_are_masked_by_the_spectral_test(tiny_region, tmp_path):
     """`s2_cloud_mask="auto"`: items with SCL are masked by it, the others exactly where `spectral_mask` (grown by
     `scl_dilation`) flags the scaled reflectance, whose bands are read for the test though the cube lacks them."""
-    import rasterio
     from rasterio.enums import Resampling
 
+    from infra.gdal import Raster
     from tasks.cloudmask import CLEAR, dilate, spectral_mask
     from tasks.cube import SCL_CLOUDS, SPECTRAL_BANDS, Block, plan_sensor, read_window
     from tasks.grid import Grid, snap_bounds
@@ -534,7 +534,7 @@ def test_s2_items_without_scl_are_masked_by_the_spectral_test(tiny_region, tmp_p
     grid, whole = Grid(meta["epsg"], snap_bounds(bounds, 10.0), 10.0), Block(0, n, 0, n)
 
     def read(href: str, resampling: Resampling = Resampling.bilinear) -> tuple[np.ndarray, np.ndarray]:
-        with rasterio.open(href) as src:
+        with Raster(href) as src:
             return read_window(src, grid, whole, resampling, 0)
 
     def reflectance(item: dict, bands: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -589,6 +589,7 @@ def test_coarse_bands_resampled_in_numpy_match_gdal_warp(tmp_path, factor, shift
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
 
+    from infra.gdal import Raster
     from tasks.cube import Block, read_window
     from tasks.grid import Grid
 
@@ -603,11 +604,15 @@ def test_coarse_bands_resampled_in_numpy_match_gdal_warp(tmp_path, factor, shift
         dst.write(pixels, 1)
     n = n_src * factor + 8  # the grid reaches past the source's end
     grid = Grid(32631, (600_000.0, 5_650_000.0 - n * 10, 600_000.0 + n * 10, 5_650_000.0), 10.0)
-    with rasterio.open(path) as src:
+    with Raster(str(path)) as src:
         for resampling in (Resampling.bilinear, Resampling.nearest):
             got, invalid = read_window(src, grid, Block(0, n, 0, n), resampling, 0)
             with WarpedVRT(
-                src, transform=Affine(10, 0, 600_000, 0, -10, 5_650_000), width=n, height=n, resampling=resampling
+                src.dataset,
+                transform=Affine(10, 0, 600_000, 0, -10, 5_650_000),
+                width=n,
+                height=n,
+                resampling=resampling,
             ) as vrt:
                 expected = vrt.read(1)
             assert np.array_equal(invalid, expected == 0)

@@ -36,10 +36,11 @@ from region_helpers import file_bytes, region_items, region_season
 from torch import nn
 
 from infra.errors import CropflowError
+from infra.gdal import gdal_name
 from infra.retry import HttpRetry
 from infra.settings import Settings
 from tasks.catalog import search_items
-from tasks.cube import build_cube, gdal_name, partial_path
+from tasks.cube import build_cube, partial_path
 
 FAST = HttpRetry(retries=4, backoff=0.05, jitter=0.0, timeout=4.0)  # a loaded 2-core machine answers in 1-2 s
 

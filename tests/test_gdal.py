@@ -1,0 +1,66 @@
+"""`infra.gdal.Raster`: GDAL's C API gives what rasterio gives, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rasterio.errors import RasterioIOError
+
+from infra.gdal import Raster
+
+TRANSFORM = Affine(20.0, 0.0, 600_000.0, 0.0, -20.0, 5_650_000.0)
+
+
+def _write(path: Path, pixels: np.ndarray, crs: str | None = "EPSG:32631", nodata: float | None = 0) -> str:
+    profile = {"driver": "GTiff", "width": pixels.shape[1], "height": pixels.shape[0], "count": 1}
+    profile |= {"dtype": pixels.dtype.name, "tiled": True, "blockxsize": 16, "blockysize": 16, "compress": "deflate"}
+    with rasterio.open(path, "w", crs=crs, transform=TRANSFORM, nodata=nodata, **profile) as dst:
+        dst.write(pixels, 1)
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "float32"])
+def test_metadata_and_windows_match_rasterio(tmp_path, dtype):
+    pixels = np.random.default_rng(0).integers(0, 120, (37, 45)).astype(dtype)
+    href = _write(tmp_path / "a.tif", pixels)
+    with Raster(href) as src, rasterio.open(href) as ref:
+        assert (src.width, src.height, src.dtype) == (ref.width, ref.height, np.dtype(ref.dtypes[0]))
+        assert src.transform == ref.transform and src.epsg == ref.crs.to_epsg() == 32631
+        assert src.nodata == ref.nodata == 0
+        for r0, c0, h, w in [(0, 0, 37, 45), (5, 7, 20, 30), (36, 44, 1, 1)]:
+            got = src.read(r0, c0, np.empty((h, w), src.dtype))
+            assert np.array_equal(got, ref.read(1, window=((r0, r0 + h), (c0, c0 + w))))
+        into = np.zeros((10, 40), src.dtype)  # into a strided view: the rest of `into` is left alone
+        src.read(3, 4, into[2:8, 5:25])
+        assert np.array_equal(into[2:8, 5:25], pixels[3:9, 4:24]) and not into[:2].any() and not into[:, :5].any()
+    assert src.closed
+
+
+def test_crs_without_an_authority_code_goes_to_proj_and_no_nodata_is_none(tmp_path):
+    custom = "+proj=tmerc +lat_0=0 +lon_0=4.3 +k=0.9996 +x_0=500000 +y_0=0 +ellps=WGS84 +units=m"  # no EPSG code
+    href = _write(tmp_path / "b.tif", np.ones((8, 8), "uint16"), crs=custom, nodata=None)
+    with Raster(href) as src, rasterio.open(href) as ref:
+        assert src.epsg is None and ref.crs.to_epsg() is None
+        assert src.nodata is None
+    href = _write(tmp_path / "c.tif", np.ones((8, 8), "uint16"), crs=None)
+    with Raster(href) as src:
+        assert src.epsg is None
+
+
+def test_bad_files_and_reads_raise_clear_errors(tmp_path):
+    with pytest.raises(RasterioIOError, match=r"missing\.tif: .*No such file"):
+        Raster(str(tmp_path / "missing.tif"))
+    corrupt = tmp_path / "corrupt.tif"
+    corrupt.write_bytes(b"II*\x00" + b"\x00" * 64)
+    with pytest.raises(RasterioIOError, match=r"corrupt\.tif: "):
+        Raster(str(corrupt))
+    href = _write(tmp_path / "d.tif", np.ones((8, 8), "uint16"))
+    with Raster(href) as src:
+        with pytest.raises(RasterioIOError, match=r"d\.tif: reading rows 4-12, columns 0-8: .*out of range"):
+            src.read(4, 0, np.empty((8, 8), "uint16"))
+        with pytest.raises(ValueError, match="read into uint16"):
+            src.read(0, 0, np.empty((8, 8), "float32"))
