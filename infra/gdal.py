@@ -100,10 +100,11 @@ class Raster:
         if not self._handle:
             raise _last_error(href)
         self._band = lib.GDALGetRasterBand(self._handle, 1)
-        code = lib.GDALGetRasterDataType(self._band) if self._band else 0
+        code = lib.GDALGetRasterDataType(self._band) if self._band else None
         if code not in DTYPES:
             self.close()
-            raise RasterioIOError(f"{href}: no first band of a type cropflow reads (GDAL data type {code})")
+            what = "has no band" if code is None else f"has a first band of GDAL data type {code}"
+            raise RasterioIOError(f"{href} {what}; cropflow reads {', '.join(DTYPES.values())} rasters")
         self.dtype, self._type = np.dtype(DTYPES[code]), code
         self.width, self.height = lib.GDALGetRasterXSize(self._handle), lib.GDALGetRasterYSize(self._handle)
         coefficients = (ctypes.c_double * 6)(0, 1, 0, 0, 0, 1)

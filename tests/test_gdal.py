@@ -64,3 +64,9 @@ def test_bad_files_and_reads_raise_clear_errors(tmp_path):
             src.read(4, 0, np.empty((8, 8), "uint16"))
         with pytest.raises(ValueError, match="read into uint16"):
             src.read(0, 0, np.empty((8, 8), "float32"))
+
+
+def test_rasters_of_a_type_cropflow_does_not_read_are_refused(tmp_path):
+    href = _write(tmp_path / "complex.tif", np.ones((8, 8), "complex64"), nodata=None)
+    with pytest.raises(RasterioIOError, match=r"complex\.tif has a first band of GDAL data type 10; cropflow reads "):
+        Raster(href)
