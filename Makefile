@@ -13,7 +13,7 @@ demo: setup
 	.venv/bin/cropflow demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 lint: setup
 	.venv/bin/ruff check .
