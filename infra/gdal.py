@@ -38,15 +38,11 @@ def gdal_name(href: str) -> str:
 
 
 def _find_library() -> str:
-    """The path of the GDAL library rasterio runs on (loaded by importing rasterio)."""
-    maps = Path("/proc/self/maps")
-    if maps.exists():
-        for line in maps.read_text().splitlines():
-            if "libgdal" in line:
-                return line.split()[-1]
+    """The path of the GDAL library rasterio runs on. Other packages may load their own copy into the process
+    (pyogrio's wheels do), with its own drivers, caches and configuration: the one wanted is rasterio's."""
     package = Path(rasterio.__file__).parent
     bundled = sorted(package.parent.glob("rasterio.libs/libgdal*")) + sorted((package / ".dylibs").glob("libgdal*"))
-    path = str(bundled[0]) if bundled else ctypes.util.find_library("gdal")
+    path = str(bundled[0]) if bundled else ctypes.util.find_library("gdal")  # else rasterio links the system's
     if not path:
         raise RuntimeError("cannot find the GDAL library rasterio uses; reinstall rasterio from its wheels")
     return path
@@ -74,10 +70,14 @@ def library() -> ctypes.CDLL:
         "CPLErrorReset": (None, []),
         "CPLGetLastErrorMsg": (s, []),
         "VSICurlPartialClearCache": (None, [s]),
+        "GDALVersionInfo": (s, [s]),
     }
     for name, (restype, argtypes) in signatures.items():
         function = getattr(lib, name)
         function.restype, function.argtypes = restype, argtypes
+    found = lib.GDALVersionInfo(b"RELEASE_NAME").decode()
+    if found != rasterio.__gdal_version__:
+        raise RuntimeError(f"found GDAL {found}, but rasterio runs on GDAL {rasterio.__gdal_version__}")
     return lib
 
 

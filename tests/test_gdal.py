@@ -70,3 +70,21 @@ def test_rasters_of_a_type_cropflow_does_not_read_are_refused(tmp_path):
     href = _write(tmp_path / "complex.tif", np.ones((8, 8), "complex64"), nodata=None)
     with pytest.raises(RasterioIOError, match=r"complex\.tif has a first band of GDAL data type 10; cropflow reads "):
         Raster(href)
+
+
+def test_the_library_is_rasterios_even_with_another_gdal_loaded():
+    """pyogrio's wheels bring a second GDAL into the process: configuration set through rasterio must be the one
+    `Raster` opens with (credentials, cache size)."""
+    import ctypes
+
+    import pyogrio  # noqa: F401  (its own libgdal, loaded into this process)
+
+    from infra.gdal import library
+
+    lib = library()
+    assert lib.GDALVersionInfo(b"RELEASE_NAME").decode() == rasterio.__gdal_version__
+    get = lib.CPLGetConfigOption
+    get.restype, get.argtypes = ctypes.c_char_p, [ctypes.c_char_p, ctypes.c_char_p]
+    with rasterio.Env(CROPFLOW_PROBE="seen"):
+        assert get(b"CROPFLOW_PROBE", None) == b"seen"
+    assert get(b"CROPFLOW_PROBE", None) is None
