@@ -24,6 +24,7 @@ from rasterio.crs import CRS
 from rasterio.env import ensure_env_with_credentials
 from rasterio.errors import RasterioIOError
 from rasterio.io import DatasetReader
+from rasterio.session import DummySession
 
 GDAL_OF_RASTER, GDAL_OF_VERBOSE_ERROR = 0x02, 0x40  # the flags rasterio opens datasets with
 GF_READ = 0
@@ -95,7 +96,7 @@ class Raster:
         self._dataset: DatasetReader | None = None
         lib = library()
         lib.CPLErrorReset()
-        with rasterio.Env(**self.options):
+        with _options(self.options):
             self._handle = _open(href)
         if not self._handle:
             raise _last_error(href)
@@ -148,7 +149,7 @@ class Raster:
     def dataset(self) -> DatasetReader:
         """The same raster opened by rasterio (resampled reads, `WarpedVRT`), opened on first use."""
         if self._dataset is None:
-            with rasterio.Env(**self.options):
+            with _options(self.options):
                 self._dataset = rasterio.open(self.href)
         return self._dataset
 
@@ -164,6 +165,13 @@ class Raster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _options(options: dict[str, str]) -> rasterio.Env:
+    """GDAL configuration `options` without credentials: the open inside takes those its href's scheme needs
+    (`ensure_env_with_credentials`). A plain `rasterio.Env` builds a boto3 session from the `AWS_*` variables when
+    they are set, even to open a local file or a URL: 10-20 ms an open, against 1.4-3 ms (measured)."""
+    return rasterio.Env(session=DummySession(), **options)
 
 
 @ensure_env_with_credentials  # the configuration and credentials `rasterio.open` would open `href` with

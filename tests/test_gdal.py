@@ -88,3 +88,26 @@ def test_the_library_is_rasterios_even_with_another_gdal_loaded():
     with rasterio.Env(CROPFLOW_PROBE="seen"):
         assert get(b"CROPFLOW_PROBE", None) == b"seen"
     assert get(b"CROPFLOW_PROBE", None) is None
+
+
+def test_s3_hrefs_get_credentials_and_other_opens_no_boto3_session(tmp_path, bucket, monkeypatch):
+    """`s3://` rasters open with the credentials of the environment (as `rasterio.open` would), while local files
+    and URLs open without building a boto3 session for each (the AWS_* variables are set here)."""
+    import os
+
+    import fsspec
+    from rasterio import session
+
+    pixels = np.arange(64, dtype="uint16").reshape(8, 8)
+    local = _write(tmp_path / "s3.tif", pixels)
+    fsspec.filesystem("s3").put(local, f"{bucket}/cog/s3.tif")
+    endpoint = {"AWS_S3_ENDPOINT": os.environ["AWS_ENDPOINT_URL"].removeprefix("http://"), "AWS_HTTPS": "NO"}
+    endpoint["AWS_VIRTUAL_HOSTING"] = "FALSE"
+    with Raster(f"{bucket}/cog/s3.tif", endpoint) as src:
+        assert np.array_equal(src.read(0, 0, np.empty((8, 8), "uint16")), pixels)
+
+    made = []
+    monkeypatch.setattr(session.AWSSession, "__init__", lambda self, *a, **k: made.append(1) or None)
+    with Raster(local, endpoint) as src:
+        assert src.read(7, 7, np.empty((1, 1), "uint16"))[0, 0] == 63
+    assert not made
