@@ -156,6 +156,7 @@ class Raster:
     def close(self) -> None:
         if self._dataset is not None:
             self._dataset.close()
+            self._dataset = None
         if self._handle:
             library().GDALClose(self._handle)
             self._handle = self._band = None
