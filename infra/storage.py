@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import rasterio
 import xarray as xr
 from fsspec.asyn import sync
@@ -31,6 +32,8 @@ from infra.errors import CropflowError
 from infra.processes import blank
 from infra.retry import STORE_RETRY, HttpRetry
 
+# CF attributes of integers packed for storage, and their values when absent
+PACKING_FACTORS = {"scale_factor": 1.0, "add_offset": 0.0}
 # protocols cropflow is tested or documented with, and the package each needs
 PROTOCOLS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 # what to set when a package's client finds no credentials in the environment (gcsfs would go on anonymously, s3fs
@@ -120,8 +123,27 @@ def zarr_store(loc: str | os.PathLike, read_only: bool = False) -> Path | Fsspec
 
 
 def open_zarr(loc: str | os.PathLike, **kwargs) -> xr.Dataset:
-    """`xarray.open_zarr` of the store at `loc` (keyword arguments passed on)."""
-    return xr.open_zarr(zarr_store(loc, read_only=True), **kwargs)
+    """`xarray.open_zarr` of the store at `loc` (keyword arguments passed on), lazily decoded, with integers packed
+    the CF way (`scale_factor`, `add_offset`, `_FillValue`: the cube's reflectance) decoded to float32, as `unpack`
+    does, rather than xarray's float64 (the factors come back from Zarr's JSON as Python floats)."""
+    ds = xr.open_zarr(zarr_store(loc, read_only=True), decode_cf=False, **kwargs)
+    for var in ds.variables.values():
+        if PACKING_FACTORS.keys() & var.attrs.keys():
+            var.attrs.update({k: np.float32(var.attrs.get(k, default)) for k, default in PACKING_FACTORS.items()})
+    return xr.decode_cf(ds)
+
+
+def unpack(raw: np.ndarray, encoding: Mapping) -> np.ndarray:
+    """Values read straight from a Zarr array (`raw`) as `open_zarr` decodes them, given the decoded variable's
+    `encoding`: float32 `raw * scale_factor + add_offset`, NaN at `_FillValue`; `raw` itself when not packed."""
+    if not PACKING_FACTORS.keys() & encoding.keys():
+        return raw
+    out = raw.astype(np.float32)
+    out *= np.float32(encoding.get("scale_factor", 1.0))
+    out += np.float32(encoding.get("add_offset", 0.0))
+    if "_FillValue" in encoding:
+        out[raw == encoding["_FillValue"]] = np.nan
+    return out
 
 
 def open_raster(loc: str | os.PathLike) -> rasterio.DatasetReader:

@@ -198,3 +198,21 @@ def prepare_series(
                             v = a + (b - a) * np.float32((t - prev) / max(nxt - prev, 1))
                     z = (v - m) / s
                     x[t, c, p0 + i] = z if z == z else unknown
+
+
+@njit(nogil=True, cache=True)
+def pack(values: np.ndarray, scale: float, offset: float, fill: int, out: np.ndarray) -> int:
+    """`out` = `values` (float32, flat) as unsigned integers `round((value - offset) / scale)` (in float64, half to
+    even), `fill` where a value is NaN; values beyond `[0, fill - 1]` are clipped to it. The number clipped."""
+    top, clipped = fill - 1, 0
+    for i in range(values.size):
+        v = values[i]
+        if v != v:
+            out[i] = fill
+            continue
+        q = np.rint((np.float64(v) - offset) / scale)
+        if q < 0 or q > top:
+            clipped += 1
+            q = 0 if q < 0 else top
+        out[i] = np.int64(q)
+    return clipped

@@ -53,7 +53,7 @@ from torch import nn
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
 from infra.runs import in_prefect_run
-from infra.storage import location, open_zarr, zarr_store
+from infra.storage import location, open_zarr, unpack, zarr_store
 from tasks.labels import CLASS_NODATA, read_classes
 from tasks.preprocess import prepare_window
 from tasks.train import autocast, load_for_cube, resolve_device
@@ -213,6 +213,7 @@ class _ChunkReader:
             values = self.array[:, :, i * self.cy : (i + 1) * self.cy, j * self.cx : (j + 1) * self.cx]
             if not self.every_band:
                 values = values[:, self.inp.band_index]
+            values = unpack(values, self.inp.var.encoding)  # as the xarray readers decode it (packed reflectance)
             self.cache[(i, j)] = prepare_window(values, self.inp.mean, self.inp.std)
             if len(self.cache) > self.capacity:
                 self.cache.popitem(last=False)

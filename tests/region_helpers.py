@@ -6,6 +6,8 @@ import json
 from datetime import date
 from pathlib import Path
 
+import numpy as np
+
 from infra.stac_api import read_items
 
 
@@ -24,3 +26,19 @@ def region_season(region_dir: Path) -> tuple[dict, date, date]:
 def file_bytes(folder: Path) -> dict[str, bytes]:
     """The bytes of every file under `folder`, by path relative to it: equal for identical trees (stores, regions)."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# Reflectance is stored in steps of 1e-4 from -0.2 (`tasks.cube.REFLECTANCE_PACKING`): what a cube reads back is
+# within half a step of what was computed, plus float32 rounding.
+STORED_ATOL = 0.5e-4 + 1e-6
+
+
+def as_stored(values: np.ndarray) -> np.ndarray:
+    """Reflectance `values` as a cube stores them and `infra.storage.open_zarr` reads them back: rounded (in float64,
+    half to even) to steps of 1e-4 from -0.2, then decoded in float32; NaN kept. Written out here rather than taken
+    from cropflow, so that the tests check the packing too."""
+    values = np.asarray(values)
+    steps = np.rint((np.where(np.isnan(values), 0, values).astype(np.float64) + 0.2) / 1e-4)
+    return np.where(
+        np.isnan(values), np.float32(np.nan), steps.astype(np.float32) * np.float32(1e-4) + np.float32(-0.2)
+    )

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import xarray as xr
 import yaml
 
 from infra.settings import Settings
+from infra.storage import open_zarr
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def test_crop_map_end_to_end(stac_api: Settings, tiny_sample: Path, prefect_serv
     keys = ("cube", "model", "probabilities", "crop_map", "confidence", "preview", "stac_item", "metrics", "robustness")
     for key in keys:
         assert Path(outputs[key]).exists(), key
-    cube = xr.open_zarr(outputs["cube"])
+    cube = open_zarr(outputs["cube"])
     with rasterio.open(outputs["crop_map"]) as src:
         assert src.crs.to_string() == cube.attrs["crs"]
         assert list(src.transform)[:6] == cube.attrs["transform"]

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from region_helpers import region_items, region_season
+from region_helpers import STORED_ATOL, as_stored, region_items, region_season
 
 from infra.errors import CropflowError
+from infra.storage import open_zarr
 from tasks.cube import build_cube, time_bins
 from tasks.sensors import qa_pixel_valid, scale_offset, scl_valid
 
@@ -77,10 +78,11 @@ def test_build_cube_from_sample_region(tiny_region, tmp_path):
     s1 = region_items(tiny_region, "sentinel-1-rtc")
     start, end = (date.fromisoformat(d) for d in meta["season"])
     out = build_cube({"s2": s2, "s1": s1}, meta["epsg"], tuple(meta["bounds"]), start, end, tmp_path / "cube.zarr")
-    ds = xr.open_zarr(out)
+    ds = open_zarr(out)
     n = meta["size"]
     assert ds["s2"].dims == ("time", "band", "y", "x") and ds["s2"].shape[1:] == (10, n, n)
     assert ds["s2"].dtype == np.float32 and ds["s2_valid"].dtype == np.float32
+    assert ds["s2"].encoding["dtype"] == np.uint16 and ds["s1"].encoding["dtype"] == np.float32  # reflectance packed
     assert ds.attrs["crs"] == f"EPSG:{meta['epsg']}"
     assert ds.attrs["transform"] == [10.0, 0.0, meta["bounds"][0], 0.0, -10.0, meta["bounds"][3]]
     assert float(ds["x"][0]) == meta["bounds"][0] + 5
@@ -167,7 +169,7 @@ def test_build_snaps_bounds_and_records_provenance(tiny_region, tmp_path):
         bands={"s2": ["B04"]},
         query={"collections": ["sentinel-2-l2a"], "bbox": meta["bbox"]},
     )
-    ds = xr.open_zarr(out)
+    ds = open_zarr(out)
     assert ds.attrs["transform"] == [10.0, 0.0, xmin, 0.0, -10.0, ymax]
     assert ds.sizes["x"] == meta["size"] and ds.sizes["y"] == meta["size"]
     assert ds["s2"].encoding["chunks"][:2] == (ds.sizes["time"], 1)  # all time steps of a spatial chunk together
@@ -181,6 +183,7 @@ def test_build_snaps_bounds_and_records_provenance(tiny_region, tmp_path):
     assert ds.attrs["bad_asset_count"] == 0
     assert json.loads(ds.attrs["valid_fraction"])["s2"] == pytest.approx(float(ds["s2_valid"].mean()), rel=1e-6)
     assert all(ds[v].dtype == np.float32 for v in ds.data_vars)
+    assert json.loads(ds.attrs["clipped_values"]) == {"s2": 0}
 
 
 def test_s2_mask_with_dilation_is_exact_across_blocks(tiny_region, tmp_path):
@@ -200,7 +203,7 @@ def test_s2_mask_with_dilation_is_exact_across_blocks(tiny_region, tmp_path):
         bands={"s2": ["B04"]},
         scl_dilation=1,
     )
-    ds = xr.open_zarr(out).load()
+    ds = open_zarr(out).load()
     valid_sum = np.zeros((ds.sizes["time"], n, n))
     count = np.zeros(ds.sizes["time"])
     grown_any = False
@@ -220,7 +223,8 @@ def test_s2_mask_with_dilation_is_exact_across_blocks(tiny_region, tmp_path):
 
 def test_landsat_qa_mask_and_bilinear_20m_band(tiny_region, tmp_path):
     """Landsat validity follows QA_PIXEL bits; a 20 m S2 band equals GDAL's bilinear warp of the COGs (within half
-    a digital number: the cube keeps the interpolated value, GDAL rounds it to the source's integers)."""
+    a digital number: GDAL rounds the interpolated value to the source's integers; and within the cube's own step
+    of storage)."""
     import rasterio
     from affine import Affine
     from rasterio.enums import Resampling
@@ -241,7 +245,7 @@ def test_landsat_qa_mask_and_bilinear_20m_band(tiny_region, tmp_path):
         block=32,
         bands={"s2": ["B05"]},
     )
-    ds = xr.open_zarr(out).load()
+    ds = open_zarr(out).load()
     valid_sum, count = np.zeros((ds.sizes["time"], n, n)), np.zeros(ds.sizes["time"])
     for it in landsat:
         qa = np.kron(_read(it["assets"]["qa_pixel"]["href"]), np.ones((3, 3), dtype="uint16"))[:n, :n]
@@ -269,7 +273,7 @@ def test_landsat_qa_mask_and_bilinear_20m_band(tiny_region, tmp_path):
         expected = np.nanmedian(np.stack(stack), axis=0)
     got = ds["s2"].isel(time=b, band=0).values
     assert np.array_equal(np.isnan(got), np.isnan(expected))
-    assert np.allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], rtol=0, atol=0.5e-4 + 1e-6)
+    assert np.allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], rtol=0, atol=0.5e-4 + STORED_ATOL)
 
 
 def test_blocks_cover_the_grid_once_in_z_order():
@@ -393,7 +397,7 @@ def test_interrupted_build_resumes_only_missing_blocks_and_publishes_atomically(
     assert not partial_path(out).exists() and not (out / "previous").exists()
 
     reference = build_cube(*args, tmp_path / "reference.zarr", **opts)
-    resumed, whole = xr.open_zarr(out).load(), xr.open_zarr(reference).load()
+    resumed, whole = open_zarr(out).load(), open_zarr(reference).load()
     xr.testing.assert_identical(resumed, whole)  # attrs too: valid_fraction the same from records or the store
 
     # other parameters: the unfinished build is discarded and everything is rebuilt
@@ -425,14 +429,14 @@ def test_missing_and_corrupt_assets_count_as_no_data(tiny_region, tmp_path, capl
     args = (meta["epsg"], tuple(meta["bounds"]), start, end)
     with caplog.at_level("WARNING"):
         out = build_cube({"s2": bad}, *args, tmp_path / "cube.zarr", bands={"s2": ["B04"]})
-    ds = xr.open_zarr(out).load()
+    ds = open_zarr(out).load()
     assert ds.attrs["bad_asset_count"] == 2 and ds.attrs["bad_scene_count"] == 2
     recorded = {(r["item"], r["asset"]) for r in json.loads(ds.attrs["bad_assets"])}
     assert recorded == {(s2[3]["id"], "B04"), (s2[4]["id"], "SCL")}
     assert "unreadable" in caplog.text
     # each bad scene is an acquisition with no valid pixel: the others' composite, validity scaled by n-1/n
     others = [it for i, it in enumerate(s2) if i not in (3, 4)]
-    ref = xr.open_zarr(build_cube({"s2": others}, *args, tmp_path / "ref.zarr", bands={"s2": ["B04"]})).load()
+    ref = open_zarr(build_cube({"s2": others}, *args, tmp_path / "ref.zarr", bands={"s2": ["B04"]})).load()
     per_bin = np.bincount([_bin_of(it, start) for it in s2], minlength=ds.sizes["time"])
     per_bin_ok = np.bincount([_bin_of(it, start) for it in others], minlength=ds.sizes["time"])
     scale = (per_bin_ok / per_bin)[:, None, None]
@@ -462,10 +466,10 @@ def test_s1_orbit_choice_decibels_and_speckle(tiny_region, tmp_path):
     s1 = region_items(tiny_region, "sentinel-1-rtc")
     args = (meta["epsg"], tuple(meta["bounds"]), start, end)
     asc = build_cube({"s1": s1}, *args, tmp_path / "asc.zarr", s1_orbit="ascending")
-    ids = json.loads(xr.open_zarr(asc).attrs["items"])["s1"]
+    ids = json.loads(open_zarr(asc).attrs["items"])["s1"]
     assert ids and ids == [it["id"] for it in s1 if it["properties"]["sat:orbit_state"] == "ascending"]
-    raw = xr.open_zarr(build_cube({"s1": s1}, *args, tmp_path / "raw.zarr", speckle_window=0))["s1"].load()
-    lee = xr.open_zarr(build_cube({"s1": s1}, *args, tmp_path / "lee.zarr", speckle_window=5))["s1"].load()
+    raw = open_zarr(build_cube({"s1": s1}, *args, tmp_path / "raw.zarr", speckle_window=0))["s1"].load()
+    lee = open_zarr(build_cube({"s1": s1}, *args, tmp_path / "lee.zarr", speckle_window=5))["s1"].load()
     assert -35 < float(lee.mean()) < 5  # decibels
     assert float(lee.std(["y", "x"]).mean()) < float(raw.std(["y", "x"]).mean())
     with pytest.raises(CropflowError, match="orbit"):
@@ -486,7 +490,7 @@ def test_fill_cube_gaps_is_a_separate_step(tiny_region, tmp_path):
         bands={"s2": ["B04"]},
     )
     filled_path = fill_cube_gaps(cube, tmp_path / "filled.zarr")
-    ds, filled = xr.open_zarr(cube).load(), xr.open_zarr(filled_path).load()
+    ds, filled = open_zarr(cube).load(), open_zarr(filled_path).load()
     assert filled.attrs["gap_filled"] is True and "gap_filled" not in ds.attrs
     xr.testing.assert_identical(filled["s2_valid"], ds["s2_valid"])
     series, got = ds["s2"].values[:, 0], filled["s2"].values[:, 0]
@@ -545,7 +549,7 @@ def test_s2_items_without_scl_are_masked_by_the_spectral_test(tiny_region, tmp_p
         return np.stack(values), np.any([invalid for _, invalid in raw], axis=0)
 
     opts = {"bin_days": 5, "chunk": 32, "block": 32, "bands": {"s2": ["B04", "B08"]}, "scl_dilation": 1}
-    ds = xr.open_zarr(build_cube({"s2": items}, meta["epsg"], bounds, start, end, tmp_path / "c.zarr", **opts)).load()
+    ds = open_zarr(build_cube({"s2": items}, meta["epsg"], bounds, start, end, tmp_path / "c.zarr", **opts)).load()
     differs = False
     for b, item in enumerate(items):
         values, invalid = reflectance(item, ["B04", "B08"])
@@ -561,7 +565,7 @@ def test_s2_items_without_scl_are_masked_by_the_spectral_test(tiny_region, tmp_p
             valid = scl_valid(codes) & ~dilate(np.isin(codes, SCL_CLOUDS), 1) & ~invalid
         assert np.array_equal(ds["s2_valid"].values[b], valid.astype("float32"))
         expected = np.where(valid, values, np.float32(np.nan))
-        assert np.array_equal(ds["s2"].values[b], expected, equal_nan=True)
+        assert np.array_equal(ds["s2"].values[b], as_stored(expected), equal_nan=True)
     assert differs  # the spectral test, not the SCL left out, masked those items
     assert ds.attrs["spectral_masked_count"] == 3
     assert json.loads(ds.attrs["spectral_masked_items"]) == [items[i]["id"] for i in sorted(scl)]
@@ -638,3 +642,30 @@ def test_bands_missing_from_some_items_are_left_out_unless_asked_for(tiny_region
     items[2] = {**items[2], "assets": {k: v for k, v in items[2]["assets"].items() if k != "SCL"}}
     with pytest.raises(CropflowError, match="has no asset\\(s\\) SCL"):
         plan_sensor("s2", items, bins, 10, s2_cloud_mask="scl")
+
+
+def test_reflectance_is_stored_packed_and_read_back_as_float32(tiny_region, tmp_path, caplog):
+    """Stored uint16 in steps of 1e-4, read back float32 alike by the xarray readers and by direct chunk reads; a
+    value beyond what it holds (here: a catalog giving digital numbers unscaled) is clipped, counted and logged."""
+    import zarr
+
+    from infra.storage import unpack
+    from tasks.cube import PACKED_RANGE
+
+    meta, start, end = region_season(tiny_region)
+    items = json.loads(json.dumps(region_items(tiny_region)))
+    items[0]["assets"]["B04"]["raster:bands"] = [{"scale": 1.0, "offset": 0.0}]  # DN as reflectance: 100s to 1000s
+    args = (meta["epsg"], tuple(meta["bounds"]), start, end)
+    with caplog.at_level("WARNING"):
+        out = build_cube({"s2": items}, *args, tmp_path / "cube.zarr", bands={"s2": ["B04", "B08"]}, chunk=32)
+    ds = open_zarr(out, chunks=None)
+    array = zarr.open_group(out, mode="r")["s2"]
+    assert array.dtype == np.uint16 and array.fill_value == 65535 and ds["s2"].dtype == np.float32
+    raw = array[:, :, :32, :32]
+    np.testing.assert_array_equal(unpack(raw, ds["s2"].encoding), ds["s2"].values[:, :, :32, :32])  # to the bit
+    assert np.isnan(ds["s2"].values).any() and (raw == 65535).sum() == np.isnan(ds["s2"].values[:, :, :32, :32]).sum()
+    b = _bin_of(items[0], start)
+    clipped = json.loads(ds.attrs["clipped_values"])["s2"]
+    assert clipped == int((ds["s2"].sel(band="B04").isel(time=b).values == np.float32(PACKED_RANGE[1])).sum()) > 0
+    assert "clipped" in caplog.text
+    assert np.nanmax(np.delete(ds["s2"].sel(band="B04").values, b, axis=0)) < 1  # the other bins are reflectance

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import rasterio
 import xarray as xr
+from region_helpers import STORED_ATOL, as_stored
 
 from infra import stac_api as stac_api_module
 from infra.settings import Settings, real_data_dir
+from infra.storage import open_zarr
 from tasks.catalog import get_catalog, search_items
 from tasks.cube import build_cube
 from tasks.sample_stac import lonlat_footprint
@@ -77,7 +79,7 @@ def cube(items: dict[str, list[dict]], patch: Patch, out: Path, resolution: floa
         bands=bands,
         speckle_window=0,
     )
-    return xr.open_zarr(path).load()
+    return open_zarr(path).load()
 
 
 def bin_index(ds: xr.Dataset, start: date, bin_days: int) -> np.ndarray:
@@ -175,15 +177,15 @@ def test_daily_cube_10m(stac_api: Settings, patches: dict[str, Patch], patch_id:
     refl, fraction = s2_expected(folder, start, 1, n, 10)
     np.testing.assert_array_equal(ds["s2_valid"].values, fraction)  # masked exactly where SCL (or no-data) says
     assert 0 < fraction.mean() < 1
-    if has_s2_10m(patch_id):  # same grid as the cube: exact
-        np.testing.assert_allclose(ds["s2"].sel(band=S2_10M).values, refl, rtol=1e-6, equal_nan=True)
+    if has_s2_10m(patch_id):  # same grid as the cube: exact, to the step the cube stores
+        np.testing.assert_array_equal(ds["s2"].sel(band=S2_10M).values, as_stored(refl))
     else:
         assert list(ds["band"].values) == S2_20M
 
     if "landsat" in sensors:
         values, frac = landsat_expected(folder, start, 1, n)
         np.testing.assert_array_equal(ds["landsat_valid"].values, frac)
-        np.testing.assert_allclose(ds["landsat"].values, values, rtol=1e-6, equal_nan=True)
+        np.testing.assert_array_equal(ds["landsat"].values, as_stored(values))
 
 
 @pytest.mark.parametrize("patch_id", PATCH_IDS)
@@ -197,7 +199,7 @@ def test_daily_cube_20m(stac_api: Settings, patches: dict[str, Patch], patch_id:
 
     refl, fraction = s2_expected(folder, start, 1, n, 20)
     np.testing.assert_array_equal(ds["s2_valid"].values, fraction)
-    np.testing.assert_allclose(ds["s2"].sel(band=S2_20M).values, refl, rtol=1e-6, equal_nan=True)
+    np.testing.assert_array_equal(ds["s2"].sel(band=S2_20M).values, as_stored(refl))
 
     s1 = open_product(folder, "S1_GRD-ASCENDING_20m")
     dn = np.stack([s1["VV"].values, s1["VH"].values], axis=1)
@@ -219,7 +221,7 @@ def test_ten_day_validity(stac_api: Settings, patches: dict[str, Patch], tmp_pat
     refl, fraction = s2_expected(folder, start, 10, n, 10)
     np.testing.assert_allclose(ds["s2_valid"].values, fraction, rtol=1e-6)
     assert 0 < fraction.mean() < 1 and ((fraction > 0) & (fraction < 1)).any()
-    np.testing.assert_allclose(ds["s2"].sel(band=S2_10M).values, refl, rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(ds["s2"].sel(band=S2_10M).values, refl, rtol=0, atol=STORED_ATOL, equal_nan=True)
     values, frac = landsat_expected(folder, start, 10, n)
     np.testing.assert_allclose(ds["landsat_valid"].values, frac, rtol=1e-6)
-    np.testing.assert_allclose(ds["landsat"].values, values, rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(ds["landsat"].values, values, rtol=0, atol=STORED_ATOL, equal_nan=True)

@@ -39,6 +39,7 @@ from infra.errors import CropflowError
 from infra.gdal import gdal_name
 from infra.retry import HttpRetry
 from infra.settings import Settings
+from infra.storage import open_zarr
 from tasks.catalog import search_items
 from tasks.cube import build_cube, partial_path
 
@@ -279,14 +280,14 @@ def test_asset_404_truncated_and_timed_out_reads(tiny_region: Path, tmp_path: Pa
             out = build_cube({"s2": served}, *args, tmp_path / "cube.zarr", bands={"s2": ["B04"]})
     finally:
         srv.stop()
-    ds = xr.open_zarr(out).load()
+    ds = open_zarr(out).load()
     recorded = {(r["item"], r["asset"]) for r in json.loads(ds.attrs["bad_assets"])}
     assert recorded == {(s2[1]["id"], "B04"), (s2[2]["id"], "SCL")}  # the stalled read succeeded on retry
     assert ds.attrs["bad_asset_count"] == 2 and ds.attrs["bad_scene_count"] == 2
     assert srv.requests[path[1, "B04"]] >= 3 and srv.requests[path[3, "B04"]] >= 2  # retried
     assert caplog.text.count("the scene counts as no-data") == 2  # one warning per bad asset
     others = [it for i, it in enumerate(s2) if i not in (1, 2)]
-    ref = xr.open_zarr(build_cube({"s2": others}, *args, tmp_path / "ref.zarr", bands={"s2": ["B04"]})).load()
+    ref = open_zarr(build_cube({"s2": others}, *args, tmp_path / "ref.zarr", bands={"s2": ["B04"]})).load()
     xr.testing.assert_equal(ds["s2"], ref["s2"])  # the bad scenes are no-data, the stalled one is in
 
 
@@ -319,9 +320,9 @@ def test_a_retried_read_forgets_only_its_own_file_in_gdals_cache(tiny_region, tm
         srv.stop()
     assert srv.requests[failing_path] >= 2  # timed out, forgotten, read again after the server recovered
     assert srv.requests[other_path] == fetched  # the other file's cached header and tiles survived the retry
-    ds = xr.open_zarr(out).load()
+    ds = open_zarr(out).load()
     assert ds.attrs["bad_asset_count"] == 0
-    ref = xr.open_zarr(build_cube({"s2": s2[:1]}, *args, tmp_path / "ref.zarr", bands={"s2": ["B04"]})).load()
+    ref = open_zarr(build_cube({"s2": s2[:1]}, *args, tmp_path / "ref.zarr", bands={"s2": ["B04"]})).load()
     xr.testing.assert_equal(ds["s2"], ref["s2"])
 
 
@@ -489,7 +490,7 @@ def test_inference_out_of_memory_halves_the_batch_and_continues(tiny_region, tmp
     assert capped.batches[:3] == [8, 4, 2] and max(capped.batches[3:]) == 2
     assert "out of memory with 8 windows per batch; retrying with 4" in caplog.text
     assert "retrying with 2" in caplog.text
-    a, b = xr.open_zarr(whole).load(), xr.open_zarr(halved).load()
+    a, b = open_zarr(whole).load(), open_zarr(halved).load()
     np.testing.assert_allclose(a["probabilities"].values, b["probabilities"].values, atol=1e-5)
     assert (a["class"].values == b["class"].values).all()
 

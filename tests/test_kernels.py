@@ -79,3 +79,18 @@ def test_mask_lookup_marks_the_codes_the_table_says_are_not_valid() -> None:
     missing = np.zeros(codes.shape, bool)
     kernels.mask_lookup(codes, scl_valid(np.arange(256, dtype=np.uint8)), missing)
     np.testing.assert_array_equal(missing, ~scl_valid(codes))
+
+
+def test_pack_rounds_to_the_step_clips_and_marks_no_data() -> None:
+    rng = np.random.default_rng(0)
+    values = rng.uniform(-0.19, 1.5, 1000).astype(np.float32)
+    values[::7] = np.nan
+    values[:4] = [-0.2, 6.3534, -0.25, 7.0]  # the ends of what is stored, and beyond them
+    out = np.empty(values.size, np.uint16)
+    clipped = kernels.pack(values, 1e-4, -0.2, 65535, out)
+    assert clipped == 2 and out[:4].tolist() == [0, 65534, 0, 65534]
+    assert (out[::7][1:] == 65535).all() and (out[~np.isnan(values)] < 65535).all()
+    ok = ~np.isnan(values)
+    ok[:4] = False
+    back = out.astype(np.float64) * 1e-4 - 0.2
+    assert np.abs(back[ok] - values[ok]).max() <= 0.5e-4 + 1e-7

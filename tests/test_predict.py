@@ -26,6 +26,7 @@ from pystac.extensions.raster import RasterExtension
 from pystac.validation.stac_validator import JsonSchemaSTACValidator
 from torch import nn
 
+from infra.storage import open_zarr
 from tasks.export import (
     MAP_COLLECTION,
     write_class_cog,
@@ -153,7 +154,7 @@ def _fit(model: nn.Module, values: np.ndarray, mean: np.ndarray, std: np.ndarray
 @pytest.fixture(scope="module")
 def trained(cube: Path) -> tuple[nn.Module, dict]:
     """The tiny net trained briefly on part of the cube (inputs from `prepare_window`), and its checkpoint dict."""
-    values = xr.open_zarr(cube)["s2"].values
+    values = open_zarr(cube)["s2"].values
     mean, std = band_statistics(values)
     torch.manual_seed(0)
     model = _fit(TinyConvNet(T, len(BANDS), len(CLASSES)), values, mean, std)
@@ -201,7 +202,7 @@ def test_ramp_weights_partition_unity_and_window_grid():
 def test_tiled_prediction_matches_one_piece(cube, trained, tiled, tmp_path):
     model, ckpt = trained
     whole = predict_region(cube, model, ckpt, tmp_path / "whole.zarr", window=max(H, W), overlap=0.0, progress=False)
-    a, b = xr.open_zarr(tiled), xr.open_zarr(whole)
+    a, b = open_zarr(tiled), open_zarr(whole)
     mapped = a["class"].values != 255
     truth = _truth()
     # the model is good, so agreement is not trivial
@@ -218,13 +219,13 @@ def test_block_size_does_not_change_the_result(cube, trained, tiled, tmp_path):
     other = predict_region(
         cube, model, ckpt, tmp_path / "b3.zarr", window=48, overlap=0.25, batch_size=5, progress=False, block_chunks=3
     )
-    a, b = xr.open_zarr(tiled), xr.open_zarr(other)
+    a, b = open_zarr(tiled), open_zarr(other)
     np.testing.assert_allclose(a["probabilities"].values, b["probabilities"].values, atol=1e-5)
     np.testing.assert_array_equal(a["class"].values, b["class"].values)
 
 
 def test_output_store_layout(cube, tiled):
-    ds, src = xr.open_zarr(tiled), xr.open_zarr(cube)
+    ds, src = open_zarr(tiled), open_zarr(cube)
     assert ds["probabilities"].dims == ("class", "y", "x") and ds["probabilities"].shape == (len(CLASSES), H, W)
     assert ds["probabilities"].dtype == np.float32 and ds["confidence"].dtype == np.float32
     assert ds["class"].dims == ("y", "x") and ds["class"].dtype == np.uint8
@@ -242,8 +243,8 @@ def test_output_store_layout(cube, tiled):
 
 
 def test_pixels_never_observed_are_nodata(cube, tiled):
-    ds = xr.open_zarr(tiled)
-    observed = (~np.isnan(xr.open_zarr(cube)["s2"].values).any(axis=1)).any(axis=0)
+    ds = open_zarr(tiled)
+    observed = (~np.isnan(open_zarr(cube)["s2"].values).any(axis=1)).any(axis=0)
     assert not observed[NO_OBS].any() and (~observed).sum() > NO_OBS[0].stop * NO_OBS[1].stop - 1
     np.testing.assert_array_equal(ds["class"].values == 255, ~observed)
     assert np.isnan(ds["confidence"].values[~observed]).all()
@@ -256,7 +257,7 @@ def test_region_smaller_than_window(tmp_path, trained, window):
     model, ckpt = trained
     small = _cube(tmp_path / "small.zarr", slice(40, 63), slice(50, 81), chunk=16)
     out = predict_region(small, model, ckpt, tmp_path / "p.zarr", window=window, progress=False)
-    cls = xr.open_zarr(out)["class"].values
+    cls = open_zarr(out)["class"].values
     assert cls.shape == (23, 31) and (cls != 255).mean() > 0.99
     assert (cls[cls != 255] == _truth()[40:63, 50:81][cls != 255]).mean() > 0.9
 
@@ -272,7 +273,7 @@ def test_missing_band_is_a_clear_error(cube, trained, tmp_path):
 
 def test_class_and_confidence_cogs(tiled, tmp_path):
     tif = write_class_cog(tiled, CLASSES, tmp_path / "crop_map.tif")
-    ds = xr.open_zarr(tiled)
+    ds = open_zarr(tiled)
     with rasterio.open(tif) as src:
         assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
         assert src.profile["tiled"] and src.dtypes[0] == "uint8" and src.nodata == 255
@@ -350,7 +351,7 @@ def test_predict_task_from_a_checkpoint(cube, trained, tmp_path):
     out = predict_region_task.fn(
         cube, tmp_path / "model.pt", tmp_path / "probabilities.zarr", window=64, progress=False
     )
-    ds = xr.open_zarr(out)
+    ds = open_zarr(out)
     assert ds["class"].shape == (H, W) and ds.attrs["model_name"] == "fcn3d"
     assert np.isin(ds["class"].values, [0, 1, 2, 3, 255]).all()
     (tmp_path / "classes.json").write_text(json.dumps({"nodata": 255, "classes": CLASSES[:3]}))
@@ -374,7 +375,7 @@ def test_optical_and_sar_model_reads_both_series(cube, trained, tmp_path):
     config |= {"optical_backbone": "ltae", "optical_config": ltae, "sar_backbone": "ltae", "sar_config": ltae}
     torch.manual_seed(0)
     model = build_model("modality_distillation", **config).eval()
-    ds = xr.open_zarr(cube)
+    ds = open_zarr(cube)
     sar = ds["s1"].sel(s1_band=["VH", "VV"]).values  # not the cube's band order
     sar_mean, sar_std = band_statistics(sar)
     ckpt = trained[1] | {"model_name": "modality_distillation"}
@@ -390,13 +391,13 @@ def test_optical_and_sar_model_reads_both_series(cube, trained, tmp_path):
     with torch.inference_mode(), autocast(torch.device("cpu")):
         logits = model(x, doy, valid, x_sar, doy, valid_sar)
     expected = torch.softmax(logits.float(), dim=1)[0].numpy()
-    result = xr.open_zarr(out)
+    result = open_zarr(out)
     np.testing.assert_allclose(result["probabilities"].values, expected, atol=0.02)
     assert (result["class"].values[NO_OBS] != 255).all()
     # the task loads the checkpoint, checking its SAR bands against the cube's
     torch.save(ckpt | {"model_config": config, "state_dict": model.state_dict()}, tmp_path / "model.pt")
     again = predict_region_task.fn(cube, tmp_path / "model.pt", tmp_path / "t.zarr", window=48, progress=False)
-    np.testing.assert_allclose(xr.open_zarr(again)["probabilities"].values, result["probabilities"].values, atol=1e-5)
+    np.testing.assert_allclose(open_zarr(again)["probabilities"].values, result["probabilities"].values, atol=1e-5)
 
 
 def test_random_forest_map(cube, trained, tmp_path):
@@ -404,14 +405,14 @@ def test_random_forest_map(cube, trained, tmp_path):
     from models.random_forest import RandomForest
 
     ckpt = trained[1] | {"model_name": "random_forest"}
-    ds = xr.open_zarr(cube)
+    ds = open_zarr(cube)
     norm = [np.asarray(ckpt["norm"][k], np.float32) for k in ("mean", "std")]
     x, valid = (torch.from_numpy(a)[None] for a in prepare_window(ds["s2"].values[..., 20:100, 40:120], *norm))
     doy = torch.from_numpy(ds["doy"].values.astype(np.int64))[None]
     target = torch.from_numpy(_truth()[20:100, 40:120])[None]
     forest = RandomForest(len(BANDS), len(CLASSES), n_estimators=20, seed=0).fit(x, doy, valid, target)
     out = predict_region(cube, forest, ckpt, tmp_path / "p.zarr", window=48, batch_size=8, progress=False)
-    cls = xr.open_zarr(out)["class"].values
+    cls = open_zarr(out)["class"].values
     held_out = np.ones((H, W), dtype=bool)
     held_out[20:100, 40:120] = False
     held_out &= cls != 255
@@ -437,7 +438,7 @@ def test_map_item_is_found_in_the_local_stac_api(tiled, tmp_path, stac_api):
     assert asset.href == tif.as_uri()
     assert [c.title for c in ClassificationExtension.ext(asset).classes][:-1] == [c["name"] for c in CLASSES]
     with rasterio.open(asset.href) as src:
-        np.testing.assert_array_equal(src.read(1), xr.open_zarr(tiled)["class"].values)
+        np.testing.assert_array_equal(src.read(1), open_zarr(tiled)["class"].values)
     assert not list(Client.open(stac_api.stac_url).search(collections=[MAP_COLLECTION], datetime="2023").items())
 
 
@@ -459,7 +460,7 @@ def test_each_window_runs_once_across_blocks(cube, trained, tiled, tmp_path):
     out = predict_region(cube, counting, ckpt, tmp_path / "p.zarr", window=48, progress=False, block_chunks=1)
     assert counting.windows == window_starts(H, 48, 12).size * window_starts(W, 48, 12).size
     np.testing.assert_allclose(
-        xr.open_zarr(out)["probabilities"].values, xr.open_zarr(tiled)["probabilities"].values, atol=1e-5
+        open_zarr(out)["probabilities"].values, open_zarr(tiled)["probabilities"].values, atol=1e-5
     )
 
 
@@ -480,7 +481,7 @@ def test_parts_on_two_dask_workers_match_one_piece(prefect_server, cube, trained
     from models.registry import build_model
     from tasks.predict import create_output, load_model, predict_part, region_parts
 
-    values, norm = xr.open_zarr(cube)["s2"].values, trained[1]["norm"]
+    values, norm = open_zarr(cube)["s2"].values, trained[1]["norm"]
     config = {"in_channels": len(BANDS), "num_classes": len(CLASSES), "widths": [8, 16]}
     torch.manual_seed(0)
     fcn = _fit(build_model("fcn3d", **config), values, np.float32(norm["mean"]), np.float32(norm["std"]))
@@ -492,11 +493,11 @@ def test_parts_on_two_dask_workers_match_one_piece(prefect_server, cube, trained
     assert tiles == [(0, 128, 0, 128), (0, 128, 128, W), (128, H, 0, 128), (128, H, 128, W)]
     assert len(region_parts(cube, ckpt, 9)) == 9 and region_parts(cube, ckpt, 1) == [(0, H, 0, W)]
     options = {"window": 48, "batch_size": 8}
-    whole = xr.open_zarr(predict_region(cube, model, ckpt, tmp_path / "whole.zarr", progress=False, **options))
+    whole = open_zarr(predict_region(cube, model, ckpt, tmp_path / "whole.zarr", progress=False, **options))
     create_output(cube, ckpt, tmp_path / "tiles.zarr", "fcn3d")  # 2 x 2 tiles, one after the other, in this process
     windows = [predict_part(cube, tmp_path / "m.pt", tmp_path / "tiles.zarr", t, **options) for t in tiles]
     assert windows == [4 * 4, 4 * 3, 2 * 4, 2 * 3]  # the windows touching each tile (5 x 6 in the region)
-    by_tiles = xr.open_zarr(tmp_path / "tiles.zarr")["probabilities"].values
+    by_tiles = open_zarr(tmp_path / "tiles.zarr")["probabilities"].values
     np.testing.assert_allclose(by_tiles, whole["probabilities"].values, rtol=0, atol=1e-6)
 
     torch.save({**ckpt, "bands": ["B02", *BANDS[1:]]}, tmp_path / "other.pt")
@@ -518,7 +519,7 @@ def test_parts_on_two_dask_workers_match_one_piece(prefect_server, cube, trained
     assert not (tmp_path / "refused").exists()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["probabilities.zarr"]  # no scratch store left
     # ... and the failed run left the store published before it as it was (compared with the one-piece map below)
-    parts = xr.open_zarr(out)
+    parts = open_zarr(out)
     mapped = whole["class"].values != 255
     assert mapped.mean() > 0.9 and len(np.unique(whole["class"].values[mapped])) == len(CLASSES)
     np.testing.assert_array_equal(parts["class"].values, whole["class"].values)

@@ -9,10 +9,10 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
-import xarray as xr
 from test_train import FAST, SMALL, write_synthetic_region
 from torch.utils.data import DataLoader
 
+from infra.storage import open_zarr
 from tasks.dataset import PatchDataset, load_cube_arrays
 from tasks.labels import cube_grid, rasterize_labels, read_classes, read_labels
 from tasks.robustness import COLUMNS, FRACTIONS, GAP_MODES, robustness_report
@@ -41,7 +41,7 @@ def _row(report: dict, mode: str, fraction: float) -> dict:
 def test_no_missing_date_equals_plain_evaluation(setup):
     region = setup["region"]
     classes = read_classes(region["classes"])
-    ds = xr.open_zarr(region["cube"], chunks=None)
+    ds = open_zarr(region["cube"], chunks=None)
     cube = load_cube_arrays(ds, *rasterize_labels(read_labels(region["labels"], classes), *cube_grid(ds)))
     model, ckpt = load_checkpoint(setup["checkpoint"], cube.bands, classes)
     mean, std = (np.asarray(ckpt["norm"][k], dtype=np.float32) for k in ("mean", "std"))
@@ -94,7 +94,7 @@ def test_reports_written_and_seeded(setup):
 def test_hide_dates_needs_grid_patches_and_one_row_per_patch(setup):
     region = setup["region"]
     classes = read_classes(region["classes"])
-    ds = xr.open_zarr(region["cube"], chunks=None)
+    ds = open_zarr(region["cube"], chunks=None)
     cube = load_cube_arrays(ds, *rasterize_labels(read_labels(region["labels"], classes), *cube_grid(ds)))
     mean, std = np.zeros(4, np.float32), np.ones(4, np.float32)
     grid = PatchDataset(cube, mean, std, "test", "grid", PATCH)
@@ -123,7 +123,7 @@ def test_an_s2_s1_model_loses_optical_dates_only(setup, tmp_path):
     assert report["sensors"] == ["s2", "s1"] and [r["dates_hidden"] for r in report["rows"]] == [0, 8]
 
     classes = read_classes(region["classes"])
-    ds = xr.open_zarr(region["cube"], chunks=None)
+    ds = open_zarr(region["cube"], chunks=None)
     target_split = rasterize_labels(read_labels(region["labels"], classes), *cube_grid(ds))
     optical, sar = (load_cube_arrays(ds, *target_split, sensor) for sensor in ("s2", "s1"))
     model, ckpt = load_checkpoint(trained.checkpoint, optical.bands, classes, sar.bands)

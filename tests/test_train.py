@@ -21,6 +21,7 @@ import xarray as xr
 from shapely.geometry import box
 
 from infra.errors import CropflowError
+from infra.storage import open_zarr
 from tasks.dataset import CubeArrays, PatchDataset, grid_starts, load_cube_arrays, make_loader, split_statistics
 from tasks.labels import cube_grid, rasterize_labels, read_classes, read_labels
 from tasks.train import (
@@ -144,7 +145,7 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def cube_arrays(region):
-    ds = xr.open_zarr(region["cube"], chunks=None)
+    ds = open_zarr(region["cube"], chunks=None)
     classes = read_classes(region["classes"])
     target, split = rasterize_labels(read_labels(region["labels"], classes), *cube_grid(ds))
     return load_cube_arrays(ds, target, split)
@@ -396,7 +397,7 @@ def test_cli_params_shape_the_trained_model_and_predict_loads_it(region, prefect
         configs.append(ckpt["model_config"])
         sizes.append(sum(p.numel() for p in model.parameters()))
         probs = predict_region_task.fn(run.out / "cube.zarr", run.out / "model.pt", tmp_path / f"p{first_width}.zarr")
-        assert xr.open_zarr(probs)["class"].shape == (SIZE, SIZE)
+        assert open_zarr(probs)["class"].shape == (SIZE, SIZE)
     assert configs == [
         {"widths": [4, 8], "in_channels": len(BANDS), "num_classes": 3},
         {"widths": [8, 16], "use_valid_channel": False, "in_channels": len(BANDS), "num_classes": 3},
