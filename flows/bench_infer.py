@@ -69,14 +69,14 @@ def bench_model(cube: Path, classes_path: Path, device_type: str) -> tuple[nn.Mo
     """The demo's `fcn3d` at the device type's default widths with random weights (seed 0), and its checkpoint dict
     (format, config, weights, the cube's bands, the classes, normalisation of the cube's first 256 px)."""
     import torch
-    import xarray as xr
 
+    from infra.storage import open_zarr
     from models.registry import build_model
     from tasks.labels import read_classes
     from tasks.preprocess import band_statistics
     from tasks.train import DEFAULT_MODEL_CONFIG, model_meta
 
-    ds = xr.open_zarr(cube, chunks=None)
+    ds = open_zarr(cube, chunks=None)
     bands, classes = [str(b) for b in ds["band"].values], read_classes(classes_path)
     config = DEFAULT_MODEL_CONFIG[device_type]["fcn3d"] | {"in_channels": len(bands), "num_classes": len(classes)}
     torch.manual_seed(0)
@@ -89,14 +89,14 @@ def bench_model(cube: Path, classes_path: Path, device_type: str) -> tuple[nn.Mo
 def run_size(cube: Path, classes_path: Path, window: int, batch: int, device: str, bare_batches: int) -> dict:
     """Tiled inference over `cube` then the bare forward, in this process; timings, window counts, peak memory."""
     import torch
-    import xarray as xr
 
+    from infra.storage import open_zarr
     from models.registry import example_inputs
     from tasks.predict import predict_region, window_starts
     from tasks.train import autocast, resolve_device
 
     dev = resolve_device(device)
-    ds = xr.open_zarr(cube, chunks=None)
+    ds = open_zarr(cube, chunks=None)
     h, w, t = ds.sizes["y"], ds.sizes["x"], ds.sizes["time"]
     model, ckpt = bench_model(cube, classes_path, dev.type)
     model, config, bands = model.to(dev), ckpt["model_config"], ckpt["bands"]

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import xarray as xr
 from rich.progress import Progress
 
 from flows.bench_common import markdown_table
 from infra import stac_api
 from infra.errors import CropflowError
 from infra.settings import Settings
+from infra.storage import open_zarr
 from models.losses import IoULoss
 from models.registry import build_model
 from tasks.catalog import get_catalog, search_items
@@ -115,7 +115,7 @@ def patch_cubes(src: Path, work: Path) -> list[tuple[Patch, Path]]:
 
 def patch_arrays(src: Path, patch: Patch, cube: Path, layer: str) -> tuple[CubeArrays, np.ndarray]:
     """The cube's S2 arrays and the label codes (H, W) of the patch on the cube grid (0 = no label)."""
-    ds = xr.open_zarr(cube, chunks=None)
+    ds = open_zarr(cube, chunks=None)
     labels = open_product(Path(src, patch.location_id), "OUTPUT_POLY-110_10m")
     if labels is None or layer not in labels:
         raise CropflowError(f"patch {patch.location_id} has no OUTPUT_POLY-110_10m file with a {layer} layer.")
