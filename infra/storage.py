@@ -138,11 +138,10 @@ def unpack(raw: np.ndarray, encoding: Mapping) -> np.ndarray:
     `encoding`: float32 `raw * scale_factor + add_offset`, NaN at `_FillValue`; `raw` itself when not packed."""
     if not PACKING_FACTORS.keys() & encoding.keys():
         return raw
-    out = raw.astype(np.float32)
-    out *= np.float32(encoding.get("scale_factor", 1.0))
+    out = np.multiply(raw, np.float32(encoding.get("scale_factor", 1.0)), dtype=np.float32)  # one pass, one array
     out += np.float32(encoding.get("add_offset", 0.0))
     if "_FillValue" in encoding:
-        out[raw == encoding["_FillValue"]] = np.nan
+        np.copyto(out, np.float32(np.nan), where=raw == encoding["_FillValue"])
     return out
 
 

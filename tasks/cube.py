@@ -68,7 +68,7 @@ CUBE_COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
 # number) from -0.2 (Landsat C2 L2's lowest value), 65535 for no data (Zarr's fill value too: a chunk never written
 # reads as no data); `infra.storage.open_zarr` decodes it to float32 (`unpack` for direct chunk reads). That spans
 # -0.2 to 6.3534 (`PACKED_RANGE`): values beyond (saturated, never physical) are clipped and counted in the cube's
-# `clipped_values`. Against float32: 2.3x smaller, and a 1024 px build 6.0 -> 4.1 s (2 cores), 2048 px 20 -> 14 s;
+# `clipped_values`. Against float32: 2.3x smaller, and a 1024 px build 4.5 -> 3.9 s, 2048 px 18 -> 15 s (2 cores):
 # the kernel's copying of the written bytes into the page cache was the largest cost left (docs/benchmarks.md).
 # SAR (dB) stays float32.
 REFLECTANCE_PACKING = {"dtype": "uint16", "scale_factor": 1e-4, "add_offset": -0.2, "_FillValue": 65535}

@@ -1,5 +1,5 @@
 """Compiled per-pixel kernels (numba, GIL released, compiled once and cached on disk): the cube build's resampling,
-scaling and compositing, and the gap filling and standardisation of model inputs.
+scaling, compositing and packing for storage, and the gap filling and standardisation of model inputs.
 
 Each kernel does in one pass over memory what took several numpy passes (and temporaries), in the same float32
 operations in the same order, so results are the same to the bit. Because they release the GIL, they run side by
