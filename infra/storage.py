@@ -25,6 +25,8 @@ import rasterio
 import xarray as xr
 from fsspec.asyn import sync
 from upath import UPath
+from xarray.backends import BackendArray
+from xarray.core import indexing
 from zarr.storage import FsspecStore
 
 from infra.atomic import atomic_path
@@ -123,19 +125,42 @@ def zarr_store(loc: str | os.PathLike, read_only: bool = False) -> Path | Fsspec
 
 
 def open_zarr(loc: str | os.PathLike, **kwargs) -> xr.Dataset:
-    """`xarray.open_zarr` of the store at `loc` (keyword arguments passed on), lazily decoded, with integers packed
-    the CF way (`scale_factor`, `add_offset`, `_FillValue`: the cube's reflectance) decoded to float32, as `unpack`
-    does, rather than xarray's float64 (the factors come back from Zarr's JSON as Python floats)."""
+    """`xarray.open_zarr` of the store at `loc` (keyword arguments passed on), with integers packed the CF way
+    (`scale_factor`, `add_offset`, `_FillValue`: the cube's reflectance) decoded to float32 by `unpack`, lazily (per
+    selection, or per Dask chunk). xarray's own decoding gives float64 (the factors come back from Zarr's JSON as
+    Python floats), and as float32 it took 7 s and 3.2 GB to load a 1 GB cube that `unpack` loads in 2 s."""
     ds = xr.open_zarr(zarr_store(loc, read_only=True), decode_cf=False, **kwargs)
-    for var in ds.variables.values():
-        if PACKING_FACTORS.keys() & var.attrs.keys():
-            var.attrs.update({k: np.float32(var.attrs.get(k, default)) for k, default in PACKING_FACTORS.items()})
-    return xr.decode_cf(ds)
+    unpacked = {}
+    for name, var in ds.data_vars.items():
+        packing = {k: var.attrs[k] for k in (*PACKING_FACTORS, "_FillValue") if k in var.attrs}
+        if PACKING_FACTORS.keys() & packing.keys():
+            if var.chunks is None:  # (`var.data` would read it all)
+                data = indexing.LazilyIndexedArray(_Unpacked(var.variable, packing))
+            else:
+                data = var.data.map_blocks(unpack, encoding=packing, dtype=np.float32)
+            attrs = {k: v for k, v in var.attrs.items() if k not in packing}
+            unpacked[name] = xr.Variable(var.dims, data, attrs, encoding={**var.encoding, **packing})
+    return xr.decode_cf(ds.assign(unpacked))
+
+
+class _Unpacked(BackendArray):
+    """A packed variable read lazily: each selection is read as stored and decoded by `unpack`."""
+
+    def __init__(self, raw: xr.Variable, packing: Mapping) -> None:
+        self.raw, self.packing = raw, packing
+        self.shape, self.dtype = raw.shape, np.dtype(np.float32)
+
+    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.OUTER, self._read)
+
+    def _read(self, key: tuple) -> np.ndarray:
+        return unpack(np.asarray(self.raw[key].values), self.packing)
 
 
 def unpack(raw: np.ndarray, encoding: Mapping) -> np.ndarray:
-    """Values read straight from a Zarr array (`raw`) as `open_zarr` decodes them, given the decoded variable's
-    `encoding`: float32 `raw * scale_factor + add_offset`, NaN at `_FillValue`; `raw` itself when not packed."""
+    """Integers packed the CF way (`raw`, as stored) decoded with the `scale_factor`, `add_offset` and `_FillValue`
+    of `encoding` (a variable's, as `open_zarr` gives it): float32 `raw * scale_factor + add_offset`, NaN at
+    `_FillValue`; `raw` itself when not packed."""
     if not PACKING_FACTORS.keys() & encoding.keys():
         return raw
     out = np.multiply(raw, np.float32(encoding.get("scale_factor", 1.0)), dtype=np.float32)  # one pass, one array

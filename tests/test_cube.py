@@ -663,6 +663,14 @@ def test_reflectance_is_stored_packed_and_read_back_as_float32(tiny_region, tmp_
     assert array.dtype == np.uint16 and array.fill_value == 65535 and ds["s2"].dtype == np.float32
     raw = array[:, :, :32, :32]
     np.testing.assert_array_equal(unpack(raw, ds["s2"].encoding), ds["s2"].values[:, :, :32, :32])  # to the bit
+    some = {"time": [1, 3], "band": [1], "y": slice(5, 40), "x": [0, 33, 2]}  # lazily, only what is selected
+    whole = ds["s2"].values
+    np.testing.assert_array_equal(ds["s2"].isel(some).values, whole[[1, 3]][:, [1]][:, :, 5:40][..., [0, 33, 2]])
+    dask = open_zarr(out)["s2"]
+    assert dask.chunks is not None and dask.dtype == np.float32
+    np.testing.assert_array_equal(dask.values, ds["s2"].values)
+    plain = xr.open_zarr(out)["s2"].values  # CF attributes: any xarray reads the same values (as float64)
+    np.testing.assert_allclose(plain, ds["s2"].values, rtol=1e-6, atol=1e-7)
     assert np.isnan(ds["s2"].values).any() and (raw == 65535).sum() == np.isnan(ds["s2"].values[:, :, :32, :32]).sum()
     b = _bin_of(items[0], start)
     clipped = json.loads(ds.attrs["clipped_values"])["s2"]
