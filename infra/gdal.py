@@ -96,7 +96,7 @@ class Raster:
         self._dataset: DatasetReader | None = None
         lib = library()
         lib.CPLErrorReset()
-        with _options(self.options):
+        with gdal_env(self.options):
             self._handle = _open(href)
         if not self._handle:
             raise _last_error(href)
@@ -149,7 +149,7 @@ class Raster:
     def dataset(self) -> DatasetReader:
         """The same raster opened by rasterio (resampled reads, `WarpedVRT`), opened on first use."""
         if self._dataset is None:
-            with _options(self.options):
+            with gdal_env(self.options):
                 self._dataset = rasterio.open(self.href)
         return self._dataset
 
@@ -168,11 +168,12 @@ class Raster:
         self.close()
 
 
-def _options(options: dict[str, str]) -> rasterio.Env:
-    """GDAL configuration `options` without credentials: the open inside takes those its href's scheme needs
-    (`ensure_env_with_credentials`). A plain `rasterio.Env` builds a boto3 session from the `AWS_*` variables when
-    they are set, even to open a local file or a URL: 10-20 ms an open, against 1.4-3 ms (measured)."""
-    return rasterio.Env(session=DummySession(), **options)
+def gdal_env(options: dict[str, str] | None = None) -> rasterio.Env:
+    """A rasterio environment with GDAL configuration `options` and no credentials: a read inside still takes those
+    its href's scheme needs (`rasterio.open`, `Raster`: `ensure_env_with_credentials`). A plain `rasterio.Env`, and
+    `rasterio.open` of a file to write without one, build a boto3 session from the `AWS_*` variables when they are
+    set, even for a local file: 10-20 ms an open or a write, against 1-3 ms (measured)."""
+    return rasterio.Env(session=DummySession(), **(options or {}))
 
 
 @ensure_env_with_credentials  # the configuration and credentials `rasterio.open` would open `href` with

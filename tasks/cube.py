@@ -37,7 +37,6 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
-import rasterio
 import xarray as xr
 import zarr
 from affine import Affine
@@ -52,7 +51,7 @@ from zarr.codecs import BloscCodec
 
 from infra import atomic, storage
 from infra.errors import CropflowError
-from infra.gdal import Raster, forget_failed_reads
+from infra.gdal import Raster, forget_failed_reads, gdal_env
 from tasks import kernels
 from tasks.catalog import Catalog, sign_href
 from tasks.cloudmask import CLEAR, dilate, spectral_mask
@@ -951,7 +950,7 @@ def build_blocks(
 
     readers = threads or min(16, 2 * (os.cpu_count() or 1))
     with (
-        rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES),
+        gdal_env({"GDAL_CACHEMAX": str(GDAL_CACHE_BYTES)}),
         # cube chunks are rarely all no-data: writing every one spares comparing each with the fill value
         zarr.config.set({"array.write_empty_chunks": True}),
         ThreadPoolExecutor(readers, thread_name_prefix="cube-read") as pool,

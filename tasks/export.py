@@ -28,6 +28,7 @@ from rasterio.enums import Resampling
 from rasterio.warp import transform_bounds, transform_geom
 from rasterio.windows import Window
 
+from infra.gdal import gdal_env
 from infra.storage import location, open_raster, open_zarr, output_file
 from tasks.figures import png_figure
 from tasks.labels import CLASS_NODATA, cube_grid, read_classes
@@ -81,7 +82,7 @@ def _write_cog(
     out_tif = location(out_tif)
     with output_file(out_tif) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".stage-") as stage_dir:
         stage = Path(stage_dir) / "stage.tif"
-        with rasterio.open(stage, "w", **profile) as dst:
+        with gdal_env(), rasterio.open(stage, "w", **profile) as dst:
             for y0 in range(0, h, strip):
                 y1 = min(h, y0 + strip)
                 dst.write(arr[y0:y1].values, 1, window=Window(0, y0, w, y1 - y0))

@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from infra.atomic import atomic_path
 from infra.errors import CropflowError
+from infra.gdal import gdal_env
 from tasks import sample_phenology as ph
 from tasks import sample_stac as st
 from tasks.labels import CLASS_NODATA
@@ -409,7 +410,7 @@ def write_cog(
         "blocksize": _blocksize(grid.shape),
         "overview_resampling": resampling,
     }
-    with rasterio.open(path, "w", **profile) as dst:
+    with gdal_env(), rasterio.open(path, "w", **profile) as dst:
         dst.write(data, 1)
 
 

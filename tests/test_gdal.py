@@ -11,6 +11,8 @@ from affine import Affine
 from rasterio.errors import RasterioIOError
 
 from infra.gdal import Raster
+from tasks.sample_region import write_cog
+from tasks.sample_stac import Grid
 
 TRANSFORM = Affine(20.0, 0.0, 600_000.0, 0.0, -20.0, 5_650_000.0)
 
@@ -111,3 +113,9 @@ def test_s3_hrefs_get_credentials_and_other_opens_no_boto3_session(tmp_path, buc
     with Raster(local, endpoint) as src:
         assert src.read(7, 7, np.empty((1, 1), "uint16"))[0, 0] == 63
     assert not made
+    # nor do the COGs that cropflow writes (sample regions, WorldCereal imports): `rasterio.open(..., "w")` alone did
+    grid = Grid((8, 8), Affine(10, 0, 500000, 0, -10, 5000000))
+    write_cog(tmp_path / "written.tif", pixels, grid, 0)
+    assert not made
+    with Raster(str(tmp_path / "written.tif")) as src:
+        assert np.array_equal(src.read(0, 0, np.empty((8, 8), "uint16")), pixels)
