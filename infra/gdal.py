@@ -168,7 +168,7 @@ class Raster:
         self.close()
 
 
-def gdal_env(options: dict[str, str] | None = None) -> rasterio.Env:
+def gdal_env(options: dict[str, str | int] | None = None) -> rasterio.Env:
     """A rasterio environment with GDAL configuration `options` and no credentials: a read inside still takes those
     its href's scheme needs (`rasterio.open`, `Raster`: `ensure_env_with_credentials`). A plain `rasterio.Env`, and
     `rasterio.open` of a file to write without one, build a boto3 session from the `AWS_*` variables when they are

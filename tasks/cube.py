@@ -703,7 +703,7 @@ def _software() -> dict[str, str]:
     }
 
 
-def pack_reflectance(values: np.ndarray, buffer: np.ndarray) -> tuple[int, np.ndarray]:
+def _pack_reflectance(values: np.ndarray, buffer: np.ndarray) -> tuple[int, np.ndarray]:
     """`values` (float32, NaN for no data) packed as the cube stores reflectance (`REFLECTANCE_PACKING`) into the
     start of `buffer` (uint16, flat): the number of values clipped, and the packed array, shaped like `values`."""
     p, out = REFLECTANCE_PACKING, buffer[: values.size]
@@ -715,7 +715,7 @@ def _storage(plan: SensorPlan) -> dict:
     """How a sensor's values are stored: reflectance packed (`REFLECTANCE_PACKING`), SAR as float32 with NaN."""
     if plan.sensor.eo:
         return {**REFLECTANCE_PACKING, "fill_value": REFLECTANCE_PACKING["_FillValue"]}
-    return {"_FillValue": np.float32(np.nan)}
+    return {"_FillValue": np.float32(np.nan), "fill_value": np.float32(np.nan)}
 
 
 def _create_store(
@@ -939,7 +939,7 @@ def build_blocks(
         clipped = {}
         for name, (values, fraction) in composites.items():
             if name in packed:
-                clipped[name], values = pack_reflectance(values, packed[name])
+                clipped[name], values = _pack_reflectance(values, packed[name])
             group[name][:, :, blk.r0 : blk.r1, blk.c0 : blk.c1] = values
             group[f"{name}_valid"][:, blk.r0 : blk.r1, blk.c0 : blk.c1] = fraction
         valid_sum = {name: float(fraction.sum(dtype=np.float64)) for name, (_, fraction) in composites.items()}
@@ -950,7 +950,7 @@ def build_blocks(
 
     readers = threads or min(16, 2 * (os.cpu_count() or 1))
     with (
-        gdal_env({"GDAL_CACHEMAX": str(GDAL_CACHE_BYTES)}),
+        gdal_env({"GDAL_CACHEMAX": GDAL_CACHE_BYTES}),
         # cube chunks are rarely all no-data: writing every one spares comparing each with the fill value
         zarr.config.set({"array.write_empty_chunks": True}),
         ThreadPoolExecutor(readers, thread_name_prefix="cube-read") as pool,
