@@ -34,8 +34,8 @@ from infra.errors import CropflowError
 from infra.processes import blank
 from infra.retry import STORE_RETRY, HttpRetry
 
-# CF attributes of integers packed for storage, and their values when absent
-PACKING_FACTORS = {"scale_factor": 1.0, "add_offset": 0.0}
+# the CF attributes of integers packed for storage
+PACKING_FACTORS = ("scale_factor", "add_offset")
 # protocols cropflow is tested or documented with, and the package each needs
 PROTOCOLS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 # what to set when a package's client finds no credentials in the environment (gcsfs would go on anonymously, s3fs
@@ -134,7 +134,7 @@ def open_zarr(loc: str | os.PathLike, **kwargs) -> xr.Dataset:
     unpacked = {}
     for name, var in ds.data_vars.items():
         packing = {k: var.attrs[k] for k in (*PACKING_FACTORS, "_FillValue") if k in var.attrs}
-        if PACKING_FACTORS.keys() & packing.keys():
+        if any(k in packing for k in PACKING_FACTORS):
             if var.chunks is None:  # (`var.data` would read it all)
                 data = indexing.LazilyIndexedArray(_Unpacked(var.variable, packing))
             else:
@@ -162,7 +162,7 @@ def unpack(raw: np.ndarray, encoding: Mapping) -> np.ndarray:
     """Integers packed the CF way (`raw`, as stored) decoded with the `scale_factor`, `add_offset` and `_FillValue`
     of `encoding` (a variable's, as `open_zarr` gives it): float32 `raw * scale_factor + add_offset`, NaN at
     `_FillValue`; `raw` itself when not packed."""
-    if not PACKING_FACTORS.keys() & encoding.keys():
+    if not any(k in encoding for k in PACKING_FACTORS):
         return raw
     out = np.multiply(raw, np.float32(encoding.get("scale_factor", 1.0)), dtype=np.float32)  # one pass, one array
     out += np.float32(encoding.get("add_offset", 0.0))
