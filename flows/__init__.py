@@ -19,3 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_HOME", str(home_dir() / "prefect"))
 # Prefect creates only the last folder of its home: make the whole path, or its database cannot be opened
 os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
+
+from infra.runs import send_logs_to_prefect  # noqa: E402 (Prefect is imported here, after the defaults above)
+
+send_logs_to_prefect()

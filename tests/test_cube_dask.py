@@ -54,3 +54,32 @@ def test_each_worker_gets_a_compact_run_of_tiles(tmp_path: Path) -> None:
 
     weighted = tiles_by_worker(job, {"tcp://a:1": 3, "tcp://b:1": 1})  # in proportion to the workers' threads
     assert abs([address for address, _ in weighted].count("tcp://a:1") - 0.75 * len(weighted)) <= 1
+
+
+def test_cube_warnings_reach_the_runs_logs_in_prefect(prefect_server: None, tiny_region: Path, tmp_path: Path) -> None:
+    """An asset that cannot be read is warned about in the flow run's logs that the UI shows, not only on the
+    console of the process that ran it (`infra.runs.send_logs_to_prefect`)."""
+    import json
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.context import get_run_context
+    from prefect.logging.handlers import APILogHandler
+
+    meta, start, end = region_season(tiny_region)
+    items = json.loads(json.dumps(region_items(tiny_region)))
+    items[2]["assets"]["B04"]["href"] = (tmp_path / "gone" / "B04.tif").as_uri()
+
+    @flow(name="cube-warnings-test")
+    def with_a_missing_asset() -> str:
+        build_cube(
+            {"s2": items}, meta["epsg"], tuple(meta["bounds"]), start, end, tmp_path / "c.zarr", bands={"s2": ["B04"]}
+        )
+        return str(get_run_context().flow_run.id)
+
+    run_id = with_a_missing_asset()
+    APILogHandler().flush()  # what the handlers queued, sent
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    warned = [log for log in logs if "unreadable asset" in log.message]
+    assert len(warned) == 1 and warned[0].name == "tasks.cube" and items[2]["id"] in warned[0].message
