@@ -70,7 +70,9 @@ CUBE_COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
 # `clipped_values`. Against float32: 2.3x smaller, and a 1024 px build 4.5 -> 3.9 s, 2048 px 18 -> 15 s (2 cores):
 # the kernel's copying of the written bytes into the page cache was the largest cost left (docs/benchmarks.md).
 # SAR (dB) stays float32.
-REFLECTANCE_PACKING = {"dtype": "uint16", "scale_factor": 1e-4, "add_offset": -0.2, "_FillValue": 65535}
+REFLECTANCE_PACKING = {
+    "dtype": "uint16", "scale_factor": 1e-4, "add_offset": -0.2, "_FillValue": 65535, "fill_value": 65535
+}  # fmt: skip
 PACKED_RANGE = tuple(  # the lowest and highest value stored
     REFLECTANCE_PACKING["add_offset"] + q * REFLECTANCE_PACKING["scale_factor"]
     for q in (0, REFLECTANCE_PACKING["_FillValue"] - 1)
@@ -714,7 +716,7 @@ def _pack_reflectance(values: np.ndarray, buffer: np.ndarray) -> tuple[int, np.n
 def _storage(plan: SensorPlan) -> dict:
     """How a sensor's values are stored: reflectance packed (`REFLECTANCE_PACKING`), SAR as float32 with NaN."""
     if plan.sensor.eo:
-        return {**REFLECTANCE_PACKING, "fill_value": REFLECTANCE_PACKING["_FillValue"]}
+        return dict(REFLECTANCE_PACKING)
     return {"_FillValue": np.float32(np.nan), "fill_value": np.float32(np.nan)}
 
 
