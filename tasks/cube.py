@@ -24,9 +24,9 @@ import threading
 import time
 import warnings
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
@@ -92,6 +92,7 @@ GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 # GDAL's block cache during a build: decoded tiles that neighbouring blocks share (the 20 m bands' margins). With 128
 # MB a 2048 px build decoded them again and again: 43 s, against 36 s with 256 MB and 28.5 s with 512 MB.
 GDAL_CACHE_BYTES = 512 * 2**20
+WRITES_QUEUED = 2  # built blocks waiting for the writer while the next is built, at most (each holds its buffers)
 MAX_OPEN = 4096  # datasets kept open by a process at most (also: half its soft limit of open files)
 
 
@@ -929,26 +930,37 @@ def build_blocks(
     done_dir = job.partial / "blocks"
     group = zarr.open_group(storage.zarr_store(job.partial / "cube.zarr"), mode="r+", zarr_format=3)
     bad = BadAssets(job.bad)
-    # two buffers per sensor: the composite of a block is built in one while the previous one is being written; the
-    # writer's own, for reflectance packed to store
+    # buffers per sensor, one per block in flight: the composite of a block is built in one while those of the blocks
+    # before it wait for the writer (so the readers wait for it only when it falls more than `WRITES_QUEUED` blocks
+    # behind); the writer's own, for reflectance packed to store
     largest = max(math.prod(b.shape) for b in blocks) if blocks else 0
-    buffers = {n: [np.empty(p.n_bins * len(p.bands) * largest, np.float32) for _ in "ab"] for n, p in job.plans.items()}
+    buffers = {
+        n: [np.empty(p.n_bins * len(p.bands) * largest, np.float32) for _ in range(WRITES_QUEUED + 1)]
+        for n, p in job.plans.items()
+    }
     packed = {n: np.empty(len(b[0]), np.uint16) for n, b in buffers.items() if job.plans[n].sensor.eo}
 
-    def write(blk: Block, composites: dict[str, tuple[np.ndarray, np.ndarray]], new_bad: dict[str, dict]) -> Block:
+    failed = threading.Event()  # set by a write that failed: the writes queued after it are skipped
+
+    def write(blk: Block, composites: dict[str, tuple[np.ndarray, np.ndarray]], new_bad: dict[str, dict]) -> None:
         """Write a block's composites (reflectance packed), then its record (so a resumed build never skips an
         unwritten block)."""
-        clipped = {}
-        for name, (values, fraction) in composites.items():
-            if name in packed:
-                clipped[name], values = _pack_reflectance(values, packed[name])
-            group[name][:, :, blk.r0 : blk.r1, blk.c0 : blk.c1] = values
-            group[f"{name}_valid"][:, blk.r0 : blk.r1, blk.c0 : blk.c1] = fraction
-        valid_sum = {name: float(fraction.sum(dtype=np.float64)) for name, (_, fraction) in composites.items()}
-        _write_json(done_dir / f"{blk.name}.json", {"bad": new_bad, "valid_sum": valid_sum, "clipped": clipped})
-        if on_block is not None:
-            on_block(blk)
-        return blk
+        if failed.is_set():
+            return
+        try:
+            clipped = {}
+            for name, (values, fraction) in composites.items():
+                if name in packed:
+                    clipped[name], values = _pack_reflectance(values, packed[name])
+                group[name][:, :, blk.r0 : blk.r1, blk.c0 : blk.c1] = values
+                group[f"{name}_valid"][:, blk.r0 : blk.r1, blk.c0 : blk.c1] = fraction
+            valid_sum = {name: float(fraction.sum(dtype=np.float64)) for name, (_, fraction) in composites.items()}
+            _write_json(done_dir / f"{blk.name}.json", {"bad": new_bad, "valid_sum": valid_sum, "clipped": clipped})
+            if on_block is not None:
+                on_block(blk)
+        except BaseException:
+            failed.set()
+            raise
 
     readers = threads or min(16, 2 * (os.cpu_count() or 1))
     with (
@@ -958,19 +970,20 @@ def build_blocks(
         ThreadPoolExecutor(readers, thread_name_prefix="cube-read") as pool,
         ThreadPoolExecutor(1, thread_name_prefix="cube-write") as writer,
     ):
-        pending = None
+        pending: deque[Future] = deque()
         for i, blk in enumerate(blocks):
+            # a failed write stops the build at the next block; the oldest block's buffers are those this one fills
+            while pending and (pending[0].done() or len(pending) > WRITES_QUEUED):
+                pending.popleft().result()
             before = set(bad.found)
             composites = {
-                name: composite_block(plan, job.grid, blk, pool, bad, DATASETS, buffers[name][i % 2])
+                name: composite_block(plan, job.grid, blk, pool, bad, DATASETS, buffers[name][i % len(buffers[name])])
                 for name, plan in job.plans.items()
             }
             new_bad = {k: bad.found[k] for k in set(bad.found) - before}
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(write, blk, composites, new_bad)
-        if pending is not None:
-            pending.result()
+            pending.append(writer.submit(write, blk, composites, new_bad))
+        for future in pending:
+            future.result()
 
 
 def _valid_fraction(job: CubeJob, records: dict[str, dict], group: zarr.Group) -> dict[str, float]:

@@ -36,7 +36,9 @@ def bilinear_upsample(
     As in GDAL's warper: a target pixel has no data where the source pixel holding its centre has none, and the
     weights of the other invalid neighbours go to the valid ones (values and weights interpolated, then divided;
     without a division where all four neighbours are valid). Columns are done one phase of the factor at a time,
-    so that the inner loops read consecutive source pixels (vectorised, no gathers).
+    so that the inner loops read consecutive source pixels (vectorised, no gathers); at a factor of 2 (Sentinel-2's
+    20 m bands on a 10 m grid), rows without no-data do both phases in one loop, so that the stores are consecutive
+    too (half the time per pixel, measured).
     """
     n_cols, width = ci.size, raw.shape[1]
     s, o = np.float32(scale), np.float32(offset)
@@ -46,15 +48,27 @@ def bilinear_upsample(
     for y in range(ri.size):
         k, w = ri[y], rt[y]
         near_r = k + (1 if w >= HALF else 0)  # the source row holding the target row's centre
-        first, last = 0, width - 1  # the first and last source columns with no data in rows k or k + 1
-        while first < width and raw[k, first] != nodata and raw[k + 1, first] != nodata:
-            first += 1
-        while last >= first and raw[k, last] != nodata and raw[k + 1, last] != nodata:
-            last -= 1
-        if first == width:
-            for x in range(width):
-                rows[x] = np.float32(raw[k, x]) * (ONE - w) + w * np.float32(raw[k + 1, x])
-        else:
+        holes = 0
+        for x in range(width):  # most row pairs have no no-data at all: then these are the rows
+            a, b = raw[k, x], raw[k + 1, x]
+            holes += (a == nodata) | (b == nodata)
+            rows[x] = np.float32(a) * (ONE - w) + w * np.float32(b)
+        if holes == 0 and factor == 2 and n_cols > 1:  # Sentinel-2's 20 m bands: both phases in one loop
+            k0, t0, k1, t1 = ci[0], ct[0], ci[1], ct[1]
+            pairs = n_cols // 2
+            for m in range(pairs):  # consecutive stores: vectorised
+                out[y, 2 * m] = (rows[k0 + m] * (ONE - t0) + t0 * rows[k0 + m + 1]) * s + o
+                out[y, 2 * m + 1] = (rows[k1 + m] * (ONE - t1) + t1 * rows[k1 + m + 1]) * s + o
+            if n_cols % 2:
+                out[y, n_cols - 1] = (rows[k0 + pairs] * (ONE - t0) + t0 * rows[k0 + pairs + 1]) * s + o
+            continue
+        first, last = width, width  # the first and last source columns with no data in rows k or k + 1
+        if holes:
+            first, last = 0, width - 1
+            while first < width and raw[k, first] != nodata and raw[k + 1, first] != nodata:
+                first += 1
+            while last >= first and raw[k, last] != nodata and raw[k + 1, last] != nodata:
+                last -= 1
             for x in range(width):
                 va, vb = np.float32(raw[k, x] != nodata), np.float32(raw[k + 1, x] != nodata)
                 rows[x] = np.float32(raw[k, x]) * va * (ONE - w) + w * (np.float32(raw[k + 1, x]) * vb)
@@ -203,16 +217,12 @@ def prepare_series(
 @njit(nogil=True, cache=True)
 def pack(values: np.ndarray, scale: float, offset: float, fill: int, out: np.ndarray) -> int:
     """`out` = `values` (float32, flat) as unsigned integers `round((value - offset) / scale)` (in float64, half to
-    even), `fill` where a value is NaN; values beyond `[0, fill - 1]` are clipped to it. The number clipped."""
-    top, clipped = fill - 1, 0
-    for i in range(values.size):
+    even), `fill` (below 2**31) where a value is NaN; values beyond `[0, fill - 1]` are clipped to it. The number
+    clipped."""
+    top, clipped = np.float64(fill - 1), 0
+    for i in range(values.size):  # branch-free: vectorised (a branch per value took twice the time, measured)
         v = values[i]
-        if v != v:
-            out[i] = fill
-            continue
         q = np.rint((np.float64(v) - offset) / scale)
-        if q < 0 or q > top:
-            clipped += 1
-            q = 0 if q < 0 else top
-        out[i] = np.int64(q)
+        clipped += (q < 0) | (q > top)
+        out[i] = fill if v != v else np.int32(min(max(q, 0.0), top))  # int32: vectorised, int64 is not
     return clipped
