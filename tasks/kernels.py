@@ -37,8 +37,9 @@ def bilinear_upsample(
     weights of the other invalid neighbours go to the valid ones (values and weights interpolated, then divided;
     without a division where all four neighbours are valid). Columns are done one phase of the factor at a time,
     so that the inner loops read consecutive source pixels (vectorised, no gathers); at a factor of 2 (Sentinel-2's
-    20 m bands on a 10 m grid), rows without no-data do both phases in one loop, so that the stores are consecutive
-    too (half the time per pixel, measured).
+    20 m bands on a 10 m grid), both phases go in one loop, so that the stores are consecutive too. Inner loops
+    index slices by their loop variable alone: numba then knows the index is not negative and leaves out Python's
+    wraparound, which kept `rows[k0 + m]` from vectorising (1.97 -> 0.45 ns a pixel at a factor of 2, measured).
     """
     n_cols, width = ci.size, raw.shape[1]
     s, o = np.float32(scale), np.float32(offset)
@@ -53,15 +54,6 @@ def bilinear_upsample(
             a, b = raw[k, x], raw[k + 1, x]
             holes += (a == nodata) | (b == nodata)
             rows[x] = np.float32(a) * (ONE - w) + w * np.float32(b)
-        if holes == 0 and factor == 2 and n_cols > 1:  # Sentinel-2's 20 m bands: both phases in one loop
-            k0, t0, k1, t1 = ci[0], ct[0], ci[1], ct[1]
-            pairs = n_cols // 2
-            for m in range(pairs):  # consecutive stores: vectorised
-                out[y, 2 * m] = (rows[k0 + m] * (ONE - t0) + t0 * rows[k0 + m + 1]) * s + o
-                out[y, 2 * m + 1] = (rows[k1 + m] * (ONE - t1) + t1 * rows[k1 + m + 1]) * s + o
-            if n_cols % 2:
-                out[y, n_cols - 1] = (rows[k0 + pairs] * (ONE - t0) + t0 * rows[k0 + pairs + 1]) * s + o
-            continue
         first, last = width, width  # the first and last source columns with no data in rows k or k + 1
         if holes:
             first, last = 0, width - 1
@@ -69,10 +61,20 @@ def bilinear_upsample(
                 first += 1
             while last >= first and raw[k, last] != nodata and raw[k + 1, last] != nodata:
                 last -= 1
-            for x in range(width):
+            for x in range(width):  # the same values where both rows are valid
                 va, vb = np.float32(raw[k, x] != nodata), np.float32(raw[k + 1, x] != nodata)
                 rows[x] = np.float32(raw[k, x]) * va * (ONE - w) + w * (np.float32(raw[k + 1, x]) * vb)
                 weights[x] = va * (ONE - w) + w * vb
+        pairwise = factor == 2 and n_cols > 1  # Sentinel-2's 20 m bands: both phases in one loop, every column
+        if pairwise:  # (those next to no-data are done again below, with weights)
+            t0, t1 = ct[0], ct[1]
+            a, b = rows[ci[0] :], rows[ci[1] :]
+            pairs = n_cols // 2
+            for m in range(pairs):  # consecutive stores: vectorised
+                out[y, 2 * m] = (a[m] * (ONE - t0) + t0 * a[m + 1]) * s + o
+                out[y, 2 * m + 1] = (b[m] * (ONE - t1) + t1 * b[m + 1]) * s + o
+            if n_cols % 2:
+                out[y, n_cols - 1] = (a[pairs] * (ONE - t0) + t0 * a[pairs + 1]) * s + o
         for p in range(min(factor, n_cols)):
             k0, t = ci[p], ct[p]
             near_c = k0 + (1 if t >= HALF else 0)
@@ -80,12 +82,13 @@ def bilinear_upsample(
             # columns k0 + m and k0 + m + 1 both valid before `first` and after `last`: no weights to divide by
             m1, m2 = min(max(first - 1 - k0, 0), n), min(max(last + 1 - k0, 0), n)
             m2 = max(m1, m2)
-            for lo, hi in ((0, m1), (m2, n)):
+            a, v = rows[k0:], weights[k0:]
+            for lo, hi in ((0, 0 if pairwise else m1), (n if pairwise else m2, n)):
                 for m in range(lo, hi):
-                    out[y, p + factor * m] = (rows[k0 + m] * (ONE - t) + t * rows[k0 + m + 1]) * s + o
+                    out[y, p + factor * m] = (a[m] * (ONE - t) + t * a[m + 1]) * s + o
             for m in range(m1, m2):
-                value = rows[k0 + m] * (ONE - t) + t * rows[k0 + m + 1]
-                value = value / (weights[k0 + m] * (ONE - t) + t * weights[k0 + m + 1]) * s + o  # NaN: 0/0
+                value = a[m] * (ONE - t) + t * a[m + 1]
+                value = value / (v[m] * (ONE - t) + t * v[m + 1]) * s + o  # NaN: 0/0
                 valid = raw[near_r, near_c + m] != nodata
                 out[y, p + factor * m] = value if valid else empty
                 missing[y, p + factor * m] |= not valid
@@ -112,16 +115,30 @@ def mask_lookup(codes: np.ndarray, valid: np.ndarray, missing: np.ndarray) -> No
 
 
 @njit(nogil=True, cache=True)
+def _nan_where_invalid(valid: np.ndarray) -> np.ndarray:
+    """1 where `valid`, NaN elsewhere (float32): a value times it is NaN where not valid. The medians and means below
+    multiply by it instead of testing `valid` per band, which let them vectorise (3-18x faster, measured)."""
+    n, h, w = valid.shape
+    mask = np.empty((n, h, w), np.float32)
+    for i in range(n):
+        for y in range(h):
+            for x in range(w):
+                mask[i, y, x] = ONE if valid[i, y, x] else NAN
+    return mask
+
+
+@njit(nogil=True, cache=True)
 def nan_median(stack: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
     """`out` = median over the first axis of `(n, bands, h, w)` of the values `valid` `(n, h, w)` and not NaN (NaN
     where there are none); of an even count, the mean of the two middle values."""
     n, bands, h, w = stack.shape
     if n <= 2:  # most bins: the mean of the valid ones
+        mask = _nan_where_invalid(valid)
         for c in range(bands):
             for y in range(h):
                 for x in range(w):
-                    a = stack[0, c, y, x] if valid[0, y, x] else NAN
-                    b = stack[n - 1, c, y, x] if valid[n - 1, y, x] else NAN
+                    a = stack[0, c, y, x] * mask[0, y, x]
+                    b = stack[n - 1, c, y, x] * mask[n - 1, y, x]
                     out[c, y, x] = b if a != a else (a if b != b else (a + b) * HALF)
         return
     ordered = np.empty((n, w), np.float32)  # one row of pixels, NaN as +inf, sorted across the stack
@@ -149,18 +166,22 @@ def nan_median(stack: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
 @njit(nogil=True, cache=True)
 def nan_mean(stack: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
     """`out` = mean over the first axis of `(n, bands, h, w)` of the values `valid` `(n, h, w)` and not NaN (NaN
-    where there are none), summed in order in float32."""
+    where there are none), summed in order in float32 (a row of pixels at a time: the inner loops run along it)."""
     n, bands, h, w = stack.shape
+    mask = _nan_where_invalid(valid)
+    total, count = np.empty(w, np.float32), np.empty(w, np.float32)
     for c in range(bands):
         for y in range(h):
+            total[:] = ZERO
+            count[:] = ZERO
+            for i in range(n):
+                for x in range(w):
+                    v = stack[i, c, y, x] * mask[i, y, x]
+                    ok = v == v
+                    total[x] += v if ok else ZERO
+                    count[x] += ONE if ok else ZERO
             for x in range(w):
-                total, count = ZERO, ZERO
-                for i in range(n):
-                    v = stack[i, c, y, x]
-                    if valid[i, y, x] and v == v:
-                        total += v
-                        count += ONE
-                out[c, y, x] = total / count if count else np.nan
+                out[c, y, x] = total[x] / count[x] if count[x] else NAN
 
 
 PIXELS = 512  # pixels per pass of `prepare_series`: a few dates x bands of them stay in the CPU's cache
