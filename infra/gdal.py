@@ -68,6 +68,8 @@ def library() -> ctypes.CDLL:
         "GDALGetRasterDataType": (i, [p]),
         "GDALGetRasterNoDataValue": (d, [p, ctypes.POINTER(i)]),
         "GDALRasterIO": (i, [p, i, i, i, i, i, p, i, i, i, i, i]),
+        "GDALGetBlockSize": (None, [p, ctypes.POINTER(i), ctypes.POINTER(i)]),
+        "GDALFlushRasterCache": (i, [p]),
         "CPLErrorReset": (None, []),
         "CPLGetLastErrorMsg": (s, []),
         "VSICurlPartialClearCache": (None, [s]),
@@ -89,7 +91,10 @@ def _last_error(what: str) -> RasterioIOError:
 
 class Raster:
     """Band 1 of a raster opened with GDAL's C API: its size, georeferencing, dtype and no-data, and `read` of a
-    window into a numpy array. Used by one thread at a time (as a GDAL dataset must be)."""
+    window into a numpy array. Used by one thread at a time (as a GDAL dataset must be).
+
+    `cached` is the range of tiles (rows, then columns: first and past the last) read since the band's tiles were
+    last dropped from GDAL's block cache (`drop_cached`), or None."""
 
     def __init__(self, href: str, options: dict[str, str] | None = None) -> None:
         self.href, self.options = href, options or {}  # GDAL configuration options while opening
@@ -115,6 +120,10 @@ class Raster:
         nodata = lib.GDALGetRasterNoDataValue(self._band, ctypes.byref(has_nodata))
         self.nodata = nodata if has_nodata.value else None
         self.epsg = self._epsg()
+        tile_w, tile_h = ctypes.c_int(0), ctypes.c_int(0)
+        lib.GDALGetBlockSize(self._band, ctypes.byref(tile_w), ctypes.byref(tile_h))
+        self.tile = (max(tile_h.value, 1), max(tile_w.value, 1))
+        self.cached: tuple[int, int, int, int] | None = None
 
     def _epsg(self) -> int | None:
         """The EPSG code of the raster's CRS: its authority code when it has one, else identified by PROJ."""
@@ -143,7 +152,16 @@ class Raster:
         )
         if failed:
             raise _last_error(f"{self.href}: reading rows {r0}-{r0 + h}, columns {c0}-{c0 + w}")
+        th, tw = self.tile
+        read = (r0 // th, (r0 + h - 1) // th + 1, c0 // tw, (c0 + w - 1) // tw + 1)
+        was = self.cached or read
+        self.cached = (min(was[0], read[0]), max(was[1], read[1]), min(was[2], read[2]), max(was[3], read[3]))
         return out
+
+    def drop_cached(self) -> None:
+        """Drop this band's decoded tiles from GDAL's block cache (when no read to come needs them)."""
+        library().GDALFlushRasterCache(self._band)
+        self.cached = None
 
     @property
     def dataset(self) -> DatasetReader:

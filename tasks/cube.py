@@ -227,6 +227,13 @@ class Datasets:
         for src in closing:
             src.close()
 
+    def drop_cached(self, needed: Callable[[Raster], bool]) -> None:
+        """Drop from GDAL's block cache the tiles of each idle dataset for which `needed` is False."""
+        with self._lock:  # datasets are taken under it: none of these is read meanwhile
+            for src in self._idle.values():
+                if src.cached is not None and not needed(src):
+                    src.drop_cached()
+
     def close(self) -> None:
         """Close every idle dataset."""
         with self._lock:
@@ -914,6 +921,35 @@ def prepare_cube(
     return job
 
 
+def _tiles_needed(job: CubeJob, blocks: list[Block]) -> Callable[[Raster, int], bool]:
+    """`needed(src, i)`: whether a block after the `i`-th of `blocks`, or one of the job's other blocks still to
+    build, reads any of the tiles `src` has cached (True when `src` is not on the grid's pixels).
+
+    GDAL's block cache is one LRU for all datasets. Tiles no block reads again (a 10 m band's, once the Z-order group
+    of blocks that shares it is built) pushed out those that later blocks read again (the 20 m bands' margins): a
+    2048 px build decoded 40 % more than its COGs hold. Dropping them once dead halves that (measured)."""
+    size = max(job.blocks[0].shape)
+    order = np.full((math.ceil(job.grid.shape[0] / size), math.ceil(job.grid.shape[1] / size)), -1)
+    for blk in job.todo:  # built by another call (another Dask tile): needed throughout this one
+        order[blk.r0 // size, blk.c0 // size] = len(blocks)
+    for j, blk in enumerate(blocks):
+        order[blk.r0 // size, blk.c0 // size] = j
+    halo = max(plan.halo for plan in job.plans.values())
+
+    def needed(src: Raster, i: int) -> bool:
+        if (placed := _on_grid(src, job.grid)) is None:
+            return True
+        factor, (row, col) = placed
+        reach = halo + (factor if factor > 1 else 0)  # how far around itself a block reads: upsampled, one more
+        (t0, t1, u0, u1), (th, tw) = src.cached, src.tile
+        r0, r1 = max((t0 * th * factor - row - reach) // size, 0), -(-(t1 * th * factor - row + reach) // size)
+        c0, c1 = max((u0 * tw * factor - col - reach) // size, 0), -(-(u1 * tw * factor - col + reach) // size)
+        later = order[r0:r1, c0:c1]
+        return later.size > 0 and int(later.max()) > i
+
+    return needed
+
+
 def build_blocks(
     job: CubeJob,
     blocks: list[Block],
@@ -962,6 +998,7 @@ def build_blocks(
             failed.set()
             raise
 
+    needed = _tiles_needed(job, blocks)
     readers = threads or min(16, 2 * (os.cpu_count() or 1))
     with (
         gdal_env({"GDAL_CACHEMAX": GDAL_CACHE_BYTES}),
@@ -982,6 +1019,7 @@ def build_blocks(
             }
             new_bad = {k: bad.found[k] for k in set(bad.found) - before}
             pending.append(writer.submit(write, blk, composites, new_bad))
+            DATASETS.drop_cached(partial(needed, i=i))  # no reads meanwhile: the next block's start below
         for future in pending:
             future.result()
 

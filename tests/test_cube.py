@@ -287,6 +287,42 @@ def test_blocks_cover_the_grid_once_in_z_order():
     assert [(b.r0, b.c0) for b in blocks[:5]] == [(0, 0), (0, 32), (32, 0), (32, 32), (0, 64)]
 
 
+def test_tiles_are_needed_until_the_last_block_that_reads_them_is_built(tiny_region, tmp_path):
+    from dataclasses import dataclass
+
+    from affine import Affine
+
+    from tasks.cube import _tiles_needed, prepare_cube
+
+    @dataclass(eq=False)
+    class Source:  # what `_tiles_needed` reads of a dataset
+        transform: Affine
+        epsg: int
+        cached: tuple[int, int, int, int]
+        tile: tuple[int, int] = (32, 32)
+
+    meta, start, end = region_season(tiny_region)
+    items = {"s2": region_items(tiny_region, "sentinel-2-l2a")}
+    job = prepare_cube(items, meta["epsg"], tuple(meta["bounds"]), start, end, tmp_path / "c.zarr", chunk=16, block=16)
+    assert [(b.r0, b.c0) for b in job.todo[:5]] == [(0, 0), (0, 16), (16, 0), (16, 16), (0, 32)]  # 4 x 4 blocks
+    needed = _tiles_needed(job, job.todo)
+    x0, y1 = job.grid.bounds[0], job.grid.bounds[3]
+
+    def source(resolution: float, tiles: tuple[int, int, int, int], tile: int) -> Source:
+        return Source(Affine(resolution, 0, x0, 0, -resolution, y1), job.grid.epsg, tiles, (tile, tile))
+
+    ten = source(10.0, (0, 1, 0, 1), 32)  # a 10 m tile covering the first four blocks, read as they are
+    assert [needed(ten, i) for i in range(5)] == [True, True, True, False, False]
+    twenty = source(20.0, (0, 1, 0, 1), 16)  # the same at 20 m: the next blocks' bilinear margins read it too
+    assert needed(twenty, 3) and needed(twenty, 4) and not needed(twenty, 15)
+    outside = source(10.0, (9, 10, 9, 10), 32)  # tiles beyond the grid: no block reads them
+    assert not needed(outside, 0)
+    warped = Source(Affine(7.0, 0, x0, 0, -7.0, y1), job.grid.epsg, (0, 1, 0, 1))
+    assert needed(warped, 15)  # not on the grid's pixels: kept, whatever it holds
+    tile_job = _tiles_needed(job, job.todo[:4])  # a Dask tile of the first four blocks: the others are built apart
+    assert tile_job(ten, 3) is False and tile_job(twenty, 3) is True
+
+
 def test_open_assets_are_reused_and_a_failed_one_is_closed(tiny_region):
     from tasks.cube import Datasets
 

@@ -42,6 +42,27 @@ def test_metadata_and_windows_match_rasterio(tmp_path, dtype):
     assert src.closed
 
 
+def test_reads_record_the_tiles_cached_and_drop_cached_frees_them(tmp_path):
+    import ctypes
+
+    from infra.gdal import library
+
+    used = library().GDALGetCacheUsed64
+    used.restype = ctypes.c_int64
+    href = _write(tmp_path / "a.tif", np.arange(40 * 50, dtype="uint16").reshape(40, 50))  # 16 px tiles
+    with Raster(href) as src:
+        assert src.tile == (16, 16) and src.cached is None
+        before = used()
+        src.read(3, 20, np.empty((10, 5), src.dtype))  # rows 3-12 in tile row 0, columns 20-24 in tile column 1
+        assert src.cached == (0, 1, 1, 2)
+        src.read(30, 40, np.empty((10, 10), src.dtype))  # the union: tile rows 0-2, columns 1-3
+        assert src.cached == (0, 3, 1, 4)
+        assert used() > before
+        src.drop_cached()
+        assert used() == before and src.cached is None
+        assert np.array_equal(src.read(0, 0, np.empty((2, 2), src.dtype)), [[0, 1], [50, 51]])  # read again
+
+
 def test_crs_without_an_authority_code_goes_to_proj_and_no_nodata_is_none(tmp_path):
     custom = "+proj=tmerc +lat_0=0 +lon_0=4.3 +k=0.9996 +x_0=500000 +y_0=0 +ellps=WGS84 +units=m"  # no EPSG code
     href = _write(tmp_path / "b.tif", np.ones((8, 8), "uint16"), crs=custom, nodata=None)
