@@ -923,11 +923,12 @@ def prepare_cube(
 
 def _tiles_needed(job: CubeJob, blocks: list[Block]) -> Callable[[Raster, int], bool]:
     """`needed(src, i)`: whether a block after the `i`-th of `blocks`, or one of the job's other blocks still to
-    build, reads any of the tiles `src` has cached (True when `src` is not on the grid's pixels).
+    build, reads any of the tiles `src` has cached (True as well when `src` is not on the grid's pixels, or its tiles
+    lie outside the grid: another build's, in a process that runs several).
 
     GDAL's block cache is one LRU for all datasets. Tiles no block reads again (a 10 m band's, once the Z-order group
     of blocks that shares it is built) pushed out those that later blocks read again (the 20 m bands' margins): a
-    2048 px build decoded 40 % more than its COGs hold. Dropping them once dead halves that (measured)."""
+    2048 px build decoded 40 % more than its COGs hold; 14 % with the dead tiles dropped (measured)."""
     size = max(job.blocks[0].shape)
     order = np.full((math.ceil(job.grid.shape[0] / size), math.ceil(job.grid.shape[1] / size)), -1)
     for blk in job.todo:  # built by another call (another Dask tile): needed throughout this one
@@ -945,7 +946,7 @@ def _tiles_needed(job: CubeJob, blocks: list[Block]) -> Callable[[Raster, int], 
         r0, r1 = max((t0 * th * factor - row - reach) // size, 0), -(-(t1 * th * factor - row + reach) // size)
         c0, c1 = max((u0 * tw * factor - col - reach) // size, 0), -(-(u1 * tw * factor - col + reach) // size)
         later = order[r0:r1, c0:c1]
-        return later.size > 0 and int(later.max()) > i
+        return later.size == 0 or int(later.max()) > i
 
     return needed
 
@@ -980,7 +981,7 @@ def build_blocks(
 
     def write(blk: Block, composites: dict[str, tuple[np.ndarray, np.ndarray]], new_bad: dict[str, dict]) -> None:
         """Write a block's composites (reflectance packed), then its record (so a resumed build never skips an
-        unwritten block)."""
+        unwritten block); nothing once a write before it failed."""
         if failed.is_set():
             return
         try:
@@ -1019,7 +1020,7 @@ def build_blocks(
             }
             new_bad = {k: bad.found[k] for k in set(bad.found) - before}
             pending.append(writer.submit(write, blk, composites, new_bad))
-            DATASETS.drop_cached(partial(needed, i=i))  # no reads meanwhile: the next block's start below
+            DATASETS.drop_cached(partial(needed, i=i))  # this block's reads are done, the next block's not begun
         for future in pending:
             future.result()
 
