@@ -14,6 +14,12 @@ from numba import njit
 ONE, HALF, ZERO, NAN = np.float32(1), np.float32(0.5), np.float32(0), np.float32(np.nan)
 
 
+@njit(inline="always")
+def _lerp(a: float, b: float, t: float) -> float:
+    """`a * (1 - t) + t * b`: linear interpolation, in the dtype of its arguments (float32 here)."""
+    return a * (ONE - t) + t * b
+
+
 @njit(nogil=True, cache=True, error_model="numpy")  # IEEE division: 0/0 is NaN, not an exception
 def bilinear_upsample(
     raw: np.ndarray,
@@ -53,7 +59,7 @@ def bilinear_upsample(
         for x in range(width):  # most row pairs have no no-data at all: then these are the rows
             a, b = raw[k, x], raw[k + 1, x]
             holes += (a == nodata) | (b == nodata)
-            rows[x] = np.float32(a) * (ONE - w) + w * np.float32(b)
+            rows[x] = _lerp(np.float32(a), np.float32(b), w)
         first, last = width, width  # the first and last source columns with no data in rows k or k + 1
         if holes:
             first, last = 0, width - 1
@@ -63,18 +69,18 @@ def bilinear_upsample(
                 last -= 1
             for x in range(width):  # the same values where both rows are valid
                 va, vb = np.float32(raw[k, x] != nodata), np.float32(raw[k + 1, x] != nodata)
-                rows[x] = np.float32(raw[k, x]) * va * (ONE - w) + w * (np.float32(raw[k + 1, x]) * vb)
-                weights[x] = va * (ONE - w) + w * vb
+                rows[x] = _lerp(np.float32(raw[k, x]) * va, np.float32(raw[k + 1, x]) * vb, w)
+                weights[x] = _lerp(va, vb, w)
         pairwise = factor == 2 and n_cols > 1  # Sentinel-2's 20 m bands: both phases in one loop, every column
         if pairwise:  # (those next to no-data are done again below, with weights)
             t0, t1 = ct[0], ct[1]
             a, b = rows[ci[0] :], rows[ci[1] :]
             pairs = n_cols // 2
             for m in range(pairs):  # consecutive stores: vectorised
-                out[y, 2 * m] = (a[m] * (ONE - t0) + t0 * a[m + 1]) * s + o
-                out[y, 2 * m + 1] = (b[m] * (ONE - t1) + t1 * b[m + 1]) * s + o
+                out[y, 2 * m] = _lerp(a[m], a[m + 1], t0) * s + o
+                out[y, 2 * m + 1] = _lerp(b[m], b[m + 1], t1) * s + o
             if n_cols % 2:
-                out[y, n_cols - 1] = (a[pairs] * (ONE - t0) + t0 * a[pairs + 1]) * s + o
+                out[y, n_cols - 1] = _lerp(a[pairs], a[pairs + 1], t0) * s + o
         for p in range(min(factor, n_cols)):
             k0, t = ci[p], ct[p]
             near_c = k0 + (1 if t >= HALF else 0)
@@ -85,10 +91,9 @@ def bilinear_upsample(
             a, v = rows[k0:], weights[k0:]
             for lo, hi in ((0, 0 if pairwise else m1), (n if pairwise else m2, n)):
                 for m in range(lo, hi):
-                    out[y, p + factor * m] = (a[m] * (ONE - t) + t * a[m + 1]) * s + o
+                    out[y, p + factor * m] = _lerp(a[m], a[m + 1], t) * s + o
             for m in range(m1, m2):
-                value = a[m] * (ONE - t) + t * a[m + 1]
-                value = value / (v[m] * (ONE - t) + t * v[m + 1]) * s + o  # NaN: 0/0
+                value = _lerp(a[m], a[m + 1], t) / _lerp(v[m], v[m + 1], t) * s + o  # NaN: 0/0
                 valid = raw[near_r, near_c + m] != nodata
                 out[y, p + factor * m] = value if valid else empty
                 missing[y, p + factor * m] |= not valid
