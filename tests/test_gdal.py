@@ -89,6 +89,42 @@ def test_bad_files_and_reads_raise_clear_errors(tmp_path):
             src.read(0, 0, np.empty((8, 8), "float32"))
 
 
+def test_local_files_open_with_their_options_in_this_thread_alone_and_no_messages_on_stderr(
+    tmp_path, capfd, monkeypatch
+):
+    """A local file opens without a rasterio environment (starting one in each reader thread for each open cost
+    more than the open): its configuration options hold during the open only, in the opening thread only, and a
+    failed open raises with GDAL's message instead of printing it."""
+    import threading
+
+    from rasterio import env
+
+    href = _write(tmp_path / "a.tif", np.ones((8, 8), "uint16"), nodata=None)
+    Path(f"{href}.aux.xml").write_text(
+        '<PAMDataset><PAMRasterBand band="1"><NoDataValue>7</NoDataValue></PAMRasterBand></PAMDataset>'
+    )
+    Raster(href)  # whatever the process needs once
+    started, found = [], []
+    monkeypatch.setattr(env, "defenv", lambda **options: started.append(options))
+
+    def in_a_thread() -> None:  # as the cube's readers open: a thread without any rasterio environment
+        found.append(Raster(href).nodata)  # the side-car file is read
+        found.append(Raster(href, {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}).nodata)  # not listed, not read
+        found.append(Raster(href).nodata)  # the option was for that open only
+        try:
+            Raster(str(tmp_path / "missing.tif"))
+        except RasterioIOError as exc:
+            found.append(str(exc))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert found[:3] == [7.0, None, 7.0]
+    assert "missing.tif: " in found[3] and "No such file" in found[3]
+    assert "ERROR" not in capfd.readouterr().err
+    assert not started
+
+
 def test_rasters_of_a_type_cropflow_does_not_read_are_refused(tmp_path):
     href = _write(tmp_path / "complex.tif", np.ones((8, 8), "complex64"), nodata=None)
     with pytest.raises(RasterioIOError, match=r"complex\.tif has a first band of GDAL data type 10; cropflow reads "):
