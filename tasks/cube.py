@@ -318,7 +318,8 @@ def _on_grid(src: Raster, grid: Grid) -> tuple[int, tuple[int, int]] | None:
     """`(factor, offset)` when `src` is in the grid's CRS at an integer `factor` times its resolution with its pixel
     edges on the grid's (`offset`: the grid's origin from the source's in grid pixels, rows and columns): read as is
     (factor 1) or resampled by `_upsample`; else None. Worked out once per dataset and grid."""
-    known = _ON_GRID.setdefault(src, {})
+    if (known := _ON_GRID.get(src)) is None:  # (`setdefault` would make a weak reference at every call)
+        known = _ON_GRID[src] = {}
     if grid not in known:
         a, b, c, d, e, f = src.transform[:6]
         factor = a / grid.resolution
@@ -937,18 +938,32 @@ def _tiles_needed(job: CubeJob, blocks: list[Block]) -> Callable[[Raster, int], 
         order[blk.r0 // size, blk.c0 // size] = j
     halo = max(plan.halo for plan in job.plans.values())
 
-    def needed(src: Raster, i: int) -> bool:
-        if (placed := _on_grid(src, job.grid)) is None:
-            return True
+    @functools.lru_cache(maxsize=1024)  # a build's assets share a few geometries: the bands of a resolution, alike
+    def read_after(placed: tuple[int, tuple[int, int]], cached: tuple[int, ...], tile: tuple[int, int], i: int) -> bool:
         factor, (row, col) = placed
         reach = halo + (factor if factor > 1 else 0)  # how far around itself a block reads: upsampled, one more
-        (t0, t1, u0, u1), (th, tw) = src.cached, src.tile
+        (t0, t1, u0, u1), (th, tw) = cached, tile
         r0, r1 = max((t0 * th * factor - row - reach) // size, 0), -(-(t1 * th * factor - row + reach) // size)
         c0, c1 = max((u0 * tw * factor - col - reach) // size, 0), -(-(u1 * tw * factor - col + reach) // size)
         later = order[r0:r1, c0:c1]
         return later.size == 0 or int(later.max()) > i
 
+    def needed(src: Raster, i: int) -> bool:
+        placed = _on_grid(src, job.grid)
+        return placed is None or read_after(placed, src.cached, src.tile, i)
+
     return needed
+
+
+def _chunk_files(store: Path, arrays: list[zarr.Array], blk: Block) -> list[Path]:
+    """The files of a local cube store holding `blk` in `arrays` (chunked whole along time and bands)."""
+    files = []
+    for array in arrays:
+        rows, cols = array.chunks[-2:]
+        for r in range(blk.r0 // rows, -(-blk.r1 // rows)):
+            for c in range(blk.c0 // cols, -(-blk.c1 // cols)):
+                files.append(store / array.path / array.metadata.encode_chunk_key((0,) * (array.ndim - 2) + (r, c)))
+    return files
 
 
 def build_blocks(
@@ -978,6 +993,12 @@ def build_blocks(
     packed = {n: np.empty(len(b[0]), np.uint16) for n, b in buffers.items() if job.plans[n].sensor.eo}
 
     failed = threading.Event()  # set by a write that failed: the writes queued after it are skipped
+    local = storage.is_local(job.partial)
+    written: deque[list[Path]] = deque(maxlen=1)  # the chunk files of the block written last (local stores)
+    # cube chunks are rarely all no-data: writing every one spares comparing each with the fill value
+    arrays = {
+        n: group[n].with_config({"write_empty_chunks": True}) for name in job.plans for n in (name, f"{name}_valid")
+    }
 
     def write(blk: Block, composites: dict[str, tuple[np.ndarray, np.ndarray]], new_bad: dict[str, dict]) -> None:
         """Write a block's composites (reflectance packed), then its record (so a resumed build never skips an
@@ -989,8 +1010,12 @@ def build_blocks(
             for name, (values, fraction) in composites.items():
                 if name in packed:
                     clipped[name], values = _pack_reflectance(values, packed[name])
-                group[name][:, :, blk.r0 : blk.r1, blk.c0 : blk.c1] = values
-                group[f"{name}_valid"][:, blk.r0 : blk.r1, blk.c0 : blk.c1] = fraction
+                arrays[name][:, :, blk.r0 : blk.r1, blk.c0 : blk.c1] = values
+                arrays[f"{name}_valid"][:, blk.r0 : blk.r1, blk.c0 : blk.c1] = fraction
+            if local:  # flushed now; dropped from the page cache once written, a block later
+                files = _chunk_files(job.partial / "cube.zarr", list(arrays.values()), blk)
+                storage.write_behind([*(written[0] if written else []), *files])
+                written.append(files)
             valid_sum = {name: float(fraction.sum(dtype=np.float64)) for name, (_, fraction) in composites.items()}
             _write_json(done_dir / f"{blk.name}.json", {"bad": new_bad, "valid_sum": valid_sum, "clipped": clipped})
             if on_block is not None:
@@ -1003,8 +1028,6 @@ def build_blocks(
     readers = threads or min(16, 2 * (os.cpu_count() or 1))
     with (
         gdal_env({"GDAL_CACHEMAX": GDAL_CACHE_BYTES}),
-        # cube chunks are rarely all no-data: writing every one spares comparing each with the fill value
-        zarr.config.set({"array.write_empty_chunks": True}),
         ThreadPoolExecutor(readers, thread_name_prefix="cube-read") as pool,
         ThreadPoolExecutor(1, thread_name_prefix="cube-write") as writer,
     ):
@@ -1023,6 +1046,8 @@ def build_blocks(
             DATASETS.drop_cached(partial(needed, i=i))  # this block's reads are done, the next block's not begun
         for future in pending:
             future.result()
+    if written:  # the last block's files: written by now, most likely
+        storage.write_behind(written[0])
 
 
 def _valid_fraction(job: CubeJob, records: dict[str, dict], group: zarr.Group) -> dict[str, float]:

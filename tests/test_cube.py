@@ -445,6 +445,25 @@ def test_interrupted_build_resumes_only_missing_blocks_and_publishes_atomically(
     assert len(third) == 4
 
 
+def test_every_chunk_written_is_flushed_then_dropped_from_the_page_cache(tiny_region, tmp_path, monkeypatch):
+    """Write-behind: each block's chunk files go to `write_behind` once written (to start writing them to disk), and
+    once more a block later (to drop them from the page cache): writing a 2048 px cube into the page cache took
+    4.7-7.5 s of system time on the test machine, 0.3-0.5 s with write-behind."""
+    from tasks import cube
+
+    given: list[Path] = []
+    monkeypatch.setattr(cube.storage, "write_behind", lambda paths: given.extend(paths))
+    meta, start, end = region_season(tiny_region)
+    items = {"s2": region_items(tiny_region, "sentinel-2-l2a"), "s1": region_items(tiny_region, "sentinel-1-rtc")}
+    out = tmp_path / "cube.zarr"
+    build_cube(items, meta["epsg"], tuple(meta["bounds"]), start, end, out, chunk=32, block=32, bands={"s2": ["B04"]})
+    arrays = ("s2", "s2_valid", "s1", "s1_valid")
+    chunks = [p.relative_to(out) for a in arrays for p in (out / a / "c").rglob("*") if p.is_file()]
+    assert len(chunks) == 16  # 4 blocks each
+    relative = [p.relative_to(cube.partial_path(out) / "cube.zarr") for p in given]
+    assert sorted(relative) == sorted(chunks * 2)
+
+
 def test_missing_and_corrupt_assets_count_as_no_data(tiny_region, tmp_path, caplog):
     import shutil
 
