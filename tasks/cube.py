@@ -537,8 +537,7 @@ _SCRATCH = threading.local()
 
 def _scratch(nbytes: int) -> np.ndarray:
     """At least `nbytes` bytes of the calling thread's own buffer, reused by its next calls (grown when too small):
-    what one thread reads and composites at a time. At 2048 px, a fresh stack per bin cost 8 % of the build's CPU in
-    the system's zeroing of the new pages alone (measured)."""
+    what one thread reads and composites at a time (`composite_block`)."""
     buffer = getattr(_SCRATCH, "buffer", None)
     if buffer is None or buffer.size < nbytes:
         buffer = _SCRATCH.buffer = np.empty(nbytes, np.uint8)
