@@ -1006,7 +1006,7 @@ def build_blocks(
     buffers = {
         n: [
             (
-                np.empty(p.n_bins * len(p.bands) * largest, _storage(p).get("dtype", np.float32)),
+                np.empty(p.n_bins * len(p.bands) * largest, _storage(p).get("dtype", np.float32)),  # packed, or not
                 np.empty(p.n_bins * largest, np.float32),
             )
             for _ in range(WRITES_QUEUED + 1)
