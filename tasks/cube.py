@@ -535,13 +535,15 @@ def read_source(
 _SCRATCH = threading.local()
 
 
-def _scratch(nbytes: int) -> np.ndarray:
-    """At least `nbytes` bytes of the calling thread's own buffer, reused by its next calls (grown when too small):
-    what one thread reads and composites at a time (`composite_block`)."""
-    buffer = getattr(_SCRATCH, "buffer", None)
+def _scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """An array of `shape` and `dtype` in the calling thread's own buffer `name`, reused by its next calls (grown
+    when too small): what one thread reads and composites at a time (`composite_block`)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buffer = getattr(_SCRATCH, name, None)
     if buffer is None or buffer.size < nbytes:
-        buffer = _SCRATCH.buffer = np.empty(nbytes, np.uint8)
-    return buffer[:nbytes]
+        buffer = np.empty(nbytes, np.uint8)
+        setattr(_SCRATCH, name, buffer)
+    return buffer[:nbytes].view(dtype).reshape(shape)
 
 
 def composite_block(
@@ -570,11 +572,10 @@ def composite_block(
 
     def one_bin(b: int) -> None:
         sources = plan.in_bin(b)
-        n, size = len(sources), len(sources) * bands * h * w
-        scratch = _scratch(4 * (size + bands * h * w) + n * h * w)
-        stack = scratch[: 4 * size].view(np.float32).reshape(n, bands, h, w)
-        composite = scratch[4 * size : 4 * (size + bands * h * w)].view(np.float32).reshape(bands, h, w)
-        valid = scratch[4 * (size + bands * h * w) :].view(bool).reshape(n, h, w)
+        n = len(sources)
+        stack = _scratch("stack", (n, bands, h, w), np.float32)
+        valid = _scratch("valid", (n, h, w), bool)
+        composite = _scratch("composite", (bands, h, w), np.float32)
         read = 0
         for source in sources:  # each read into the next free slot
             read += read_source(plan, source, grid, block, bad, datasets, stack[read], valid[read])
