@@ -481,16 +481,20 @@ def read_source(
     """Scaled `(bands, h, w)` float32 values of one item on `block` into `out`, and where they are valid into
     `valid` `(h, w)`; values where not valid are undefined (NaN for SAR).
 
-    False when an asset cannot be read after `READ_RETRIES` retries: the scene counts as no-data (recorded in `bad`).
+    The mask asset (SCL, QA_PIXEL) is read first: where it leaves no valid pixel on the block (a cloudy scene, or
+    one with no data there), the bands are not decoded at all. False when an asset cannot be read after
+    `READ_RETRIES` retries: the scene counts as no-data (recorded in `bad`).
     """
+    if any(f"{source.item_id}/{key}" in bad for key in source.keys):
+        return False
     sensor, halo = plan.sensor, plan.halo
     outer = block.grown(halo)
+    crop = (slice(halo, halo + block.shape[0]), slice(halo, halo + block.shape[1]))
     n = len(source.scale)  # the cube's bands, then those read for the spectral cloud test only
     values = out if halo == 0 and n == len(plan.bands) else np.empty((n, *outer.shape), dtype=np.float32)
     missing = np.zeros(outer.shape, dtype=bool)
-    for j, (key, href) in enumerate(zip(source.keys, source.hrefs, strict=True)):
-        if f"{source.item_id}/{key}" in bad:
-            return False
+    for j in [n, *range(n)] if len(source.keys) > n else range(n):  # the mask asset first, when there is one
+        key, href = source.keys[j], source.hrefs[j]
         is_mask = j == n
         nodata = (1 if sensor.name == "landsat" else 0) if is_mask else 0
         for attempt in range(READ_RETRIES + 1):
@@ -516,6 +520,9 @@ def read_source(
                 missing |= ~np.asarray(sensor.mask_fn(raw))
             if plan.scl_dilation and sensor.name == "s2":
                 missing |= dilate(np.isin(raw, SCL_CLOUDS), plan.scl_dilation)
+            if missing[crop].all():  # nothing valid on the block: no band to decode
+                valid[...] = False
+                return True
     if source.spectral:  # clouds and shadows by reflectance alone; no-data pixels (NaN) are clear, never grown
         reflectance = np.where(missing, np.float32(np.nan), values[list(source.spectral)])
         missing |= spectral_mask(np.moveaxis(reflectance, 0, -1), dilation=plan.scl_dilation) != CLEAR
@@ -525,7 +532,6 @@ def read_source(
         np.copyto(values, np.float32(np.nan), where=missing)
         if plan.speckle_window > 1:
             values = np.stack([lee_filter(v, plan.speckle_window, source.enl) for v in values])
-    crop = (slice(halo, halo + block.shape[0]), slice(halo, halo + block.shape[1]))
     if values is not out:
         out[...] = values[(slice(None), *crop)]
     np.logical_not(missing[crop], out=valid)

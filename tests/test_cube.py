@@ -472,7 +472,7 @@ def test_missing_and_corrupt_assets_count_as_no_data(tiny_region, tmp_path, capl
     meta, start, end = region_season(tiny_region)
     s2 = region_items(tiny_region, "sentinel-2-l2a")
     bad = [json.loads(json.dumps(it)) for it in s2]
-    bad[3]["assets"]["B04"]["href"] = (tmp_path / "gone" / "B04.tif").as_uri()  # 404
+    bad[5]["assets"]["B04"]["href"] = (tmp_path / "gone" / "B04.tif").as_uri()  # 404 (of a scene with clear pixels)
     corrupt = tmp_path / "SCL.tif"
     shutil.copy(bad[4]["assets"]["SCL"]["href"].removeprefix("file://"), corrupt)
     with rasterio.open(corrupt) as src:  # where the first tile's DEFLATE stream lies
@@ -487,16 +487,41 @@ def test_missing_and_corrupt_assets_count_as_no_data(tiny_region, tmp_path, capl
     ds = open_zarr(out).load()
     assert ds.attrs["bad_asset_count"] == 2 and ds.attrs["bad_scene_count"] == 2
     recorded = {(r["item"], r["asset"]) for r in json.loads(ds.attrs["bad_assets"])}
-    assert recorded == {(s2[3]["id"], "B04"), (s2[4]["id"], "SCL")}
+    assert recorded == {(s2[5]["id"], "B04"), (s2[4]["id"], "SCL")}
     assert "unreadable" in caplog.text
     # each bad scene is an acquisition with no valid pixel: the others' composite, validity scaled by n-1/n
-    others = [it for i, it in enumerate(s2) if i not in (3, 4)]
+    others = [it for i, it in enumerate(s2) if i not in (4, 5)]
     ref = open_zarr(build_cube({"s2": others}, *args, tmp_path / "ref.zarr", bands={"s2": ["B04"]})).load()
     per_bin = np.bincount([_bin_of(it, start) for it in s2], minlength=ds.sizes["time"])
     per_bin_ok = np.bincount([_bin_of(it, start) for it in others], minlength=ds.sizes["time"])
     scale = (per_bin_ok / per_bin)[:, None, None]
     assert np.allclose(ds["s2_valid"].values, ref["s2_valid"].values * scale, atol=1e-6)
     xr.testing.assert_equal(ds["s2"], ref["s2"])
+
+
+def test_bands_of_a_scene_the_mask_leaves_nothing_valid_are_never_read(tiny_region, tmp_path):
+    """An overcast scene's SCL is read first; its bands are not: here they do not even exist, and the cube is the
+    one built with them there (no asset counted unreadable)."""
+    import rasterio
+
+    meta, start, end = region_season(tiny_region)
+    s2 = [json.loads(json.dumps(it)) for it in region_items(tiny_region, "sentinel-2-l2a")]
+    overcast = tmp_path / "SCL.tif"
+    with rasterio.open(s2[2]["assets"]["SCL"]["href"].removeprefix("file://")) as src:
+        profile, shape = src.profile, src.shape
+    with rasterio.open(overcast, "w", **profile) as dst:
+        dst.write(np.full(shape, 9, np.uint8), 1)  # cloud, high probability, everywhere
+    s2[2]["assets"]["SCL"]["href"] = overcast.as_uri()
+    gone = json.loads(json.dumps(s2))
+    for key in ("B02", "B04", "B11"):
+        gone[2]["assets"][key]["href"] = (tmp_path / "gone" / f"{key}.tif").as_uri()
+    args = (meta["epsg"], tuple(meta["bounds"]), start, end)
+    bands = {"s2": ["B02", "B04", "B11"]}
+    ds = open_zarr(build_cube({"s2": gone}, *args, tmp_path / "cube.zarr", bands=bands)).load()
+    ref = open_zarr(build_cube({"s2": s2}, *args, tmp_path / "ref.zarr", bands=bands)).load()
+    assert ds.attrs["bad_asset_count"] == 0
+    xr.testing.assert_identical(ds[["s2", "s2_valid"]], ref[["s2", "s2_valid"]])
+    assert (ds["s2_valid"].isel(time=_bin_of(s2[2], start)) < 1).all()  # the scene counts, with nothing valid
 
 
 def test_lee_filter_reduces_speckle_and_keeps_the_mean():

@@ -68,7 +68,7 @@ def test_cube_warnings_reach_the_runs_logs_in_prefect(prefect_server: None, tiny
 
     meta, start, end = region_season(tiny_region)
     items = json.loads(json.dumps(region_items(tiny_region)))
-    items[2]["assets"]["B04"]["href"] = (tmp_path / "gone" / "B04.tif").as_uri()
+    items[7]["assets"]["B04"]["href"] = (tmp_path / "gone" / "B04.tif").as_uri()  # a clear scene: read
 
     @flow(name="cube-warnings-test")
     def with_a_missing_asset() -> str:
@@ -82,4 +82,4 @@ def test_cube_warnings_reach_the_runs_logs_in_prefect(prefect_server: None, tiny
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
     warned = [log for log in logs if "unreadable asset" in log.message]
-    assert len(warned) == 1 and warned[0].name == "tasks.cube" and items[2]["id"] in warned[0].message
+    assert len(warned) == 1 and warned[0].name == "tasks.cube" and items[7]["id"] in warned[0].message
