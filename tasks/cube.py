@@ -561,22 +561,21 @@ def composite_block(
     datasets: Datasets,
     values: np.ndarray,
     fraction: np.ndarray,
-) -> int:
+) -> list[Future[int]]:
     """The composite of valid observations per bin into `values` `(time, band, h, w)`, as the cube stores it
     (`_storage`: reflectance packed, SAR float32), and the fraction of valid acquisitions into `fraction`
-    `(time, h, w)`; the number of values clipped by packing.
+    `(time, h, w)`: one task of `pool` per bin, each giving the number of values it clipped by packing.
 
-    Each bin is one task of `pool` (read its items, composite them, pack them), so decoding and numpy work share the
-    threads and at most one bin per thread is held in memory. SAR is averaged in linear power, then converted to
+    Each task reads its bin's items, composites them and packs them, so decoding and numpy work share the threads
+    and at most one bin per thread is held in memory. SAR is averaged in linear power, then converted to
     decibels; optical bands take the median. The caller reuses `values` and `fraction` from block to block, and each
     thread its own scratch (`_scratch`), because fresh memory is faulted in and zeroed by the system each time: at
     1024 px the medians took 2.1 CPU-s into fresh arrays, 0.18 s into a reused one.
     """
     h, w = block.shape
     bands = len(plan.bands)
-    clipped = [0] * plan.n_bins
 
-    def one_bin(b: int) -> None:
+    def one_bin(b: int) -> int:
         sources = plan.in_bin(b)
         n = len(sources)
         stack = _scratch("stack", (n, bands, h, w), np.float32)
@@ -595,17 +594,15 @@ def composite_block(
             with np.errstate(divide="ignore", invalid="ignore"):
                 np.log10(composite, out=composite)
             composite *= 10
-        if plan.sensor.eo:
-            p = REFLECTANCE_PACKING
-            clipped[b] = kernels.pack(
-                composite.reshape(-1), p["scale_factor"], p["add_offset"], p["_FillValue"], values[b].reshape(-1)
-            )
-        else:
+        if not plan.sensor.eo:
             values[b] = composite
+            return 0
+        p = REFLECTANCE_PACKING
+        return kernels.pack(
+            composite.reshape(-1), p["scale_factor"], p["add_offset"], p["_FillValue"], values[b].reshape(-1)
+        )
 
-    for future in [pool.submit(one_bin, b) for b in range(plan.n_bins)]:
-        future.result()
-    return sum(clipped)
+    return [pool.submit(one_bin, b) for b in range(plan.n_bins)]
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -998,17 +995,18 @@ def build_blocks(
 ) -> None:
     """Build `blocks` of a prepared cube into its store, each recorded once written (so a rerun skips it).
 
-    `threads` read and composite a block's scenes (GDAL releases the GIL); each block is written in the background
-    while the next one is read. `on_block` is called after each completed block. The assets stay open (with their
-    decoded tiles) in the process's pool for the next call, e.g. the next tile on a Dask worker: whoever runs the
-    build closes them at its end (`close_datasets`).
+    `threads` read and composite a block's scenes (GDAL releases the GIL); the bins of the next block are queued
+    behind those of the block being built, so the readers never wait for a block's last bin, and each block is
+    written in the background while the next ones are read. `on_block` is called after each completed block. The
+    assets stay open (with their decoded tiles) in the process's pool for the next call, e.g. the next tile on a Dask
+    worker: whoever runs the build closes them at its end (`close_datasets`).
     """
     done_dir = job.partial / "blocks"
     group = zarr.open_group(storage.zarr_store(job.partial / "cube.zarr"), mode="r+", zarr_format=3)
     bad = BadAssets(job.bad)
-    # buffers per sensor (values as stored, fractions), one pair per block in flight: the composite of a block is built
-    # in one while those of the blocks before it wait for the writer (so the readers wait for it only when it falls
-    # more than `WRITES_QUEUED` blocks behind)
+    # buffers per sensor (values as stored, fractions), one pair per block in flight: two blocks are being built (the
+    # last bins of one, the first of the next) while those before them wait for the writer (so the readers wait for it
+    # only when it falls more than `WRITES_QUEUED` blocks behind)
     largest = max(math.prod(b.shape) for b in blocks) if blocks else 0
     buffers = {
         n: [
@@ -1016,7 +1014,7 @@ def build_blocks(
                 np.empty(p.n_bins * len(p.bands) * largest, _storage(p).get("dtype", np.float32)),  # packed, or not
                 np.empty(p.n_bins * largest, np.float32),
             )
-            for _ in range(WRITES_QUEUED + 1)
+            for _ in range(WRITES_QUEUED + 2)
         ]
         for n, p in job.plans.items()
     }
@@ -1063,24 +1061,35 @@ def build_blocks(
         ThreadPoolExecutor(1, thread_name_prefix="cube-write") as writer,
     ):
         pending: deque[Future] = deque()
+
+        def finish(i: int, blk: Block, bins: dict[str, list[Future[int]]], composites: dict, before: set) -> None:
+            """Once the bins of the `i`-th block are built: queue its write, and drop the tiles no later block reads
+            (from the idle datasets: none is read meanwhile)."""
+            counts = {name: sum(f.result() for f in futures) for name, futures in bins.items()}  # every bin built
+            clipped = {name: n for name, n in counts.items() if job.plans[name].sensor.eo}  # of the packed sensors
+            new_bad = {k: bad.found[k] for k in set(bad.found) - before}  # (maybe some the next block found: kept)
+            pending.append(writer.submit(write, blk, composites, clipped, new_bad))
+            DATASETS.drop_cached(partial(needed, i=i))
+
+        building = None  # the block whose bins are queued, and what `finish` needs of it
         for i, blk in enumerate(blocks):
             # a failed write stops the build at the next block; the oldest block's buffers are those this one fills
             while pending and (pending[0].done() or len(pending) > WRITES_QUEUED):
                 pending.popleft().result()
             before = set(bad.found)
             h, w = blk.shape
-            composites, clipped = {}, {}
+            composites, bins = {}, {}
             for name, plan in job.plans.items():
                 values, fraction = buffers[name][i % len(buffers[name])]
                 values = values[: plan.n_bins * len(plan.bands) * h * w].reshape(plan.n_bins, len(plan.bands), h, w)
                 fraction = fraction[: plan.n_bins * h * w].reshape(plan.n_bins, h, w)
-                n_clipped = composite_block(plan, job.grid, blk, pool, bad, DATASETS, values, fraction)
+                bins[name] = composite_block(plan, job.grid, blk, pool, bad, DATASETS, values, fraction)
                 composites[name] = values, fraction
-                if plan.sensor.eo:  # packed
-                    clipped[name] = n_clipped
-            new_bad = {k: bad.found[k] for k in set(bad.found) - before}
-            pending.append(writer.submit(write, blk, composites, clipped, new_bad))
-            DATASETS.drop_cached(partial(needed, i=i))  # this block's reads are done, the next block's not begun
+            if building is not None:
+                finish(*building)
+            building = i, blk, bins, composites, before
+        if building is not None:
+            finish(*building)
         for future in pending:
             future.result()
     if written:  # the last block's files: written by now, most likely
