@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -177,25 +177,6 @@ def open_raster(loc: str | os.PathLike) -> rasterio.DatasetReader:
     if isinstance(loc, Path):
         return rasterio.open(loc)
     return rasterio.open(loc.path, opener=loc.fs)
-
-
-def write_behind(paths: Iterable[Path]) -> None:
-    """Start writing the local files `paths` to disk, and drop from the page cache what of them is already written
-    (`POSIX_FADV_DONTNEED` does both). Called on a file just written, then once more a while later, it keeps a long
-    stream of writes (a cube larger than memory) from filling the page cache with dirty pages that push out the
-    sources being read, until the kernel throttles the writer. Missing files are skipped; nothing where the system
-    has no `posix_fadvise`."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def make_folder(loc: str | os.PathLike) -> None:

@@ -49,7 +49,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 from zarr.codecs import BloscCodec
 
-from infra import atomic, storage
+from infra import atomic, chunks, storage
 from infra.errors import CropflowError
 from infra.gdal import Raster, forget_failed_reads, gdal_env
 from tasks import kernels
@@ -976,15 +976,17 @@ def _tiles_needed(job: CubeJob, blocks: list[Block]) -> Callable[[Raster, int], 
     return needed
 
 
-def _chunk_files(store: Path, arrays: list[zarr.Array], blk: Block) -> list[Path]:
-    """The files of a local cube store holding `blk` in `arrays` (chunked whole along time and bands)."""
-    files = []
-    for array in arrays:
-        rows, cols = array.chunks[-2:]
-        for r in range(blk.r0 // rows, -(-blk.r1 // rows)):
-            for c in range(blk.c0 // cols, -(-blk.c1 // cols)):
-                files.append(store / array.path / array.metadata.encode_chunk_key((0,) * (array.ndim - 2) + (r, c)))
-    return files
+def _write_block(array: zarr.Array, direct: chunks.DirectChunks | None, blk: Block, data: np.ndarray) -> None:
+    """`data`, every time step (and band) of `blk`, into `array`: by `direct`, chunk by chunk (the array chunked whole
+    along time and bands, `blk` on chunk edges, as `prepare_cube` makes them), else through zarr."""
+    if direct is None:
+        array[..., blk.r0 : blk.r1, blk.c0 : blk.c1] = data
+        return
+    rows, cols = array.chunks[-2:]
+    for r in range(blk.r0 // rows, -(-blk.r1 // rows)):
+        for c in range(blk.c0 // cols, -(-blk.c1 // cols)):
+            part = data[..., r * rows - blk.r0 : (r + 1) * rows - blk.r0, c * cols - blk.c0 : (c + 1) * cols - blk.c0]
+            direct.write((0,) * (array.ndim - 2) + (r, c), part)
 
 
 def build_blocks(
@@ -1020,12 +1022,17 @@ def build_blocks(
     }
 
     failed = threading.Event()  # set by a write that failed: the writes queued after it are skipped
-    local = storage.is_local(job.partial)
-    written: deque[list[Path]] = deque(maxlen=1)  # the chunk files of the block written last (local stores)
     # cube chunks are rarely all no-data: writing every one spares comparing each with the fill value
     arrays = {
         n: group[n].with_config({"write_empty_chunks": True}) for name in job.plans for n in (name, f"{name}_valid")
     }
+
+    def whole_chunks(array: zarr.Array) -> bool:  # chunked whole along time and bands, blocks on chunk edges
+        rows, cols = array.chunks[-2:]
+        return array.chunks[:-2] == array.shape[:-2] and all(b.r0 % rows == b.c0 % cols == 0 for b in blocks)
+
+    # in a local store, whole chunks go straight to their files, past the page cache (`infra.chunks`)
+    direct = {n: chunks.direct_chunks(a) if whole_chunks(a) else None for n, a in arrays.items()}
 
     def write(
         blk: Block,
@@ -1039,12 +1046,8 @@ def build_blocks(
             return
         try:
             for name, (values, fraction) in composites.items():
-                arrays[name][:, :, blk.r0 : blk.r1, blk.c0 : blk.c1] = values
-                arrays[f"{name}_valid"][:, blk.r0 : blk.r1, blk.c0 : blk.c1] = fraction
-            if local:  # flushed now; dropped from the page cache once written, a block later
-                files = _chunk_files(job.partial / "cube.zarr", list(arrays.values()), blk)
-                storage.write_behind([*(written[0] if written else []), *files])
-                written.append(files)
+                _write_block(arrays[name], direct[name], blk, values)
+                _write_block(arrays[f"{name}_valid"], direct[f"{name}_valid"], blk, fraction)
             valid_sum = {name: float(fraction.sum(dtype=np.float64)) for name, (_, fraction) in composites.items()}
             _write_json(done_dir / f"{blk.name}.json", {"bad": new_bad, "valid_sum": valid_sum, "clipped": clipped})
             if on_block is not None:
@@ -1092,8 +1095,6 @@ def build_blocks(
             finish(*building)
         for future in pending:
             future.result()
-    if written:  # the last block's files: written by now, most likely
-        storage.write_behind(written[0])
 
 
 def _valid_fraction(job: CubeJob, records: dict[str, dict], group: zarr.Group) -> dict[str, float]:

@@ -23,6 +23,36 @@ def region_season(region_dir: Path) -> tuple[dict, date, date]:
     return meta, start, end
 
 
+def pages_cached(path: Path) -> tuple[int, int]:
+    """How many of `path`'s pages are in the page cache (`mincore` of a mapping of it), of how many."""
+    import ctypes
+    import mmap
+    import os
+
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    vec = (ctypes.c_ubyte * pages)()
+    with path.open("rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mapped:
+        address = np.frombuffer(mapped, np.uint8).ctypes.data
+        assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0, os.strerror(ctypes.get_errno())
+    return sum(v & 1 for v in vec), pages
+
+
+def accepts_o_direct(folder: Path) -> bool:
+    """Whether files in `folder` can be opened with `O_DIRECT` (a disk's file system; not tmpfs)."""
+    import os
+
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        os.close(os.open(folder / ".o_direct", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+    except OSError:
+        return False
+    (folder / ".o_direct").unlink()
+    return True
+
+
 def file_bytes(folder: Path) -> dict[str, bytes]:
     """The bytes of every file under `folder`, by path relative to it: equal for identical trees (stores, regions)."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -334,7 +334,7 @@ KILLED_BUILD = """
 import json, os, signal, sys
 from datetime import date
 from pathlib import Path
-import zarr.storage
+from infra.chunks import DirectChunks
 from tasks.cube import build_cube
 
 region, out, kill_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
@@ -342,16 +342,15 @@ meta = json.loads((region / "region.json").read_text())
 items = {s: [json.loads(l) for l in (region / "items" / f"{c}.ndjson").read_text().splitlines()]
          for s, c in (("s2", "sentinel-2-l2a"), ("s1", "sentinel-1-rtc"))}
 written = []
-set_chunk = zarr.storage.LocalStore.set
+put = DirectChunks._put
 
-async def set_or_die(self, key, value):  # SIGKILL in the middle of a block's chunks
-    await set_chunk(self, key, value)
-    if key.split("/")[0] in ("s2", "s2_valid", "s1", "s1_valid") and "/c/" in key:  # a block's data
-        written.append(key)
-        if len(written) == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+def put_or_die(self, path, size):  # SIGKILL in the middle of a block's chunks, one in its scratch file
+    put(self, path, size)
+    written.append(path)
+    if len(written) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
 
-zarr.storage.LocalStore.set = set_or_die
+DirectChunks._put = put_or_die
 start, end = (date.fromisoformat(d) for d in meta["season"])
 build_cube(items, meta["epsg"], tuple(meta["bounds"]), start, end, out, chunk=16, block=32,
            bands={"s2": ["B04", "B08"]}, threads=2)
@@ -377,6 +376,7 @@ def test_build_killed_while_writing_a_zarr_region_resumes_to_identical_checksums
     assert not out.exists()
     done = list((partial_path(out) / "blocks").glob("*.json"))
     assert len(done) == 1  # the first block recorded, the second one half-written
+    assert len(list((partial_path(out) / "cube.zarr").rglob("*.partial"))) == 1  # a chunk not yet in place
 
     resumed: list = []
     build_cube(*args, out, **opts, on_block=resumed.append)

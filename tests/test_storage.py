@@ -262,36 +262,6 @@ def _folder(path: Path, files: dict[str, bytes]) -> Path:
     return path
 
 
-def _pages_cached(path: Path) -> tuple[int, int]:
-    """How many of `path`'s pages are in the page cache (`mincore` of a mapping of it), of how many."""
-    import ctypes
-    import mmap
-
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    libc = ctypes.CDLL(None, use_errno=True)
-    vec = (ctypes.c_ubyte * pages)()
-    with path.open("rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mapped:
-        address = np.frombuffer(mapped, np.uint8).ctypes.data
-        assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0, os.strerror(ctypes.get_errno())
-    return sum(v & 1 for v in vec), pages
-
-
-@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="the system has no posix_fadvise")
-def test_write_behind_drops_written_files_from_the_page_cache(tmp_path: Path):
-    data = np.random.default_rng(0).integers(0, 255, 4 << 20, dtype=np.uint8).tobytes()
-    path = tmp_path / "chunk"
-    path.write_bytes(data)
-    cached, pages = _pages_cached(path)
-    assert cached == pages  # just written: all of it cached (dirty)
-    storage.write_behind([path, tmp_path / "missing"])  # starts writing it; a missing file is skipped
-    with path.open("rb+") as f:
-        os.fsync(f.fileno())  # (whatever the disk's pace) written now
-    storage.write_behind([path])
-    assert _pages_cached(path)[0] == 0
-    assert path.read_bytes() == data
-
-
 def test_local_publish_swaps_folders_and_replaces_files(tmp_path: Path):
     out = _folder(tmp_path / "region", {"region.json": b"old", "cogs/a.tif": b"old a"})
     with atomic.atomic_path(out) as tmp:
