@@ -12,6 +12,7 @@ to a scratch file renamed over the chunk's, as zarr does.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import mmap
 import os
@@ -91,9 +92,6 @@ class DirectChunks:
         if self._direct:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-            except OSError:  # EINVAL: a file system without O_DIRECT (tmpfs); every later chunk goes the other way
-                self._direct = False
-            else:
                 try:
                     padded, done = -(-size // ALIGN) * ALIGN, 0
                     while done < padded:
@@ -102,6 +100,10 @@ class DirectChunks:
                 finally:
                     os.close(fd)
                 return
+            except OSError as exc:  # a file system without O_DIRECT refuses it at the open (tmpfs) or the write
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._direct = False  # this chunk and every later one through the page cache
         with path.open("wb") as f:
             f.write(view[:size])
 

@@ -52,7 +52,8 @@ def test_chunks_hold_the_bytes_zarr_writes_and_skip_the_page_cache(tmp_path, dty
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "direct.zarr")[...], data)
 
 
-def test_a_file_system_without_o_direct_gets_the_same_chunks_through_the_page_cache(tmp_path, monkeypatch):
+@pytest.mark.parametrize("refused_at", ["open", "write"])
+def test_a_file_system_without_o_direct_gets_the_same_chunks_through_the_page_cache(tmp_path, monkeypatch, refused_at):
     if not hasattr(os, "O_DIRECT"):
         pytest.skip("this system has no O_DIRECT")
     data = np.arange(2 * 64 * 40, dtype="uint16").reshape(2, 64, 40)
@@ -63,11 +64,16 @@ def test_a_file_system_without_o_direct_gets_the_same_chunks_through_the_page_ca
 
     def refuse_o_direct(path, flags, *args):
         opened.append(flags)
-        if flags & os.O_DIRECT:
+        if flags & os.O_DIRECT and refused_at == "open":
             raise OSError(errno.EINVAL, "Invalid argument", str(path))
         return real_open(path, flags, *args)
 
+    def refuse_the_write(fd, data):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
     monkeypatch.setattr(chunks.os, "open", refuse_o_direct)
+    if refused_at == "write":
+        monkeypatch.setattr(chunks.os, "write", refuse_the_write)
     writer = chunks.direct_chunks(_array(tmp_path / "direct.zarr", data.shape, "uint16", 65535))
     _write_all(writer, data)
     assert file_bytes(tmp_path / "direct.zarr") == file_bytes(tmp_path / "zarr.zarr")
