@@ -39,11 +39,10 @@ def _blosc_compress() -> ctypes._CFuncPtr | None:
         function = ctypes.CDLL(numcodecs.blosc.__file__).blosc_compress_ctx
     except (OSError, AttributeError):
         return None
-    size, pointer = ctypes.c_size_t, ctypes.c_void_p
+    integer, size, pointer = ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p
     # clevel, doshuffle, typesize, nbytes, src, dest, destsize, compressor, blocksize, numinternalthreads
-    function.argtypes = [ctypes.c_int, ctypes.c_int, size, size, pointer, pointer, size, ctypes.c_char_p, size]
-    function.argtypes += [ctypes.c_int]
-    function.restype = ctypes.c_int
+    function.argtypes = [integer, integer, size, size, pointer, pointer, size, ctypes.c_char_p, size, integer]
+    function.restype = integer
     return function
 
 
@@ -54,8 +53,8 @@ class DirectChunks:
 
     def __init__(self, array: zarr.Array, root: Path, compress: ctypes._CFuncPtr) -> None:
         self.array, self.root, self._compress, self._blosc = array, root, compress, array.metadata.codecs[1]
-        self._chunk = np.empty(array.chunks, array.dtype)  # a chunk at the array's edge, strided or of another
-        # dtype is copied here first (filled beyond the edge)
+        # a chunk cut by the array's edge, strided or of another dtype is copied here first (filled beyond the edge)
+        self._chunk = np.empty(array.chunks, array.dtype)
         self._out = mmap.mmap(-1, -(-(self._chunk.nbytes + BLOSC_MAX_OVERHEAD) // ALIGN) * ALIGN)  # page-aligned
         self._direct = hasattr(os, "O_DIRECT")
 
