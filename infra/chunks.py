@@ -90,7 +90,7 @@ class DirectChunks:
         view = memoryview(self._out)
         if self._direct:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
                 try:
                     padded, done = -(-size // ALIGN) * ALIGN, 0
                     while done < padded:

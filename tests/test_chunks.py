@@ -32,8 +32,16 @@ def _write_all(writer: chunks.DirectChunks, data: np.ndarray) -> None:
             writer.write((0,) * (data.ndim - 2) + (r, c), part)
 
 
+@pytest.fixture
+def group_writable():
+    """A umask that lets the group write (as on shared project folders): new files' modes show it."""
+    before = os.umask(0o002)
+    yield
+    os.umask(before)
+
+
 @pytest.mark.parametrize(("dtype", "fill"), [("uint16", 65535), ("float32", np.nan)])
-def test_chunks_hold_the_bytes_zarr_writes_and_skip_the_page_cache(tmp_path, dtype, fill):
+def test_chunks_hold_the_bytes_zarr_writes_and_skip_the_page_cache(tmp_path, dtype, fill, group_writable):
     rng = np.random.default_rng(0)
     data = (rng.random((3, 2, 70, 50)) * 3000).astype(dtype)  # edge chunks of 6 rows and 18 columns
     by_zarr = _array(tmp_path / "zarr.zarr", data.shape, dtype, fill)
@@ -48,6 +56,8 @@ def test_chunks_hold_the_bytes_zarr_writes_and_skip_the_page_cache(tmp_path, dty
     assert len(files) == 3 * 2 and not list((tmp_path / "direct.zarr").rglob("*.partial"))  # no scratch left
     if accepts_o_direct(tmp_path):  # written with O_DIRECT (a disk's file system, not tmpfs): none of it cached
         assert writer._direct and sum(pages_cached(p)[0] for p in files) == 0
+    by_zarr_files = [p for p in (tmp_path / "zarr.zarr" / "c").rglob("*") if p.is_file()]
+    assert {p.stat().st_mode for p in files} == {p.stat().st_mode for p in by_zarr_files}  # permissions alike
     assert file_bytes(tmp_path / "direct.zarr") == file_bytes(tmp_path / "zarr.zarr")
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "direct.zarr")[...], data)
 
