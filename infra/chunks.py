@@ -73,6 +73,8 @@ class DirectChunks:
             raise OSError(f"Blosc could not encode chunk {coords} of {self.array.path} (code {size})")
         path = self.root / self.array.path / self.array.metadata.encode_chunk_key(coords)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # zarr's own scratch name (not `infra.atomic.atomic_path`'s): a build killed in the middle of a chunk leaves
+        # the same kind of file whichever wrote it, and `tasks.cube.prepare_cube` clears those before resuming
         scratch = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
         try:
             self._put(scratch, size)

@@ -935,7 +935,9 @@ def prepare_cube(
         _write_json(record, {"digest": digest})
     records = {p.stem: json.loads(p.read_text()) for p in (partial / "blocks").glob("*.json")}
     done, bad = frozenset(records), {k: v for rec in records.values() for k, v in rec["bad"].items()}
-    if storage.is_local(partial):  # a chunk whose write was killed leaves zarr's scratch file; its block is redone
+    # a chunk whose write was killed leaves a scratch file, named as zarr names them whether zarr or `infra.chunks`
+    # wrote it; its block is redone
+    if storage.is_local(partial):
         for scratch in (partial / "cube.zarr").rglob("*.partial"):
             scratch.unlink()
     job = CubeJob(out_path, grid, plans, blocks_of(grid.shape, block), done, bad)
