@@ -1,8 +1,12 @@
-"""Helpers of the tests that read region folders (the layout `tasks/sample_region.py` writes) and compare stores."""
+"""Helpers of the tests that read region folders (the layout `tasks/sample_region.py` writes), compare stores and
+look at how they were written (the page cache, `O_DIRECT`)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import os
 from datetime import date
 from pathlib import Path
 
@@ -25,10 +29,6 @@ def region_season(region_dir: Path) -> tuple[dict, date, date]:
 
 def pages_cached(path: Path) -> tuple[int, int]:
     """How many of `path`'s pages are in the page cache (`mincore` of a mapping of it), of how many."""
-    import ctypes
-    import mmap
-    import os
-
     size = path.stat().st_size
     pages = -(-size // mmap.PAGESIZE)
     libc = ctypes.CDLL(None, use_errno=True)
@@ -41,8 +41,6 @@ def pages_cached(path: Path) -> tuple[int, int]:
 
 def accepts_o_direct(folder: Path) -> bool:
     """Whether files in `folder` can be opened with `O_DIRECT` (a disk's file system; not tmpfs)."""
-    import os
-
     if not hasattr(os, "O_DIRECT"):
         return False
     try:
