@@ -49,7 +49,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 from zarr.codecs import BloscCodec
 
-from infra import atomic, chunks, storage
+from infra import atomic, chunks, memory, storage
 from infra.errors import CropflowError
 from infra.gdal import Raster, forget_failed_reads, gdal_env
 from tasks import kernels
@@ -547,7 +547,7 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     buffer = getattr(_SCRATCH, name, None)
     if buffer is None or buffer.size < nbytes:
-        buffer = np.empty(nbytes, np.uint8)
+        buffer = memory.empty(nbytes, np.uint8)
         setattr(_SCRATCH, name, buffer)
     return buffer[:nbytes].view(dtype).reshape(shape)
 
@@ -1010,13 +1010,13 @@ def build_blocks(
     bad = BadAssets(job.bad)
     # buffers per sensor (values as stored, fractions), one pair per block in flight: two blocks are being built (the
     # last bins of one, the first of the next) while those before them wait for the writer (so the readers wait for it
-    # only when it falls more than `WRITES_QUEUED` blocks behind)
+    # only when it falls more than `WRITES_QUEUED` blocks behind); on small pages (`infra.memory`), as the scratch
     largest = max(math.prod(b.shape) for b in blocks) if blocks else 0
     buffers = {
         n: [
             (
-                np.empty(p.n_bins * len(p.bands) * largest, _storage(p).get("dtype", np.float32)),  # packed, or not
-                np.empty(p.n_bins * largest, np.float32),
+                memory.empty(p.n_bins * len(p.bands) * largest, _storage(p).get("dtype", np.float32)),  # packed, or not
+                memory.empty(p.n_bins * largest, np.float32),
             )
             for _ in range(WRITES_QUEUED + 2)
         ]
