@@ -26,6 +26,8 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec
 from zarr.storage import LocalStore
 
+from infra import memory
+
 ALIGN = 4096  # what `O_DIRECT` needs of a buffer's address and length (a page; the disk's block size divides it)
 BLOSC_MAX_OVERHEAD = 16  # c-blosc's header: an encoded chunk is at most this much larger than its data
 SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
@@ -54,7 +56,7 @@ class DirectChunks:
     def __init__(self, array: zarr.Array, root: Path, compress: ctypes._CFuncPtr) -> None:
         self.array, self.root, self._compress, self._blosc = array, root, compress, array.metadata.codecs[1]
         # a chunk cut by the array's edge, strided or of another dtype is copied here first (filled beyond the edge)
-        self._chunk = np.empty(array.chunks, array.dtype)
+        self._chunk = memory.empty(array.chunks, array.dtype)
         self._out = mmap.mmap(-1, -(-(self._chunk.nbytes + BLOSC_MAX_OVERHEAD) // ALIGN) * ALIGN)  # page-aligned
         self._direct = hasattr(os, "O_DIRECT")
 
