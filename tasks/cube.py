@@ -268,6 +268,18 @@ def _source_axis(n_out: int, start: int, factor: int) -> tuple[np.ndarray, np.nd
     return index, t, lo, int(i0[-1]) + 2
 
 
+@functools.lru_cache(maxsize=4096)
+def _nearest_axis(n_out: int, start: int, factor: int) -> tuple[np.ndarray, int, int]:
+    """Target pixels `start..start+n_out` of a grid `factor` times finer than the source (pixel edges aligned) in
+    source pixels: for each, the source pixel holding its centre (relative to `lo`), and the source range `lo..hi`
+    they fall in (nearest resampling). Cached, as `_source_axis`."""
+    holder = np.arange(start, start + n_out) // factor
+    lo = int(holder[0])
+    index = holder - lo
+    index.flags.writeable = False
+    return index, lo, int(holder[-1]) + 1
+
+
 def _pixels(src: Raster, window: Block, nodata: float) -> np.ndarray:
     """The pixels of `src` in `window` (in source pixels; it may reach outside the source: `nodata` there)."""
     inside = Block(max(window.r0, 0), min(window.r1, src.height), max(window.c0, 0), min(window.c1, src.width))
@@ -290,6 +302,16 @@ def _source_pixels(
     return _pixels(src, Block(r_lo, r_hi, c_lo, c_hi), nodata), (ri, rt, ci, ct)
 
 
+def _nearest_axes(
+    block: Block, offset: tuple[int, int], factor: int
+) -> tuple[tuple[np.ndarray, int, int], tuple[np.ndarray, int, int]]:
+    """`_nearest_axis` of `block`'s rows and columns on a source `factor` times coarser, `offset` from the grid."""
+    return (
+        _nearest_axis(block.shape[0], block.r0 + offset[0], factor),
+        _nearest_axis(block.shape[1], block.c0 + offset[1], factor),
+    )
+
+
 def _upsample(
     src: Raster, block: Block, offset: tuple[int, int], factor: int, resampling: Resampling, nodata: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -300,10 +322,11 @@ def _upsample(
     float32 without rounding to the source's integers. As in GDAL's warper, a pixel has no data where the source
     pixel holding its centre has none, and the weights of invalid or outside neighbours go to the valid ones.
     """
-    raw, (ri, rt, ci, ct) = _source_pixels(src, block, offset, factor, nodata)
-    if resampling == Resampling.nearest:
-        nearest = raw[ri + (rt >= 0.5)][:, ci + (ct >= 0.5)]  # the source pixel holding each target pixel's centre
+    if resampling == Resampling.nearest:  # the source pixel holding each target pixel's centre
+        (rows, r_lo, r_hi), (cols, c_lo, c_hi) = _nearest_axes(block, offset, factor)
+        nearest = _pixels(src, Block(r_lo, r_hi, c_lo, c_hi), nodata)[rows][:, cols]
         return nearest, nearest == nodata
+    raw, (ri, rt, ci, ct) = _source_pixels(src, block, offset, factor, nodata)
     out, invalid = np.empty(block.shape, np.float32), np.zeros(block.shape, bool)
     kernels.bilinear_upsample(raw, float(nodata), factor, ri, rt, ci, ct, 1.0, 0.0, out, invalid)
     return out, invalid
@@ -408,6 +431,21 @@ def read_band(
     kernels.scale_band(raw, float(nodata), scale, offset, out, missing)
 
 
+def read_mask(src: Raster, grid: Grid, block: Block, nodata: float, valid: np.ndarray, missing: np.ndarray) -> None:
+    """A mask asset (SCL classes, QA bits) of `src` on `block`, read as `read_window` reads it (nearest): `missing`
+    set where its code is not `valid` (a table of every code, `_valid_codes`). A source on the grid's pixels or at a
+    multiple of its resolution is looked up at its own resolution, each pixel through the source pixel holding its
+    centre, in one pass after decoding."""
+    if (placed := _on_grid(src, grid)) is None:
+        codes, _ = read_window(src, grid, block, Resampling.nearest, nodata)
+        (rows, *_), (cols, *_) = _nearest_axes(Block(0, block.shape[0], 0, block.shape[1]), (0, 0), 1)
+    else:
+        factor, offset = placed
+        (rows, r_lo, r_hi), (cols, c_lo, c_hi) = _nearest_axes(block, offset, factor)
+        codes = _pixels(src, Block(r_lo, r_hi, c_lo, c_hi), nodata)
+    kernels.mask_lookup(codes, rows, cols, valid, missing)
+
+
 @functools.cache
 def _valid_codes(mask_fn: Callable[[np.ndarray], np.ndarray], dtype: str) -> np.ndarray | None:
     """`mask_fn` of every value of an 8- or 16-bit unsigned mask asset (a table for `kernels.mask_lookup`), or
@@ -493,18 +531,22 @@ def read_source(
     n = len(source.scale)  # the cube's bands, then those read for the spectral cloud test only
     values = out if halo == 0 and n == len(plan.bands) else np.empty((n, *outer.shape), dtype=np.float32)
     missing = np.zeros(outer.shape, dtype=bool)
+    dilated = plan.scl_dilation and sensor.name == "s2"  # SCL's clouds grown: its classes are needed on the grid
     for j in [n, *range(n)] if len(source.keys) > n else range(n):  # the mask asset first, when there is one
         key, href = source.keys[j], source.hrefs[j]
         is_mask = j == n
         nodata = (1 if sensor.name == "landsat" else 0) if is_mask else 0
+        raw = None  # a mask's codes on the grid, when they are not looked up on reading
         for attempt in range(READ_RETRIES + 1):
             try:
                 readable = plan.sign(href) if plan.sign else href
                 with datasets.open(readable) as src:
-                    if is_mask:
-                        raw, _ = read_window(src, grid, outer, Resampling.nearest, nodata)
-                    else:
+                    if not is_mask:
                         read_band(src, grid, outer, nodata, source.scale[j], source.offset[j], values[j], missing)
+                    elif (valid_codes := _valid_codes(sensor.mask_fn, src.dtype.name)) is not None and not dilated:
+                        read_mask(src, grid, outer, nodata, valid_codes, missing)
+                    else:
+                        raw, _ = read_window(src, grid, outer, Resampling.nearest, nodata)
                 break
             except (RasterioError, OSError, ValueError) as exc:
                 if attempt == READ_RETRIES:
@@ -513,16 +555,13 @@ def read_source(
                     return False
                 forget_failed_reads(href)  # unsigned: a prefix of every signed name of the asset
                 time.sleep(retry_delay * 2**attempt)
-        if is_mask:
-            if (valid_codes := _valid_codes(sensor.mask_fn, raw.dtype.name)) is not None:
-                kernels.mask_lookup(raw, valid_codes, missing)
-            else:
-                missing |= ~np.asarray(sensor.mask_fn(raw))
-            if plan.scl_dilation and sensor.name == "s2":
+        if raw is not None:
+            missing |= ~np.asarray(sensor.mask_fn(raw))
+            if dilated:
                 missing |= dilate(np.isin(raw, SCL_CLOUDS), plan.scl_dilation)
-            if missing[crop].all():  # nothing valid on the block: no band to decode
-                valid[...] = False
-                return True
+        if is_mask and missing[crop].all():  # nothing valid on the block: no band to decode
+            valid[...] = False
+            return True
     if source.spectral:  # clouds and shadows by reflectance alone; no-data pixels (NaN) are clear, never grown
         reflectance = np.where(missing, np.float32(np.nan), values[list(source.spectral)])
         missing |= spectral_mask(np.moveaxis(reflectance, 0, -1), dilation=plan.scl_dilation) != CLEAR

@@ -111,12 +111,19 @@ def scale_band(raw: np.ndarray, nodata: float, scale: float, offset: float, out:
 
 
 @njit(nogil=True, cache=True)
-def mask_lookup(codes: np.ndarray, valid: np.ndarray, missing: np.ndarray) -> None:
-    """`missing` set where `valid[code]` is False: a mask asset's codes (SCL classes, QA bits) through a table."""
-    for y in range(codes.shape[0]):
-        for x in range(codes.shape[1]):
-            if not valid[codes[y, x]]:
-                missing[y, x] = True
+def mask_lookup(codes: np.ndarray, rows: np.ndarray, cols: np.ndarray, valid: np.ndarray, missing: np.ndarray) -> None:
+    """`missing[y, x]` set where `valid[codes[rows[y], cols[x]]]` is False: a mask asset's codes (SCL classes, QA
+    bits) through a table, each pixel taking the code of the source pixel `rows`, `cols` name (nearest resampling of
+    a coarser mask on the way, or `arange`s for one on the pixels of `missing`). Rows that repeat a source row reuse
+    its lookups."""
+    line = np.empty(missing.shape[1], np.bool_)  # the lookups of the source row last looked up
+    for y in range(missing.shape[0]):
+        row = rows[y]
+        if y == 0 or row != rows[y - 1]:
+            for x in range(missing.shape[1]):
+                line[x] = not valid[codes[row, cols[x]]]
+        for x in range(missing.shape[1]):
+            missing[y, x] |= line[x]
 
 
 @njit(nogil=True, cache=True)

@@ -76,9 +76,19 @@ def test_mask_lookup_marks_the_codes_the_table_says_are_not_valid() -> None:
     from tasks.sensors import scl_valid
 
     codes = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    table = scl_valid(np.arange(256, dtype=np.uint8))
     missing = np.zeros(codes.shape, bool)
-    kernels.mask_lookup(codes, scl_valid(np.arange(256, dtype=np.uint8)), missing)
-    np.testing.assert_array_equal(missing, ~scl_valid(codes))
+    missing[1, 0] = True  # already missing where the code (4, vegetation) is valid: stays so
+    kernels.mask_lookup(codes, np.arange(3), np.arange(4), table, missing)
+    assert scl_valid(codes)[1, 0]
+    expected = ~scl_valid(codes)
+    expected[1, 0] = True
+    np.testing.assert_array_equal(missing, expected)
+    # each pixel through the source pixel its row and column name: a 2x coarser mask to its 6 x 8 pixels
+    rows, cols = np.arange(6) // 2, np.arange(8) // 2
+    missing = np.zeros((6, 8), bool)
+    kernels.mask_lookup(codes, rows, cols, table, missing)
+    np.testing.assert_array_equal(missing, np.repeat(np.repeat(~scl_valid(codes), 2, axis=0), 2, axis=1))
 
 
 def test_pack_rounds_to_the_step_clips_and_marks_no_data() -> None:
