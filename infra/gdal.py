@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -102,7 +103,8 @@ class Raster:
     window into a numpy array. Used by one thread at a time (as a GDAL dataset must be).
 
     `cached` is the range of tiles (rows, then columns: first and past the last) read since the band's tiles were
-    last dropped from GDAL's block cache (`drop_cached`), or None."""
+    last dropped from GDAL's block cache (`drop_cached`), or None. `memo` holds what callers work out once per
+    raster (by a key of their own)."""
 
     def __init__(self, href: str, options: dict[str, str] | None = None) -> None:
         self.href, self.options = href, options or {}  # GDAL configuration options while opening
@@ -136,6 +138,7 @@ class Raster:
         lib.GDALGetBlockSize(self._band, ctypes.byref(tile_w), ctypes.byref(tile_h))
         self.tile = (max(tile_h.value, 1), max(tile_w.value, 1))
         self.cached: tuple[int, int, int, int] | None = None
+        self.memo: dict[str, Any] = {}
 
     def _epsg(self) -> int | None:
         """The EPSG code of the raster's CRS: its authority code when it has one, else identified by PROJ."""
@@ -165,9 +168,10 @@ class Raster:
         if failed:
             raise _last_error(f"{self.href}: reading rows {r0}-{r0 + h}, columns {c0}-{c0 + w}")
         th, tw = self.tile
-        read = (r0 // th, (r0 + h - 1) // th + 1, c0 // tw, (c0 + w - 1) // tw + 1)
-        was = self.cached or read
-        self.cached = (min(was[0], read[0]), max(was[1], read[1]), min(was[2], read[2]), max(was[3], read[3]))
+        t0, t1, u0, u1 = r0 // th, (r0 + h - 1) // th + 1, c0 // tw, (c0 + w - 1) // tw + 1
+        if (was := self.cached) is not None:
+            t0, t1, u0, u1 = min(was[0], t0), max(was[1], t1), min(was[2], u0), max(was[3], u1)
+        self.cached = t0, t1, u0, u1
         return out
 
     def drop_cached(self) -> None:

@@ -23,11 +23,9 @@ import resource
 import threading
 import time
 import warnings
-import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from functools import partial
@@ -190,9 +188,8 @@ class Datasets:
         self._idle: OrderedDict[str, Raster] = OrderedDict()  # href -> dataset, least recently used first
         self._lock = threading.Lock()
 
-    @contextmanager
-    def open(self, href: str) -> Iterator[Raster]:
-        """The raster of `href`, taken for the duration of the `with` block (opened when none is idle)."""
+    def open(self, href: str) -> _Taken:
+        """The raster of `href`, taken for the duration of a `with` block (opened when none is idle)."""
         with self._lock:
             src = self._idle.pop(href, None)
         if src is None:
@@ -202,13 +199,7 @@ class Datasets:
             except BaseException:
                 self._settle(-1)
                 raise
-        try:
-            yield src
-        except BaseException:
-            src.close()
-            self._settle(-1)
-            raise
-        self._settle(0, (href, src))
+        return _Taken(self, href, src)
 
     def _settle(self, opened: int, given_back: tuple[str, Raster] | None = None) -> None:
         """Count `opened` datasets (closed ones when negative), make `given_back` idle, then close the least recently
@@ -241,6 +232,26 @@ class Datasets:
             self.count -= len(idle)
         for src in idle:
             src.close()
+
+
+class _Taken:
+    """A dataset taken from `Datasets` (`Datasets.open`): given back at the end of the `with` block, or closed when
+    the block raised (its read failed). A class, not a generator: thousands are taken per block."""
+
+    __slots__ = ("datasets", "href", "src")
+
+    def __init__(self, datasets: Datasets, href: str, src: Raster) -> None:
+        self.datasets, self.href, self.src = datasets, href, src
+
+    def __enter__(self) -> Raster:
+        return self.src
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is None:
+            self.datasets._settle(0, (self.href, self.src))
+        else:
+            self.src.close()
+            self.datasets._settle(-1)
 
 
 DATASETS = Datasets()  # the open datasets of this process
@@ -332,25 +343,21 @@ def _upsample(
     return out, invalid
 
 
-_ON_GRID: weakref.WeakKeyDictionary[Raster, dict[Grid, tuple[int, tuple[int, int]] | None]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def _on_grid(src: Raster, grid: Grid) -> tuple[int, tuple[int, int]] | None:
     """`(factor, offset)` when `src` is in the grid's CRS at an integer `factor` times its resolution with its pixel
     edges on the grid's (`offset`: the grid's origin from the source's in grid pixels, rows and columns): read as is
     (factor 1) or resampled by `_upsample`; else None. Worked out once per dataset and grid."""
-    if (known := _ON_GRID.get(src)) is None:  # (`setdefault` would make a weak reference at every call)
-        known = _ON_GRID[src] = {}
-    if grid not in known:
-        a, b, c, d, e, f = src.transform[:6]
-        factor = a / grid.resolution
-        offset = ((grid.bounds[3] - f) / e * factor, (grid.bounds[0] - c) / a * factor)
-        integer = factor >= 1 and factor == round(factor) and all(o == round(o) for o in offset)
-        on_grid = src.epsg == grid.epsg and b == 0 and d == 0 and -e == a and integer
-        known[grid] = (round(factor), (round(offset[0]), round(offset[1]))) if on_grid else None
-    return known[grid]
+    if (known := src.memo.get("on_grid")) is None:
+        known = src.memo["on_grid"] = {}
+    if (placed := known.get(grid, False)) is not False:
+        return placed
+    a, b, c, d, e, f = src.transform[:6]
+    factor = a / grid.resolution
+    offset = ((grid.bounds[3] - f) / e * factor, (grid.bounds[0] - c) / a * factor)
+    integer = factor >= 1 and factor == round(factor) and all(o == round(o) for o in offset)
+    on_grid = src.epsg == grid.epsg and b == 0 and d == 0 and -e == a and integer
+    placed = known[grid] = (round(factor), (round(offset[0]), round(offset[1]))) if on_grid else None
+    return placed
 
 
 def read_window(
@@ -491,18 +498,18 @@ class SensorPlan:
 
 
 class BadAssets:
-    """Assets that could not be read after retries: each recorded once (item id, asset key, error), thread-safe."""
+    """Assets that could not be read after retries: each recorded once (item id, asset key, error), thread-safe;
+    `items`: the ids of the items they belong to."""
 
     def __init__(self, known: dict[str, dict] | None = None) -> None:
         self.found: dict[str, dict] = dict(known or {})
+        self.items = {record["item"] for record in self.found.values()}
         self._lock = threading.Lock()
 
     def add(self, item_id: str, key: str, error: str) -> None:
         with self._lock:
             self.found.setdefault(f"{item_id}/{key}", {"item": item_id, "asset": key, "error": error})
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.found
+            self.items.add(item_id)
 
 
 def read_source(
@@ -523,7 +530,7 @@ def read_source(
     one with no data there), the bands are not decoded at all. False when an asset cannot be read after
     `READ_RETRIES` retries: the scene counts as no-data (recorded in `bad`).
     """
-    if any(f"{source.item_id}/{key}" in bad for key in source.keys):
+    if source.item_id in bad.items:  # an asset of it failed before: the scene is no-data throughout
         return False
     sensor, halo = plan.sensor, plan.halo
     outer = block.grown(halo)

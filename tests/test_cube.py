@@ -296,7 +296,7 @@ def test_blocks_cover_the_grid_once_in_z_order():
 
 
 def test_tiles_are_needed_until_the_last_block_that_reads_them_is_built(tiny_region, tmp_path):
-    from dataclasses import dataclass
+    from dataclasses import dataclass, field
 
     from affine import Affine
 
@@ -308,6 +308,7 @@ def test_tiles_are_needed_until_the_last_block_that_reads_them_is_built(tiny_reg
         epsg: int
         cached: tuple[int, int, int, int]
         tile: tuple[int, int] = (32, 32)
+        memo: dict = field(default_factory=dict)
 
     meta, start, end = region_season(tiny_region)
     items = {"s2": region_items(tiny_region, "sentinel-2-l2a")}
