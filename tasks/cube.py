@@ -313,14 +313,14 @@ def _source_pixels(
     return _pixels(src, Block(r_lo, r_hi, c_lo, c_hi), nodata), (ri, rt, ci, ct)
 
 
-def _nearest_axes(
-    block: Block, offset: tuple[int, int], factor: int
-) -> tuple[tuple[np.ndarray, int, int], tuple[np.ndarray, int, int]]:
-    """`_nearest_axis` of `block`'s rows and columns on a source `factor` times coarser, `offset` from the grid."""
-    return (
-        _nearest_axis(block.shape[0], block.r0 + offset[0], factor),
-        _nearest_axis(block.shape[1], block.c0 + offset[1], factor),
-    )
+def _nearest_pixels(
+    src: Raster, block: Block, offset: tuple[int, int], factor: int, nodata: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels of `src` that `block`'s pixels fall in (nearest resampling; `_pixels`), and for each row and column
+    of `block` the row and column of them holding its centre (`_nearest_axis`)."""
+    rows, r_lo, r_hi = _nearest_axis(block.shape[0], block.r0 + offset[0], factor)
+    cols, c_lo, c_hi = _nearest_axis(block.shape[1], block.c0 + offset[1], factor)
+    return _pixels(src, Block(r_lo, r_hi, c_lo, c_hi), nodata), rows, cols
 
 
 def _upsample(
@@ -334,8 +334,8 @@ def _upsample(
     pixel holding its centre has none, and the weights of invalid or outside neighbours go to the valid ones.
     """
     if resampling == Resampling.nearest:  # the source pixel holding each target pixel's centre
-        (rows, r_lo, r_hi), (cols, c_lo, c_hi) = _nearest_axes(block, offset, factor)
-        nearest = _pixels(src, Block(r_lo, r_hi, c_lo, c_hi), nodata)[rows][:, cols]
+        raw, rows, cols = _nearest_pixels(src, block, offset, factor, nodata)
+        nearest = raw[rows][:, cols]
         return nearest, nearest == nodata
     raw, (ri, rt, ci, ct) = _source_pixels(src, block, offset, factor, nodata)
     out, invalid = np.empty(block.shape, np.float32), np.zeros(block.shape, bool)
@@ -347,8 +347,7 @@ def _on_grid(src: Raster, grid: Grid) -> tuple[int, tuple[int, int]] | None:
     """`(factor, offset)` when `src` is in the grid's CRS at an integer `factor` times its resolution with its pixel
     edges on the grid's (`offset`: the grid's origin from the source's in grid pixels, rows and columns): read as is
     (factor 1) or resampled by `_upsample`; else None. Worked out once per dataset and grid."""
-    if (known := src.memo.get("on_grid")) is None:
-        known = src.memo["on_grid"] = {}
+    known = src.memo.setdefault("on_grid", {})
     if (placed := known.get(grid, False)) is not False:
         return placed
     a, b, c, d, e, f = src.transform[:6]
@@ -443,13 +442,12 @@ def read_mask(src: Raster, grid: Grid, block: Block, nodata: float, valid: np.nd
     set where its code is not `valid` (a table of every code, `_valid_codes`). A source on the grid's pixels or at a
     multiple of its resolution is looked up at its own resolution, each pixel through the source pixel holding its
     centre, in one pass after decoding."""
-    if (placed := _on_grid(src, grid)) is None:
-        codes, _ = read_window(src, grid, block, Resampling.nearest, nodata)
-        (rows, *_), (cols, *_) = _nearest_axes(Block(0, block.shape[0], 0, block.shape[1]), (0, 0), 1)
-    else:
+    if (placed := _on_grid(src, grid)) is not None:
         factor, offset = placed
-        (rows, r_lo, r_hi), (cols, c_lo, c_hi) = _nearest_axes(block, offset, factor)
-        codes = _pixels(src, Block(r_lo, r_hi, c_lo, c_hi), nodata)
+        codes, rows, cols = _nearest_pixels(src, block, offset, factor, nodata)
+    else:  # on the block's pixels already: each row and column its own
+        codes, _ = read_window(src, grid, block, Resampling.nearest, nodata)
+        rows, cols = _nearest_axis(block.shape[0], 0, 1)[0], _nearest_axis(block.shape[1], 0, 1)[0]
     kernels.mask_lookup(codes, rows, cols, valid, missing)
 
 
