@@ -442,13 +442,20 @@ def read_mask(src: Raster, grid: Grid, block: Block, nodata: float, valid: np.nd
     set where its code is not `valid` (a table of every code, `_valid_codes`). A source on the grid's pixels or at a
     multiple of its resolution is looked up at its own resolution, each pixel through the source pixel holding its
     centre, in one pass after decoding."""
-    if (placed := _on_grid(src, grid)) is not None:
-        factor, offset = placed
-        codes, rows, cols = _nearest_pixels(src, block, offset, factor, nodata)
-    else:  # on the block's pixels already: each row and column its own
-        codes, _ = read_window(src, grid, block, Resampling.nearest, nodata)
-        rows, cols = _nearest_axis(block.shape[0], 0, 1)[0], _nearest_axis(block.shape[1], 0, 1)[0]
+    if (placed := _on_grid(src, grid)) is None:
+        _look_up(read_window(src, grid, block, Resampling.nearest, nodata)[0], valid, missing)
+        return
+    factor, offset = placed
+    codes, rows, cols = _nearest_pixels(src, block, offset, factor, nodata)
     kernels.mask_lookup(codes, rows, cols, valid, missing)
+
+
+def _look_up(codes: np.ndarray, valid: np.ndarray, missing: np.ndarray) -> None:
+    """`missing` set where `codes`, a mask asset's codes on the pixels of `missing`, are not `valid` (a table of every
+    code, `_valid_codes`): `kernels.mask_lookup`, each row and column its own."""
+    kernels.mask_lookup(
+        codes, _nearest_axis(codes.shape[0], 0, 1)[0], _nearest_axis(codes.shape[1], 0, 1)[0], valid, missing
+    )
 
 
 @functools.cache
@@ -541,15 +548,15 @@ def read_source(
         key, href = source.keys[j], source.hrefs[j]
         is_mask = j == n
         nodata = (1 if sensor.name == "landsat" else 0) if is_mask else 0
-        raw = None  # a mask's codes on the grid, when they are not looked up on reading
+        raw, table = None, None  # a mask's codes on the grid when not looked up on reading; the table of its codes
         for attempt in range(READ_RETRIES + 1):
             try:
                 readable = plan.sign(href) if plan.sign else href
                 with datasets.open(readable) as src:
                     if not is_mask:
                         read_band(src, grid, outer, nodata, source.scale[j], source.offset[j], values[j], missing)
-                    elif (valid_codes := _valid_codes(sensor.mask_fn, src.dtype.name)) is not None and not dilated:
-                        read_mask(src, grid, outer, nodata, valid_codes, missing)
+                    elif (table := _valid_codes(sensor.mask_fn, src.dtype.name)) is not None and not dilated:
+                        read_mask(src, grid, outer, nodata, table, missing)
                     else:
                         raw, _ = read_window(src, grid, outer, Resampling.nearest, nodata)
                 break
@@ -561,7 +568,10 @@ def read_source(
                 forget_failed_reads(href)  # unsigned: a prefix of every signed name of the asset
                 time.sleep(retry_delay * 2**attempt)
         if raw is not None:
-            missing |= ~np.asarray(sensor.mask_fn(raw))
+            if table is not None:
+                _look_up(raw, table, missing)
+            else:
+                missing |= ~np.asarray(sensor.mask_fn(raw))
             if dilated:
                 missing |= dilate(np.isin(raw, SCL_CLOUDS), plan.scl_dilation)
         if is_mask and missing[crop].all():  # nothing valid on the block: no band to decode
