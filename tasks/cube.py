@@ -617,14 +617,15 @@ def composite_block(
     fraction: np.ndarray,
 ) -> list[Future[int]]:
     """The composite of valid observations per bin into `values` `(time, band, h, w)`, as the cube stores it
-    (`_storage`: reflectance packed, SAR float32), and the fraction of valid acquisitions into `fraction`
-    `(time, h, w)`: one task of `pool` per bin, each giving the number of values it clipped by packing.
+    (`_storage`), and the fraction of valid acquisitions into `fraction` `(time, h, w)`: one task of `pool` per bin,
+    each giving the number of values it clipped by packing.
 
-    Each task reads its bin's items, composites them and packs them, so decoding and numpy work share the threads
-    and at most one bin per thread is held in memory. SAR is averaged in linear power, then converted to
-    decibels; optical bands take the median. The caller reuses `values` and `fraction` from block to block, and each
-    thread its own scratch (`_scratch`), because fresh memory is faulted in and zeroed by the system each time: at
-    1024 px the medians took 2.1 CPU-s into fresh arrays, 0.18 s into a reused one.
+    Each task reads its bin's items and composites them, so decoding and compositing share the threads and at most
+    one bin per thread is held in memory. Reflectance takes the median, packed row by row as it is taken
+    (`kernels.nan_median`); SAR is averaged in linear power, then converted to decibels. The caller reuses `values`
+    and `fraction` from block to block, and each thread its own scratch (`_scratch`), because fresh memory is
+    faulted in and zeroed by the system each time: at 1024 px the medians took 2.1 CPU-s into fresh arrays, 0.18 s
+    into a reused one.
     """
     h, w = block.shape
     bands = len(plan.bands)
@@ -634,27 +635,26 @@ def composite_block(
         n = len(sources)
         stack = _scratch("stack", (n, bands, h, w), np.float32)
         valid = _scratch("valid", (n, h, w), bool)
-        composite = _scratch("composite", (bands, h, w), np.float32)
         read = 0
         for source in sources:  # each read into the next free slot
             read += read_source(plan, source, grid, block, bad, datasets, stack[read], valid[read])
-        if read:
-            reduce = kernels.nan_median if plan.sensor.composite == "median" else kernels.nan_mean
-            reduce(stack[:read], valid[:read], composite)
-            fraction[b] = valid[:read].sum(axis=0, dtype=np.float32) / n
+        fraction[b] = valid[:read].sum(axis=0, dtype=np.float32) / n if read else 0
+        out = values[b]
+        if plan.sensor.eo:
+            p = REFLECTANCE_PACKING
+            if read:
+                return kernels.nan_median(
+                    stack[:read], valid[:read], p["scale_factor"], p["add_offset"], p["_FillValue"], out
+                )
+            out[...] = p["_FillValue"]
+        elif read:
+            kernels.nan_mean(stack[:read], valid[:read], out)
+            with np.errstate(divide="ignore", invalid="ignore"):  # linear power to decibels
+                np.log10(out, out=out)
+            out *= 10
         else:
-            composite[...], fraction[b] = np.nan, 0
-        if plan.sensor.composite == "mean":  # linear power to decibels
-            with np.errstate(divide="ignore", invalid="ignore"):
-                np.log10(composite, out=composite)
-            composite *= 10
-        if not plan.sensor.eo:
-            values[b] = composite
-            return 0
-        p = REFLECTANCE_PACKING
-        return kernels.pack(
-            composite.reshape(-1), p["scale_factor"], p["add_offset"], p["_FillValue"], values[b].reshape(-1)
-        )
+            out[...] = np.nan
+        return 0
 
     return [pool.submit(one_bin, b) for b in range(plan.n_bins)]
 

@@ -137,11 +137,29 @@ def _nan_where_invalid(valid: np.ndarray, y: int, mask: np.ndarray) -> None:
             mask[i, x] = ONE if valid[i, y, x] else NAN
 
 
+@njit(inline="always")
+def _pack(values: np.ndarray, scale: float, offset: float, fill: int, out: np.ndarray) -> int:
+    """`out` = `values` (float32, flat) as unsigned integers `round((value - offset) / scale)` (in float64, half to
+    even), `fill` (below 2**31) where a value is NaN; values beyond `[0, fill - 1]` are clipped to it. The number
+    clipped."""
+    top, clipped = np.float64(fill - 1), 0
+    for i in range(values.size):  # branch-free: vectorised (a branch per value took twice the time, measured)
+        v = values[i]
+        q = np.rint((np.float64(v) - offset) / scale)
+        clipped += (q < 0) | (q > top)
+        out[i] = fill if v != v else np.int32(min(max(q, 0.0), top))  # int32: vectorised, int64 is not
+    return clipped
+
+
 @njit(nogil=True, cache=True)
-def nan_median(stack: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
-    """`out` = median over the first axis of `(n, bands, h, w)` of the values `valid` `(n, h, w)` and not NaN (NaN
-    where there are none); of an even count, the mean of the two middle values."""
+def nan_median(stack: np.ndarray, valid: np.ndarray, scale: float, offset: float, fill: int, out: np.ndarray) -> int:
+    """`out` `(bands, h, w)` = median over the first axis of `(n, bands, h, w)` of the values `valid` `(n, h, w)` and
+    not NaN, packed (`_pack`: `fill` where there are none); of an even count, the mean of the two middle values. The
+    number clipped. Each row of medians is packed while it is in the CPU's cache: on a 256 px block of 10 bands,
+    0.50-0.60 ms for one or two values a pixel, against 0.70-0.87 ms for the medians then the packing (measured)."""
     n, bands, h, w = stack.shape
+    clipped = 0
+    row = np.empty(w, np.float32)  # one row of medians
     if n <= 2:  # most bins: the mean of the valid ones
         mask = np.empty((n, w), np.float32)
         for y in range(h):
@@ -150,8 +168,9 @@ def nan_median(stack: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
                 for x in range(w):
                     a = stack[0, c, y, x] * mask[0, x]
                     b = stack[n - 1, c, y, x] * mask[n - 1, x]
-                    out[c, y, x] = b if a != a else (a if b != b else (a + b) * HALF)
-        return
+                    row[x] = b if a != a else (a if b != b else (a + b) * HALF)
+                clipped += _pack(row, scale, offset, fill, out[c, y])
+        return clipped
     ordered = np.empty((n, w), np.float32)  # one row of pixels, NaN as +inf, sorted across the stack
     count = np.empty(w, np.int64)
     for c in range(bands):
@@ -171,7 +190,9 @@ def nan_median(stack: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
             for x in range(w):
                 k = count[x]
                 middle = (ordered[max(k - 1, 0) // 2, x] + ordered[k // 2, x]) * HALF
-                out[c, y, x] = middle if k else np.nan
+                row[x] = middle if k else np.nan
+            clipped += _pack(row, scale, offset, fill, out[c, y])
+    return clipped
 
 
 @njit(nogil=True, cache=True)
@@ -245,17 +266,3 @@ def prepare_series(
                             v = a + (b - a) * np.float32((t - prev) / max(nxt - prev, 1))
                     z = (v - m) / s
                     x[t, c, p0 + i] = z if z == z else unknown
-
-
-@njit(nogil=True, cache=True)
-def pack(values: np.ndarray, scale: float, offset: float, fill: int, out: np.ndarray) -> int:
-    """`out` = `values` (float32, flat) as unsigned integers `round((value - offset) / scale)` (in float64, half to
-    even), `fill` (below 2**31) where a value is NaN; values beyond `[0, fill - 1]` are clipped to it. The number
-    clipped."""
-    top, clipped = np.float64(fill - 1), 0
-    for i in range(values.size):  # branch-free: vectorised (a branch per value took twice the time, measured)
-        v = values[i]
-        q = np.rint((np.float64(v) - offset) / scale)
-        clipped += (q < 0) | (q > top)
-        out[i] = fill if v != v else np.int32(min(max(q, 0.0), top))  # int32: vectorised, int64 is not
-    return clipped

@@ -56,7 +56,8 @@ class Sensor:
     `assets` maps asset keys to harmonised band names (keys as on Planetary Computer and the local STAC API; search
     results from catalogs naming them otherwise, see `asset_schemes`, are renamed to these). `mask_asset`
     (optional) is read with nearest resampling and turned into a validity mask by `mask_fn`; without it, `mask_fn`
-    gets the data itself.
+    gets the data itself. `eo`: reflectance, composited by the median and stored packed; else SAR backscatter,
+    averaged in linear power and stored in decibels.
     """
 
     name: str
@@ -65,7 +66,6 @@ class Sensor:
     mask_fn: Callable[[Pixels], Pixels]
     mask_asset: str | None = None
     mask_dtype: str = "uint8"
-    composite: str = "median"
     eo: bool = True
     properties: tuple[str, ...] = field(default=())
     asset_schemes: dict[str, AssetKeys] = field(default_factory=dict)
@@ -136,7 +136,6 @@ SENSORS: dict[str, Sensor] = {
         collection="sentinel-1-rtc",
         assets={"vv": "VV", "vh": "VH"},
         mask_fn=positive_valid,
-        composite="mean",
         eo=False,
     ),
 }

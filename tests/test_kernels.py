@@ -7,22 +7,29 @@ from tasks import kernels
 from tasks.cube import _source_axis
 
 
+def _packed(values: np.ndarray) -> np.ndarray:
+    """`values` packed as the cube stores reflectance (steps of 1e-4 from -0.2, 65535 for NaN), by numpy."""
+    with np.errstate(invalid="ignore"):
+        q = np.clip(np.rint((values.astype(np.float64) + 0.2) / 1e-4), 0, 65534)
+    return np.where(np.isnan(values), 65535, q).astype(np.uint16)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
 def test_nan_median_and_mean_match_numpy(n: int) -> None:
     rng = np.random.default_rng(n)
-    stack = rng.normal(size=(n, 3, 17, 9)).astype(np.float32)
+    stack = rng.uniform(-0.1, 0.8, size=(n, 3, 17, 9)).astype(np.float32)
     stack[rng.random(stack.shape) < 0.4] = np.nan
     stack[:, 0, 0, 0] = np.nan  # all missing: NaN
     valid = rng.random((n, 17, 9)) < 0.8  # where not valid, a value counts as missing, whatever it holds
-    median, mean = np.empty(stack.shape[1:], np.float32), np.empty(stack.shape[1:], np.float32)
-    kernels.nan_median(stack, valid, median)
+    median, mean = np.empty(stack.shape[1:], np.uint16), np.empty(stack.shape[1:], np.float32)
+    clipped = kernels.nan_median(stack, valid, 1e-4, -0.2, 65535, median)
     kernels.nan_mean(stack, valid, mean)
     stack = np.where(valid[:, None], stack, np.nan)
     with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
         expected_median, expected_mean = np.nanmedian(stack, axis=0), np.nanmean(stack, axis=0)
-    np.testing.assert_allclose(median, expected_median, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(median, _packed(expected_median))  # the same float32 medians, packed alike
     np.testing.assert_allclose(mean, expected_mean, rtol=1e-6, atol=1e-7)
-    assert np.isnan(median[0, 0, 0]) and np.isnan(mean[0, 0, 0])
+    assert clipped == 0 and median[0, 0, 0] == 65535 and np.isnan(mean[0, 0, 0])
 
 
 def _upsample(plane: np.ndarray, factor: int, ri, rt, ci, ct, scale: float = 1.0, offset: float = 0.0):
@@ -91,13 +98,14 @@ def test_mask_lookup_marks_the_codes_the_table_says_are_not_valid() -> None:
     np.testing.assert_array_equal(missing, np.repeat(np.repeat(~scl_valid(codes), 2, axis=0), 2, axis=1))
 
 
-def test_pack_rounds_to_the_step_clips_and_marks_no_data() -> None:
+def test_median_packs_to_the_step_clips_and_marks_no_data() -> None:
     rng = np.random.default_rng(0)
     values = rng.uniform(-0.19, 1.5, 1000).astype(np.float32)
     values[::7] = np.nan
     values[:4] = [-0.2, 6.3534, -0.25, 7.0]  # the ends of what is stored, and beyond them
-    out = np.empty(values.size, np.uint16)
-    clipped = kernels.pack(values, 1e-4, -0.2, 65535, out)
+    out = np.empty(values.size, np.uint16)  # one value a pixel: its median is itself
+    stack, valid = values.reshape(1, 1, 1, -1), np.ones((1, 1, values.size), bool)
+    clipped = kernels.nan_median(stack, valid, 1e-4, -0.2, 65535, out.reshape(1, 1, -1))
     assert clipped == 2 and out[:4].tolist() == [0, 65534, 0, 65534]
     assert (out[::7][1:] == 65535).all() and (out[~np.isnan(values)] < 65535).all()
     ok = ~np.isnan(values)
