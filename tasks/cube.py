@@ -638,7 +638,7 @@ def composite_block(
         read = 0
         for source in sources:  # each read into the next free slot
             read += read_source(plan, source, grid, block, bad, datasets, stack[read], valid[read])
-        fraction[b] = valid[:read].sum(axis=0, dtype=np.float32) / n if read else 0
+        kernels.valid_fraction(valid[:read], n, fraction[b])
         out = values[b]
         if plan.sensor.eo:
             p = REFLECTANCE_PACKING

@@ -112,3 +112,12 @@ def test_median_packs_to_the_step_clips_and_marks_no_data() -> None:
     ok[:4] = False
     back = out.astype(np.float64) * 1e-4 - 0.2
     assert np.abs(back[ok] - values[ok]).max() <= 0.5e-4 + 1e-7
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 0), (0, 2), (1, 1), (2, 3), (3, 3), (4, 9)])
+def test_valid_fraction_matches_numpy(k: int, n: int) -> None:
+    valid = np.random.default_rng(k).random((k, 13, 21)) < 0.6
+    out = np.full((13, 21), np.nan, np.float32)
+    kernels.valid_fraction(valid, n, out)
+    expected = valid.sum(axis=0, dtype=np.float32) / n if k else np.zeros((13, 21), np.float32)
+    np.testing.assert_array_equal(out, expected)
