@@ -139,7 +139,7 @@ def _nan_where_invalid(valid: np.ndarray, y: int, mask: np.ndarray) -> None:
 
 @njit(inline="always")
 def _pack(values: np.ndarray, scale: float, offset: float, fill: int, out: np.ndarray) -> int:
-    """`out` = `values` (float32, flat) as unsigned integers `round((value - offset) / scale)` (in float64, half to
+    """`out` = `values` (float32, 1-D) as unsigned integers `round((value - offset) / scale)` (in float64, half to
     even), `fill` (below 2**31) where a value is NaN; values beyond `[0, fill - 1]` are clipped to it. The number
     clipped."""
     top, clipped = np.float64(fill - 1), 0
