@@ -61,12 +61,23 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
 STORED_ATOL = 0.5e-4 + 1e-6
 
 
-def as_stored(values: np.ndarray) -> np.ndarray:
-    """Reflectance `values` as a cube stores them and `infra.storage.open_zarr` reads them back: rounded (in float64,
-    half to even) to steps of 1e-4 from -0.2, then decoded in float32; NaN kept. Written out here rather than taken
-    from cropflow, so that the tests check the packing too."""
+def _steps(values: np.ndarray) -> np.ndarray:
+    """Reflectance `values` rounded (in float64, half to even) to steps of 1e-4 from -0.2, NaN as step 2000 (0.0).
+    Written out here rather than taken from cropflow, so that the tests check the packing too."""
+    return np.rint((np.where(np.isnan(values), 0, values).astype(np.float64) + 0.2) / 1e-4)
+
+
+def packed(values: np.ndarray) -> np.ndarray:
+    """Reflectance `values` as the integers a cube stores: `_steps`, clipped to 0..65534, 65535 where NaN."""
     values = np.asarray(values)
-    steps = np.rint((np.where(np.isnan(values), 0, values).astype(np.float64) + 0.2) / 1e-4)
+    return np.where(np.isnan(values), 65535, np.clip(_steps(values), 0, 65534)).astype(np.uint16)
+
+
+def as_stored(values: np.ndarray) -> np.ndarray:
+    """Reflectance `values` as a cube stores them and `infra.storage.open_zarr` reads them back: `_steps`, decoded in
+    float32; NaN kept."""
+    values = np.asarray(values)
+    steps = _steps(values)
     return np.where(
         np.isnan(values), np.float32(np.nan), steps.astype(np.float32) * np.float32(1e-4) + np.float32(-0.2)
     )

@@ -2,16 +2,10 @@
 
 import numpy as np
 import pytest
+from region_helpers import packed
 
 from tasks import kernels
 from tasks.cube import _source_axis
-
-
-def _packed(values: np.ndarray) -> np.ndarray:
-    """`values` packed as the cube stores reflectance (steps of 1e-4 from -0.2, 65535 for NaN), by numpy."""
-    with np.errstate(invalid="ignore"):
-        q = np.clip(np.rint((values.astype(np.float64) + 0.2) / 1e-4), 0, 65534)
-    return np.where(np.isnan(values), 65535, q).astype(np.uint16)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
@@ -27,7 +21,7 @@ def test_nan_median_and_mean_match_numpy(n: int) -> None:
     stack = np.where(valid[:, None], stack, np.nan)
     with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
         expected_median, expected_mean = np.nanmedian(stack, axis=0), np.nanmean(stack, axis=0)
-    np.testing.assert_array_equal(median, _packed(expected_median))  # the same float32 medians, packed alike
+    np.testing.assert_array_equal(median, packed(expected_median))  # the same float32 medians, packed alike
     np.testing.assert_allclose(mean, expected_mean, rtol=1e-6, atol=1e-7)
     assert clipped == 0 and median[0, 0, 0] == 65535 and np.isnan(mean[0, 0, 0])
 
